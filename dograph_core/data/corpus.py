@@ -1,0 +1,97 @@
+"""Read access to a tokenized corpus: the token shards per domain and split.
+
+On-disk layout written by the ``tokenize`` stage (``data/tokenized/`` by default)::
+
+    corpus.json              the corpus table and metadata (schema below)
+    tokenizer/               the tokenizer in Hugging Face format
+    <split>/<domain>.bin     one shard per domain and split (see shards.py)
+
+``corpus.json``::
+
+    {"tokenizer_hash": str, "vocab_size": int, "eot_id": int, "dtype": "uint16",
+     "train_domains": [str, ...],          # domains the mixture is over, sorted
+     "heldout_domains": [str, ...],        # present, never trained on
+     "table": [{"domain": str, "heldout": bool,
+                "docs": {"train": int, "val": int, "test": int},
+                "tokens": {"train": int, "val": int, "test": int},
+                "share": float}]}          # share of all training tokens
+"""
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from dograph_core.data.shards import read_shard
+from dograph_core.io import read_json
+
+SPLITS = ("train", "val", "test")
+
+
+class CorpusError(ValueError):
+    """A tokenized corpus that is missing or inconsistent."""
+
+
+class TokenCorpus:
+    """The token shards of one tokenized corpus, memory-mapped on demand."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        meta_path = self.root / "corpus.json"
+        if not meta_path.exists():
+            raise CorpusError(
+                f"no tokenized corpus at {self.root} (missing corpus.json); run `dograph prepare` first"
+            )
+        self.meta = read_json(meta_path)
+        self._maps: dict[tuple[str, str], np.ndarray] = {}
+
+    @property
+    def train_domains(self) -> list[str]:
+        return list(self.meta["train_domains"])
+
+    @property
+    def heldout_domains(self) -> list[str]:
+        return list(self.meta.get("heldout_domains", []))
+
+    @property
+    def all_domains(self) -> list[str]:
+        return self.train_domains + self.heldout_domains
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def eot_id(self) -> int:
+        return int(self.meta["eot_id"])
+
+    @property
+    def tokenizer_hash(self) -> str:
+        return str(self.meta["tokenizer_hash"])
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def tokens(self, split: str, domain: str) -> np.ndarray:
+        """The memory-mapped tokens of one domain and split."""
+        if split not in SPLITS:
+            raise CorpusError(f"unknown split {split!r}; expected one of {SPLITS}")
+        if domain not in self.all_domains:
+            raise CorpusError(f"unknown domain {domain!r}; the corpus has {self.all_domains}")
+        key = (split, domain)
+        if key not in self._maps:
+            self._maps[key] = read_shard(self.root / split / f"{domain}.bin", self.tokenizer_hash)
+        return self._maps[key]
+
+    def n_tokens(self, split: str, domain: str) -> int:
+        return int(self.tokens(split, domain).shape[0])
+
+    @cached_property
+    def natural_weights(self) -> np.ndarray:
+        """Weights proportional to the training tokens available per training domain."""
+        sizes = np.array([self.n_tokens("train", d) for d in self.train_domains], dtype=np.float64)
+        if sizes.sum() <= 0:
+            raise CorpusError(f"{self.root}: the training split holds no tokens")
+        return sizes / sizes.sum()
