@@ -41,7 +41,8 @@ class TokenCorpus:
         meta_path = self.root / "corpus.json"
         if not meta_path.exists():
             raise CorpusError(
-                f"no tokenized corpus at {self.root} (missing corpus.json); run `dograph prepare` first"
+                f"no tokenized corpus at {self.root} (missing corpus.json); "
+                "run the prepare and tokenize stages first (`dvc repro tokenize`)"
             )
         self.meta = read_json(meta_path)
         self._maps: dict[tuple[str, str], np.ndarray] = {}
