@@ -76,6 +76,7 @@ class TokenizeConfig(Section):
     tokenizer: str = Field("train", description="'train' (byte-level BPE on the training split), 'gpt2', or a tokenizer directory")
     vocab_size: int = Field(4096, ge=260, le=2**20)
     min_frequency: int = Field(2, ge=1)
+    min_tokens: int = Field(256, ge=1, description="a training domain needs at least this many training tokens (>= train.seq_len + 1)")
 
 
 class TrainConfig(Section):
