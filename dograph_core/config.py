@@ -101,6 +101,7 @@ class TrainConfig(Section):
     max_epochs: Optional[float] = Field(None, gt=0, description="cap on repetitions of any domain's data")
     seed: int = 0
     progress: bool = True
+    log_every: int = Field(1, gt=0, description="log step metrics (tracker, metrics.jsonl) every this many steps")
 
 
 class MethodConfig(Section):
