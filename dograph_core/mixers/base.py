@@ -19,7 +19,8 @@ Life of a mixer inside :func:`dograph_core.train.train`::
         optimizer step
         if step % mixer.update_every == 0:
             new = mixer.update(step, reduce)     # `reduce` all-reduces tensors across ranks (DDP)
-            apply == "sample": sampler.set_weights(new)
+            mixer.set_weights(new, step)         # validated; history records changes only
+            sampler.set_weights(mixer.sampling_weights())
 
 ``apply`` says how weights act:
 
@@ -30,7 +31,8 @@ Life of a mixer inside :func:`dograph_core.train.train`::
 * ``"grad"``: the loop computes one gradient per domain present in the batch (``domain_grads``)
   and the update uses ``sum_k weights[k] * g_k`` (DoGE).
 
-Every mixer's state goes into every checkpoint (``state_dict``/``load_state_dict``), and
+Every mixer's state goes into every checkpoint (``state_dict``/``load_state_dict``; it may hold
+tensors, numpy arrays, numbers, strings, lists and dicts: checkpoints load with ``weights_only=True``), and
 ``result()`` gives the weights file that the ``static`` mixer reads (:func:`write_weights`).
 """
 from __future__ import annotations
@@ -162,7 +164,8 @@ class Mixer:
 
     def set_weights(self, w: np.ndarray, step: int) -> None:
         self.weights = check_weights(w, self.ctx.domains, f"{self.name} weights at step {step}")
-        self.history.append((step, self.weights.tolist()))
+        if not self.history or self.history[-1][1] != self.weights.tolist():  # record changes only
+            self.history.append((step, self.weights.tolist()))
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
