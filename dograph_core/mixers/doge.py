@@ -1,0 +1,229 @@
+"""DoGE (Fan, Pagliardini & Jaggi 2024): domain reweighting by generalisation estimation.
+
+Every optimizer step the loop computes one gradient per training domain present in the batch
+(``stats.domain_grads``). This mixer clips each to ``max_grad_norm`` (in place, so the model
+update uses the clipped gradients, as in the reference trainer), scores each training domain by
+how well its gradient aligns with the target domains' gradients, and takes a multiplicative step
+(:func:`dograph_core.mixers.rules.doge_scores`, :func:`~dograph_core.mixers.rules.doge_update`).
+The model is updated on ``sum_k w_k g_k``; the result is the average of the weights over the run.
+
+Two modes:
+
+* **universal** (``target: train``): the target is the training mixture itself, and the
+  self term ``<g_i, g_i>`` is left out of domain i's score;
+* **out-of-domain** (``target: [<domain>, ...]``): the target domains' gradients; a domain
+  that is not trained on (a held-out domain) has its gradient computed here, on a batch drawn
+  from its ``target_split`` shard, with the proxy at the same parameters as the training gradients.
+
+Rule and defaults: ``Olivia-fsm/DoGE`` (``src/trainer.py``, ``config/doge.json``); see
+``docs/baselines.md``.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from dograph_core.mixers import rules
+from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
+
+
+class DoGEConfig(MixerConfig):
+    mu: float = Field(0.01, gt=0, description="step 1/mu of the multiplicative update (config/doge.json: 0.01)")
+    dw_max: float = Field(5.0, description="score clip upper bound, times the learning rate")
+    dw_min: float = Field(0.0, description="score clip lower bound, times the learning rate")
+    smoothing: float = Field(0.0, ge=0, lt=1, description="eps in (1-eps) w + eps/k (reference: 0)")
+    max_grad_norm: float = Field(5.0, ge=0, description="per-domain gradient clipping (0 = none; reference 5.0)")
+    target: Union[Literal["train"], list[str]] = Field(
+        "train", description="'train' (universal) or the target domains (out-of-domain mode)"
+    )
+    target_split: Literal["train", "val"] = Field("train", description="split of a held-out target's batches")
+    target_batch_size: Optional[int] = Field(None, gt=0, description="held-out target batch (default: micro-batch)")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "DoGEConfig":
+        if self.dw_min > self.dw_max:
+            raise ValueError(f"dw_min ({self.dw_min}) must not exceed dw_max ({self.dw_max})")
+        if isinstance(self.target, list) and not self.target:
+            raise ValueError("target: give at least one domain, or 'train'")
+        return self
+
+
+class DoGEMixer(Mixer):
+    """Gradient-alignment reweighting; the loop steps on the weighted sum of domain gradients."""
+
+    name = "doge"
+    apply = "grad"
+    needs = frozenset({"domain_grads"})
+    Config = DoGEConfig
+
+    def __init__(self, cfg: DoGEConfig, ctx: MixerContext):
+        super().__init__(cfg, ctx)
+        self.universal = cfg.target == "train"
+        self.targets: list[str] = list(ctx.domains) if self.universal else list(cfg.target)
+        known = list(ctx.domains) + [d for d in ctx.heldout_domains if d not in ctx.domains]
+        if ctx.corpus is not None:
+            known += [d for d in getattr(ctx.corpus, "all_domains", []) if d not in known]
+        unknown = [d for d in self.targets if d not in known]
+        if unknown:
+            raise MixerError(f"doge: target domains {unknown} are not in the corpus (domains: {known})")
+        self.external = [d for d in self.targets if d not in ctx.domains]
+        if self.external and ctx.corpus is None:
+            raise MixerError(f"doge: target {self.external} is not trained on and there is no corpus to draw it from")
+        # as in the reference, the same set as the training domains means "universal" (self term removed)
+        self.remove_self = sorted(self.targets) == sorted(ctx.domains)
+        self.avg_sum = np.zeros(len(ctx.domains))
+        self.n_updates = 0
+        self.scores = np.zeros(len(ctx.domains))
+        self.last_lr = 0.0
+        self.grads: Optional[torch.Tensor] = None  # [k, P] last gradient of each domain (stale if absent)
+        self.target_grads: dict[str, torch.Tensor] = {}
+        self._acc: Optional[torch.Tensor] = None
+        self._acc_n: Optional[torch.Tensor] = None
+        self._target_step = -1
+
+    # -- statistics ----------------------------------------------------------------------------
+    def observe(self, stats: BatchStats) -> None:
+        g = stats.domain_grads
+        if g is None or stats.domain_present is None:
+            raise MixerError("doge: the training loop did not provide per-domain gradients (needs 'domain_grads')")
+        k = len(self.ctx.domains)
+        if g.ndim != 2 or g.shape[0] != k:
+            raise MixerError(f"doge: domain_grads must be [{k}, n_params], got {tuple(g.shape)}")
+        present = stats.domain_present.to(g.device).bool()
+        if not bool(torch.isfinite(g[present]).all()):
+            raise MixerError(f"doge: non-finite domain gradient at step {stats.step}")
+        rows = torch.nonzero(present).flatten()
+        if rows.numel():
+            g[rows] = rules.clip_rows(g[rows], self.cfg.max_grad_norm)  # the loop steps on these
+        if self._acc is None or self._acc.shape != g.shape:
+            self._acc = torch.zeros_like(g, dtype=torch.float32)
+            self._acc_n = torch.zeros(k, dtype=torch.float32, device=g.device)
+        self._acc[rows] += g[rows].float()
+        self._acc_n[rows] += 1.0
+        self.last_lr = float(stats.lr)
+        if self.external and stats.step != self._target_step:
+            self._target_step = stats.step
+            for d in self.external:
+                self.target_grads[d] = self._heldout_grad(d, stats)
+
+    def _heldout_grad(self, domain: str, stats: BatchStats) -> torch.Tensor:
+        """Gradient of the mean token loss on a seeded batch of ``domain`` at the current parameters.
+
+        Uses ``autograd.grad`` (the parameters' ``.grad`` are untouched) and a forked RNG, so the
+        training step is the same with or without it.
+        """
+        model = stats.model
+        if model is None:
+            raise MixerError("doge: out-of-domain mode needs the model in BatchStats to compute the target gradient")
+        params = [p for p in model.parameters() if p.requires_grad]
+        n = sum(p.numel() for p in params)
+        if stats.domain_grads is not None and n != stats.domain_grads.shape[1]:
+            raise MixerError(f"doge: model has {n} trainable values, domain_grads has {stats.domain_grads.shape[1]}")
+        tokens = self.ctx.corpus.tokens(self.cfg.target_split, domain)
+        width = stats.input_ids.shape[1]
+        if tokens.shape[0] < width:
+            raise MixerError(
+                f"doge: target domain {domain!r} has {tokens.shape[0]} tokens in its {self.cfg.target_split} split, "
+                f"fewer than one sequence ({width}); choose another target or target_split"
+            )
+        b = self.cfg.target_batch_size or stats.input_ids.shape[0]
+        rng = np.random.default_rng([self.ctx.seed, stats.step, self.ctx.rank, 7919])
+        starts = rng.integers(0, tokens.shape[0] - width + 1, size=b)
+        batch = torch.as_tensor(np.stack([np.asarray(tokens[s : s + width], dtype=np.int64) for s in starts]))
+        dev = next(model.parameters()).device
+        batch = batch.to(dev)
+        devices = [dev] if dev.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            logits = model(input_ids=batch[:, :-1]).logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        flat = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1) for gr, p in zip(grads, params)])
+        flat = flat.detach().float()
+        if not bool(torch.isfinite(flat).all()):
+            raise MixerError(f"doge: non-finite gradient on target domain {domain!r} at step {stats.step}")
+        return rules.clip_rows(flat.unsqueeze(0), self.cfg.max_grad_norm)[0]
+
+    # -- update --------------------------------------------------------------------------------
+    def update(self, step: int, reduce: Reduce = identity_reduce) -> np.ndarray:
+        if self._acc is None:
+            raise MixerError("doge: update() before any observe(); the loop gave no domain gradients")
+        acc = reduce(self._acc)
+        cnt = reduce(self._acc_n)
+        present = cnt > 0
+        if self.grads is None:
+            self.grads = torch.zeros_like(acc)  # the reference starts from a zero gradient matrix
+        self.grads[present] = acc[present] / cnt[present].unsqueeze(-1)
+        self._acc.zero_()
+        self._acc_n.zero_()
+        if self.universal or not self.external:
+            idx = [self.ctx.domains.index(d) for d in self.targets]
+            target = self.grads[idx]
+        else:
+            rows = []
+            for d in self.targets:
+                if d in self.ctx.domains:
+                    rows.append(self.grads[self.ctx.domains.index(d)])
+                else:
+                    t = reduce(self.target_grads[d].clone()) / max(self.ctx.world_size, 1)
+                    rows.append(t.to(self.grads.device))
+            target = torch.stack(rows)
+        self.scores = rules.doge_scores(
+            self.grads, target, self.last_lr, self.remove_self, self.cfg.dw_min, self.cfg.dw_max
+        )
+        new = rules.doge_update(self.weights, self.scores, self.cfg.mu, self.cfg.smoothing)
+        self.set_weights(new, step)
+        self.avg_sum += self.weights
+        self.n_updates += 1
+        return self.weights
+
+    # -- results and state ---------------------------------------------------------------------
+    def final_weights(self) -> np.ndarray:
+        """Average of the weights after each update (the reference's ``avg_dw``)."""
+        if self.n_updates == 0:
+            return self.weights
+        avg = self.avg_sum / self.n_updates
+        return avg / avg.sum()
+
+    def result(self) -> dict[str, Any]:
+        doc = super().result()
+        doc["meta"] = {
+            "mu": self.cfg.mu,
+            "dw_min": self.cfg.dw_min,
+            "dw_max": self.cfg.dw_max,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "target": self.targets,
+            "mode": "universal" if self.remove_self else "out-of-domain",
+            "updates": self.n_updates,
+            "last_weights": [float(x) for x in self.weights],
+            "output": "average of the domain weights after each update (reference avg_dw)",
+        }
+        return doc
+
+    def diagnostics(self) -> dict[str, float]:
+        out = {f"score/{d}": float(self.scores[i]) for i, d in enumerate(self.ctx.domains)}
+        if self.grads is not None:
+            norms = torch.linalg.vector_norm(self.grads.float(), dim=-1).cpu().tolist()
+            out.update({f"grad_norm/{d}": float(norms[i]) for i, d in enumerate(self.ctx.domains)})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            avg_sum=self.avg_sum.tolist(),
+            n_updates=int(self.n_updates),
+            scores=self.scores.tolist(),
+            grads=None if self.grads is None else self.grads.detach().cpu().clone(),
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.avg_sum = np.asarray(state["avg_sum"], dtype=np.float64)
+        self.n_updates = int(state["n_updates"])
+        self.scores = np.asarray(state["scores"], dtype=np.float64)
+        g = state.get("grads")
+        self.grads = None if g is None else torch.as_tensor(g).to(self.ctx.device)

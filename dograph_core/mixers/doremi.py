@@ -1,0 +1,183 @@
+"""DoReMi (Xie et al. 2023): Group-DRO domain reweighting of a proxy against a reference model.
+
+Three steps (:func:`search_doremi` runs them with the engine):
+
+1. a *reference* model is trained on reference weights (natural by default);
+2. a *proxy* of the same size is trained with this mixer: the batch is sampled uniformly, the
+   proxy loss is re-weighted per sequence by the current domain weights, and after every
+   optimizer step the weights take one exponentiated-gradient step on the per-domain excess loss
+   ``max(l_proxy - l_ref, 0)`` (:func:`dograph_core.mixers.rules.doremi_update`);
+3. the result is the time average of the weights over the proxy run.
+
+The update rule and defaults are the reference implementation's (``sangmichaelxie/doremi``,
+``doremiv1``); see ``docs/baselines.md`` for the line-by-line sources and what differs.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from dograph_core.mixers import rules
+from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
+from dograph_core.mixers.reference import load_reference
+
+
+class DoReMiConfig(MixerConfig):
+    reference: Optional[str] = Field(
+        None, description="the reference model: a Hugging Face model dir (save_pretrained) or a training run dir"
+    )
+    eta: float = Field(1.0, gt=0, description="step size of the exponentiated-gradient update (reference: 1.0)")
+    smoothing: float = Field(1e-4, ge=0, lt=1, description="c in (1-c) a + c/k (reference reweight_eps: 1e-4)")
+    sampling: Literal["uniform", "natural"] = Field(
+        "uniform", description="how the proxy batch is sampled; the loss weights divide by it (reference: uniform)"
+    )
+
+
+class DoReMiMixer(Mixer):
+    """The DoReMi proxy run: uniform sampling, loss re-weighting, Group-DRO weight updates."""
+
+    name = "doremi"
+    apply = "loss"
+    needs = frozenset({"token_losses"})
+    Config = DoReMiConfig
+
+    def __init__(self, cfg: DoReMiConfig, ctx: MixerContext):
+        if cfg.reference is None:
+            raise MixerError(
+                "doremi: no reference model; set `reference: <model dir or training run dir>` "
+                "(train one with the static/natural mixer first, or run search_doremi, which does both)"
+            )
+        super().__init__(cfg, ctx)
+        k = len(ctx.domains)
+        self.ref_model, self.ref_info = load_reference(cfg.reference, ctx)
+        # Reference code: scores start at log(vocab size), so a domain absent from the first
+        # batches is pushed up; the running average starts with the initial weights (counter 1).
+        self.scores = np.full(k, math.log(ctx.vocab_size), dtype=np.float64)
+        self.avg = self.weights.copy()
+        self.n_avg = 1
+        self._sum = torch.zeros(k, dtype=torch.float64)
+        self._cnt = torch.zeros(k, dtype=torch.float64)
+        self._checked_model = False
+
+    # -- weights -------------------------------------------------------------------------------
+    def sampling_weights(self) -> np.ndarray:
+        if self.cfg.sampling == "natural":
+            return np.asarray(self.ctx.natural, dtype=np.float64) / np.sum(self.ctx.natural)
+        return np.full(len(self.ctx.domains), 1.0 / len(self.ctx.domains))
+
+    def example_weights(self, stats: BatchStats) -> torch.Tensor:
+        """Per-sequence loss weights ``a_d / s_d`` normalised to mean one over the micro-batch.
+
+        With sequences of equal length this equals the reference's per-token loss
+        ``sum_t l_t a_d(t) / sum_t a_d(t)``.
+        """
+        per_domain = torch.as_tensor(
+            rules.doremi_loss_weights(self.weights, self.sampling_weights()), dtype=torch.float32
+        ).to(stats.domain_ids.device)
+        w = per_domain[stats.domain_ids]
+        return w / w.mean()
+
+    # -- statistics ----------------------------------------------------------------------------
+    def _check_model(self, model: Optional[torch.nn.Module]) -> None:
+        if self._checked_model or model is None:
+            return
+        cfg = getattr(model, "config", None)
+        v = getattr(cfg, "vocab_size", None)
+        ref_v = self.ref_model.config.vocab_size
+        if v is not None and v != ref_v:
+            raise MixerError(
+                f"doremi: the reference model {self.ref_info['model_dir']} has a vocabulary of {ref_v} tokens, "
+                f"the proxy {v}; train the reference with the same tokenizer and scale settings"
+            )
+        self._checked_model = True
+
+    @torch.no_grad()
+    def reference_token_loss(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Per-token NLL ``[B, T]`` of the reference on sequences ``[B, T+1]`` (inputs and targets)."""
+        dev = next(self.ref_model.parameters()).device
+        ids = input_ids.to(dev)
+        if int(ids.max()) >= self.ref_model.config.vocab_size:
+            raise MixerError(
+                f"doremi: token id {int(ids.max())} is outside the reference model's vocabulary "
+                f"({self.ref_model.config.vocab_size}); the reference was trained with another tokenizer"
+            )
+        logits = self.ref_model(input_ids=ids[:, :-1]).logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        return loss.view(ids.shape[0], -1)
+
+    def observe(self, stats: BatchStats) -> None:
+        if stats.token_loss is None:
+            raise MixerError("doremi: the training loop did not provide per-token losses (needs 'token_losses')")
+        self._check_model(stats.model)
+        proxy = stats.token_loss.detach().float()
+        ref = self.reference_token_loss(stats.input_ids).to(proxy.device)
+        if ref.shape != proxy.shape:
+            raise MixerError(f"doremi: proxy token losses {tuple(proxy.shape)} vs reference {tuple(ref.shape)}")
+        excess = torch.clamp(proxy - ref, min=0.0)  # clip per token, then average per domain
+        if not bool(torch.isfinite(excess).all()):
+            raise MixerError(f"doremi: non-finite proxy or reference loss at step {stats.step}")
+        k = len(self.ctx.domains)
+        ids = stats.domain_ids.to(proxy.device).long()
+        per_seq = excess.sum(dim=1).double()
+        self._sum += torch.zeros(k, dtype=torch.float64, device=proxy.device).index_add_(0, ids, per_seq).cpu()
+        self._cnt += torch.bincount(ids, minlength=k).double().cpu() * excess.shape[1]
+
+    def update(self, step: int, reduce: Reduce = identity_reduce) -> np.ndarray:
+        total = reduce(self._sum.clone()).cpu().numpy()
+        count = reduce(self._cnt.clone()).cpu().numpy()
+        self._sum.zero_()
+        self._cnt.zero_()
+        self.scores = rules.doremi_scores(total, count, self.scores)
+        new = rules.doremi_update(self.weights, self.scores, self.cfg.eta, self.cfg.smoothing)
+        self.set_weights(new, step)
+        self.avg = rules.running_mean(self.avg, self.n_avg, self.weights)
+        self.n_avg += 1
+        return self.weights
+
+    # -- results and state ---------------------------------------------------------------------
+    def final_weights(self) -> np.ndarray:
+        return self.avg / self.avg.sum()
+
+    def result(self) -> dict[str, Any]:
+        doc = super().result()
+        doc["meta"] = {
+            "eta": self.cfg.eta,
+            "smoothing": self.cfg.smoothing,
+            "reference": str(self.ref_info["model_dir"]),
+            "updates": self.n_avg - 1,
+            "last_weights": [float(x) for x in self.weights],
+            "output": "time average of the domain weights (initial weights included, as in the reference code)",
+        }
+        return doc
+
+    def diagnostics(self) -> dict[str, float]:
+        out = {}
+        for i, d in enumerate(self.ctx.domains):
+            out[f"score/{d}"] = float(self.scores[i])
+            out[f"avg_weight/{d}"] = float(self.avg[i])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(
+            scores=self.scores.tolist(),
+            avg=self.avg.tolist(),
+            n_avg=int(self.n_avg),
+            excess_sum=self._sum.clone(),
+            token_count=self._cnt.clone(),
+        )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.scores = np.asarray(state["scores"], dtype=np.float64)
+        self.avg = np.asarray(state["avg"], dtype=np.float64)
+        self.n_avg = int(state["n_avg"])
+        self._sum = torch.as_tensor(state["excess_sum"], dtype=torch.float64).clone()
+        self._cnt = torch.as_tensor(state["token_count"], dtype=torch.float64).clone()
