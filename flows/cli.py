@@ -1,0 +1,345 @@
+"""``dograph``: one entry point for the steps people run by hand, and for the whole flow.
+
+Heavy modules (torch, transformers, prefect, mlflow) are imported inside the commands, so
+``dograph --help`` answers at once. Every command reads ``params.yaml`` (``--params``), an
+optional preset over it (``--preset``) and ``--set key=value`` overrides, in that order.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+EPILOG = """\
+examples:
+  dograph run                               the whole pipeline on the default corpus (as `make run`)
+  dograph run --preset quick                the same, smaller and faster
+  dograph run --set pipeline.methods=[uniform,dograph_model] --set train.steps=500
+  dograph prepare --set prepare.source=local --set prepare.local.path=my_corpus/
+  dograph train --method dograph_model --scale micro --out runs/manual/dograph_micro
+  dograph train --method doge --weights runs/<id>/search/doge/weights.json --scale mini --out runs/manual/doge_mini
+  dograph report --run-dir runs/<id>
+"""
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--params", default="params.yaml", metavar="FILE",
+                   help="the params file (default: %(default)s)")
+    g.add_argument("--preset", default=None, metavar="NAME",
+                   help="a preset from configs/presets/ merged over the params file: quick, default, nano, gpu, multi-gpu")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one value, e.g. --set train.steps=100 --set pipeline.methods=[uniform,odm] "
+                        "(YAML syntax; repeatable; applied last)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="dograph",
+        description="Decide the domain mixture of a pretraining corpus (DoGraph, DoReMi, DoGE, ODM, uniform, "
+                    "natural), train GPT-2 at several scales on it, and compare.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("prepare", help="build the documents per domain and split (data/prepared)",
+                       description="Fetch (default corpus) or read (local files, a Hugging Face dataset) the text, "
+                                   "split it by document into train/val/test per domain. Skipped when the output for "
+                                   "the same params exists.")
+    _common(p)
+    p.add_argument("--force", action="store_true", help="run even if the output for these params exists")
+
+    p = sub.add_parser("tokenize", help="train the tokenizer and write the token shards (data/tokenized)",
+                       description="Train a byte-level BPE (or load one) and write one token shard per domain and "
+                                   "split; prints the corpus table.")
+    _common(p)
+    p.add_argument("--force", action="store_true", help="run even if the output for these params exists")
+
+    p = sub.add_parser("scales", help="list the model scales and their sizes at the configured vocabulary")
+    _common(p)
+
+    p = sub.add_parser("train", help="train one model at one scale with one method's mixture",
+                       description="Train GPT-2 from scratch on the tokenized corpus with a method's mixture, "
+                                   "then evaluate it per domain. Writes final/ (Hugging Face model and tokenizer), "
+                                   "metrics.jsonl, eval.json, weights.json and summary.json under --out.")
+    _common(p)
+    p.add_argument("--method", required=True,
+                   help="a method defined under 'methods' in the params (e.g. dograph_model, odm) or a mixer type")
+    p.add_argument("--scale", default=None, help="model scale (default: train.scale); see `dograph scales`")
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: train.seed)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="train on a fixed mixture from this weights file (a search's weights.json) instead of running the method")
+    p.add_argument("--schedule", action="store_true", help="with --weights: replay the file's schedule over the run")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory of this run")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--track", action="store_true", help="log to MLflow (tracking.uri / $MLFLOW_TRACKING_URI / sqlite:///mlflow.db)")
+
+    p = sub.add_parser("search", help="find an offline method's mixture on the proxy scale (writes weights.json)",
+                       description="Run a method's mixture search (DoReMi, DoGE, or any method trained online) at the "
+                                   "proxy scale; the resulting weights.json is what `train --weights` reads.")
+    _common(p)
+    p.add_argument("--method", required=True, help="a method defined under 'methods' in the params")
+    p.add_argument("--scale", default=None, help="proxy scale (default: pipeline.proxy_scale)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (weights.json goes here)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+
+    p = sub.add_parser("evaluate", help="evaluate a trained model per domain on the validation and test splits",
+                       description="Load a trained model (a train run's directory or its final/) and report "
+                                   "per-domain loss, mean, worst and held-out loss, and last-word accuracy.")
+    _common(p)
+    p.add_argument("model", help="a train output directory or a Hugging Face model directory")
+    p.add_argument("--out", default=None, metavar="FILE", help="also write the evaluation as JSON here")
+
+    p = sub.add_parser("report", help="(re)write the comparison report of a pipeline run",
+                       description="Collect every finished training run of a run directory and write report.md, "
+                                   "results.json, metrics.json and plots/ there; print the table.")
+    _common(p)
+    p.add_argument("--run-dir", required=True, metavar="DIR", help="a pipeline run directory, e.g. runs/default-1a2b3c4d")
+
+    p = sub.add_parser("run", help="run the whole pipeline (Prefect flow) and print the comparison",
+                       description="prepare -> tokenize -> per method: search at the proxy scale -> train at each "
+                                   "target scale -> evaluate -> report. Finished work is skipped on a re-run.")
+    _common(p)
+    p.add_argument("--run-id", default=None,
+                   help="name of the run directory under pipeline.out_dir (default: <preset>-<hash of the params>; "
+                        "the same params resume the same run)")
+    p.add_argument("--skip-data", action="store_true", help="use the tokenized corpus as it is (no prepare/tokenize)")
+    p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    return ap
+
+
+# -- commands -----------------------------------------------------------------------------------
+
+def _params(a: argparse.Namespace):
+    from dograph_core.config import load_params
+
+    return load_params(a.params, a.preset, a.overrides)
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from tasks.steps import prepare_step
+
+    res = prepare_step(_params(a), progress=not a.quiet, force=a.force)
+    print(f"prepared data in {res['out_dir']}" + (" (up to date, skipped)" if res["cached"] else ""))
+    return 0
+
+
+def cmd_tokenize(a: argparse.Namespace) -> int:
+    from dograph_core.data.tokenize import print_corpus_table
+    from dograph_core.io import read_json
+    from tasks.steps import prepare_step, tokenize_step
+
+    p = _params(a)
+    prepared = prepare_step(p, progress=not a.quiet)
+    res = tokenize_step(p, prepared, progress=not a.quiet, force=a.force)
+    if res["cached"]:
+        print_corpus_table(read_json(Path(res["out_dir"]) / "corpus.json"))
+        print(f"tokenized corpus in {res['out_dir']} (up to date, skipped)")
+    return 0
+
+
+def cmd_scales(a: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from dograph_core.model import scale_table
+
+    p = _params(a)
+    t = Table(title=f"GPT-2 scales at vocabulary {p.tokenize.vocab_size}, context {p.train.seq_len}")
+    for c in ("scale", "layers", "width", "heads", "params", "params (GPT-2 vocab)", "note"):
+        t.add_column(c)
+    for r in scale_table(p.tokenize.vocab_size, p.train.seq_len):
+        t.add_row(r["scale"], str(r["layers"]), str(r["width"]), str(r["heads"]), f"{r['params'] / 1e6:.2f}M",
+                  f"{r['params_gpt2_vocab'] / 1e6:.0f}M", r["note"])
+    Console().print(t)
+    return 0
+
+
+def _tracker(p: Any, on: bool, name: str, tags: dict) -> Any:
+    if not on:
+        from dograph_core.tracking import NullTracker
+
+        return NullTracker()
+    from tasks.tracking import MLflowTracker, git_commit
+
+    return MLflowTracker(p.tracking.uri, p.tracking.experiment, run_name=name, tags={**tags, "git_commit": git_commit()})
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from dograph_core.config import ConfigError
+    from dograph_core.data.corpus import TokenCorpus
+    from dograph_core.mixers import REGISTRY
+    from dograph_core.train import train
+    from tasks.params import check_params, method_spec
+
+    p = _params(a)
+    if a.method in p.methods:
+        check_params(p, methods=[a.method])
+        spec = method_spec(p, a.method)
+    elif a.method in REGISTRY:
+        spec = {"type": a.method, "params": {}}
+    else:
+        raise ConfigError(f"--method {a.method!r}: not under 'methods' in {a.params} ({sorted(p.methods)}) "
+                          f"and not a mixer type ({sorted(REGISTRY)})")
+    mtype, mparams = spec["type"], spec["params"]
+    if a.weights:
+        mtype, mparams = "static", {"path": a.weights, "use_schedule": a.schedule}
+    upd: dict[str, Any] = {"progress": not a.quiet}
+    if a.scale:
+        upd["scale"] = a.scale
+    if a.seed is not None:
+        upd["seed"] = a.seed
+    cfg = p.train.model_copy(update=upd)
+    tracker = _tracker(p, a.track, f"{a.method}@{cfg.scale}", {"method": a.method, "scale": cfg.scale, "stage": "train"})
+    tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype})
+    try:
+        summary = train(cfg, TokenCorpus(p.tokenize.out_dir), mtype, mparams, a.out, tracker=tracker, resume=a.resume)
+    except BaseException:
+        getattr(tracker, "end", lambda s: None)("FAILED")
+        raise
+    if (Path(a.out) / "final").is_dir():
+        tracker.log_artifact(Path(a.out) / "final", "model")
+    getattr(tracker, "end", lambda s: None)("FINISHED")
+    print(f"trained {a.method} at {cfg.scale}: {a.out}")
+    for k in ("val_loss_mean", "val_loss_worst", "wall_time_s"):
+        if isinstance(summary, dict) and k in summary:
+            print(f"  {k}: {summary[k]}")
+    return 0
+
+
+def cmd_search(a: argparse.Namespace) -> int:
+    from dograph_core.data.corpus import TokenCorpus
+    from tasks.params import check_params, method_spec
+    from tasks.steps import _search_function
+
+    p = _params(a)
+    check_params(p, methods=[a.method])
+    spec = method_spec(p, a.method)
+    cfg = p.train.model_copy(update={"scale": a.scale or p.pipeline.proxy_scale, "progress": not a.quiet,
+                                     **({"steps": p.pipeline.search_steps} if p.pipeline.search_steps else {})})
+    corpus = TokenCorpus(p.tokenize.out_dir)
+    search = _search_function(spec["type"])
+    if search is not None:
+        search(cfg, corpus, spec["params"], a.out, resume=a.resume)
+    else:  # any method's training run leaves the weights it used in weights.json
+        from dograph_core.train import train
+
+        train(cfg, corpus, spec["type"], spec["params"], a.out, resume=a.resume)
+    print(f"weights: {Path(a.out) / 'weights.json'}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dograph_core.data.corpus import TokenCorpus
+    from dograph_core.evaluate import evaluate_final
+    from dograph_core.io import write_json
+
+    p = _params(a)
+    model_dir = Path(a.model)
+    if (model_dir / "final").is_dir():
+        model_dir = model_dir / "final"
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{a.model}: no model (expected config.json there or in final/); train one with `dograph train`")
+    corpus = TokenCorpus(p.tokenize.out_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    seq_len = min(p.train.seq_len, model.config.n_positions)
+    res = evaluate_final(model, corpus, corpus.train_domains, corpus.heldout_domains, seq_len,
+                         p.train.eval_windows, torch.device("cpu"))
+    val = res["val"]
+    for d, v in {**val["domains"], **val["heldout"]}.items():
+        print(f"  {d:24s} val loss {v['loss']:.4f}" + ("   (held out)" if d in val["heldout"] else ""))
+    print(f"  mean {val['loss_mean']:.4f}   worst {val['loss_worst']:.4f} ({val['worst_domain']})")
+    if a.out:
+        write_json(a.out, res)
+    return 0
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from dograph_core.report import comparison_rows, rich_table, write_report
+    from tasks.results import collect_results
+
+    p = _params(a)
+    run_dir = Path(a.run_dir)
+    units = []
+    for d in sorted((run_dir / "train").glob("*__*__s*")):
+        marker = d.with_name(d.name + ".done.json")
+        if d.is_dir() and marker.exists():
+            method, scale, seed = d.name.split("__")
+            units.append({"method": method, "scale": scale, "seed": int(seed[1:]), "dir": str(d),
+                          "search_time_s": _search_time(run_dir, method)})
+    if not units:
+        raise FileNotFoundError(f"{run_dir}: no finished training runs (train/<method>__<scale>__s<seed>/ with a done marker)")
+    results = collect_results(run_dir.name, units, p.tokenize.out_dir, p.model_dump())
+    report = write_report(results, run_dir, title=f"dograph comparison, run {run_dir.name}")
+    Console().print(rich_table(comparison_rows(results)))
+    print(f"report: {report}")
+    return 0
+
+
+def _search_time(run_dir: Path, method: str) -> Optional[float]:
+    from dograph_core.io import read_json
+
+    m = run_dir / "search" / f"{method}.done.json"
+    return read_json(m).get("info", {}).get("time_s") if m.exists() else None
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from rich.console import Console
+
+    from dograph_core.report import rich_table
+    from flows.pipeline import pipeline
+
+    overrides = list(a.overrides) + (["train.progress=false"] if a.quiet else [])
+    res = pipeline(params=a.params, preset=a.preset, overrides=overrides, run_id=a.run_id,
+                   skip_data=a.skip_data, track=not a.no_track)
+    con = Console()
+    con.print(rich_table(res["rows"]))
+    con.print(f"run {res['run_id']} in {res['time_s']:.0f} s ({res['cached']} of {len(res['rows'])} runs reused from before)")
+    con.print("where to look next:")
+    con.print(f"  report:   {res['report']}  (plots in {Path(res['report']).parent / 'plots'})")
+    if res["mlflow_ui"]:
+        con.print(f"  MLflow:   {res['mlflow_ui']}  then open http://127.0.0.1:5000")
+    if res["tracking_error"]:
+        con.print(f"  [yellow]MLflow tracking failed: {res['tracking_error']} (results above are complete)[/yellow]")
+    con.print(f"  rerun:    the same command resumes run {res['run_id']} and skips finished work")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "prepare": cmd_prepare, "tokenize": cmd_tokenize, "scales": cmd_scales, "train": cmd_train,
+    "search": cmd_search, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
+}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - known bad input becomes a message, anything else a traceback
+        from dograph_core.config import ConfigError
+
+        if isinstance(e, ConfigError):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        if isinstance(e, (ValueError, FileNotFoundError, RuntimeError)) and not isinstance(e, NotImplementedError):
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

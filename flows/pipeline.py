@@ -1,0 +1,132 @@
+"""The main flow: prepare -> tokenize -> per method: search -> train per scale -> evaluate -> report.
+
+Run it with ``dograph run`` (or ``make run``), by a Prefect deployment (``prefect.yaml``), or
+through ``dvc repro`` (dvc.yaml's ``pipeline`` stage calls ``dograph run``). This file owns the
+stage graph; dvc.yaml only calls it.
+
+* Offline methods (DoReMi, DoGE) search a mixture at ``pipeline.proxy_scale`` and every target
+  scale trains on it as a static mixture (the weights file). Online methods (ODM, DoGraph) run
+  their own updates at each target scale. uniform and natural just train.
+* Independent runs go in parallel, at most ``pipeline.max_parallel`` at once, on threads or on a
+  Dask cluster (``pipeline.task_runner: dask``; ``pipeline.dask_address`` or a local cluster).
+* Every run of the flow works in ``pipeline.out_dir/<run id>/``, locked while it runs. The run id
+  defaults to ``<preset>-<hash of the resolved params>``: the same command resumes the same run and
+  skips what finished; other params (or ``--run-id``) get their own directory.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dograph_core.config import Params, load_params
+from tasks.cache import RunLock, stable_hash
+from tasks.params import check_params, method_spec
+from tasks.prefect_tasks import prepare_task, report_task, search_task, tokenize_task, train_task
+from tasks.steps import is_offline
+
+
+def default_run_id(p: Params, preset: Optional[str]) -> str:
+    """``<preset>-<hash>``: the resolved params minus what does not change results."""
+    d = p.model_dump()
+    for k in ("max_parallel", "task_runner", "dask_address"):
+        d["pipeline"].pop(k, None)
+    d["train"].pop("progress", None)
+    d.pop("tracking", None)
+    return f"{preset or 'default'}-{stable_hash(d, 8)}"
+
+
+def task_runner(p: Params) -> Any:
+    if p.pipeline.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if p.pipeline.dask_address:
+            return DaskTaskRunner(address=p.pipeline.dask_address)
+        return DaskTaskRunner(cluster_kwargs={"n_workers": p.pipeline.max_parallel, "threads_per_worker": 1,
+                                              "processes": True, "dashboard_address": None})
+    return ThreadPoolTaskRunner(max_workers=p.pipeline.max_parallel)
+
+
+@flow(name="dograph-runs")
+def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> list[dict]:
+    """Searches and trainings, submitted so that independent ones run in parallel."""
+    seed0 = p.pipeline.seeds[0]
+    futures = []
+    for method in p.pipeline.methods:
+        search = None
+        if is_offline(method_spec(p, method)["type"]):
+            search = search_task.submit(p, method, data, run_dir, tracking, seed0)
+        for scale in p.pipeline.target_scales:
+            for seed in p.pipeline.seeds:
+                futures.append(((method, scale, seed),
+                                train_task.submit(p, method, scale, seed, data, run_dir, search, tracking)))
+    units, failed = [], []
+    for (method, scale, seed), fut in futures:
+        try:
+            units.append(fut.result())
+        except Exception as e:  # noqa: BLE001 - collect, report the rest, then fail
+            failed.append(f"{method}@{scale} seed {seed}: {type(e).__name__}: {e}")
+    if failed and not units:
+        raise RuntimeError("every run failed:\n  " + "\n  ".join(failed))
+    return units + [{"failed": f} for f in failed]
+
+
+@flow(name="dograph-pipeline")
+def pipeline(params: str = "params.yaml", preset: Optional[str] = None, overrides: Optional[list[str]] = None,
+             run_id: Optional[str] = None, skip_data: bool = False, track: bool = True) -> dict[str, Any]:
+    """The whole pipeline on one params file; returns where everything went and the comparison rows."""
+    log = get_run_logger()
+    p = load_params(params, preset, overrides)
+    check_params(p)
+    run_id = run_id or default_run_id(p, preset)
+    run_dir = Path(p.pipeline.out_dir) / run_id
+    t0 = time.time()
+    with RunLock(run_dir):
+        log.info("run %s in %s", run_id, run_dir)
+        if skip_data:
+            from tasks.steps import data_version
+
+            data = {"out_dir": p.tokenize.out_dir, "data_version": data_version(p.tokenize.out_dir)}
+        else:
+            prepared = prepare_task(p)
+            data = tokenize_task(p, prepared)
+        parent = None
+        if track:
+            from tasks.tracking import MLflowTracker, git_commit
+
+            parent = MLflowTracker(p.tracking.uri, p.tracking.experiment, run_name=f"pipeline {run_id}",
+                                   tags={"pipeline_run": run_id, "preset": preset or "default",
+                                         "git_commit": git_commit(), "data_version": data["data_version"]})
+            parent.log_params(p.model_dump())
+        try:
+            units = run_units.with_options(task_runner=task_runner(p))(p, data, str(run_dir),
+                                                                        parent.spec() if parent else None)
+            ok = [u for u in units if "failed" not in u]
+            failed = [u["failed"] for u in units if "failed" in u]
+            rep = report_task(run_id, ok, str(run_dir), data["out_dir"], p.model_dump(), parent)
+        except BaseException:
+            if parent:
+                parent.end("FAILED")
+            raise
+        if parent:
+            parent.log_metrics({"pipeline_time_s": time.time() - t0})
+            parent.end("FAILED" if failed else "FINISHED")
+    log.info("comparison (run %s):\n%s\nreport: %s", run_id, rep["table"], rep["report"])
+    out = {"run_id": run_id, "run_dir": str(run_dir), "report": rep["report"], "rows": rep["rows"],
+           "table": rep["table"], "failed": failed, "time_s": time.time() - t0,
+           "mlflow_ui": parent.ui_hint() if parent else None,
+           "tracking_error": parent.error if parent else None,
+           "cached": sum(1 for u in ok if u.get("cached"))}
+    if failed:
+        raise RuntimeError(
+            f"{len(failed)} run(s) failed (the others are in {rep['report']}):\n  " + "\n  ".join(failed)
+            + f"\nfix the cause and run the same command again: finished runs are skipped (run id {run_id})"
+        )
+    return out
+
+
+if __name__ == "__main__":
+    pipeline()

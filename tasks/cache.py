@@ -1,0 +1,107 @@
+"""Caching by inputs, done markers and run locks: how a re-run skips finished work.
+
+Every unit of work (prepare, tokenize, one search, one training run) is keyed by a hash
+of its *resolved* inputs (its config section, the method's params, the corpus version,
+the weights file it reads). When the unit finishes it writes a small done marker that
+records the key; a later call with the same key finds the marker and the outputs and
+returns without running. A changed input changes the key, so the unit runs again.
+
+A run directory is locked (``fcntl.flock``) while a pipeline works in it, so two
+pipelines started with the same run id cannot write over each other.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from dograph_core.io import read_json, write_json
+
+MARKER_FORMAT = "dograph-done/1"
+
+
+def stable_hash(obj: Any, n: int = 16) -> str:
+    """A short hash of a JSON-able object that does not depend on key order."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def file_hash(path: str | Path, n: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:n]
+
+
+def marker_path(out: str | Path) -> Path:
+    """The done marker of an output: beside a directory (``data/prepared.done.json``) or inside a run dir."""
+    out = Path(out)
+    return out.with_name(out.name + ".done.json")
+
+
+def is_done(out: str | Path, key: str, marker: Optional[Path] = None) -> bool:
+    """True when ``out`` exists and its marker records ``key``."""
+    out = Path(out)
+    m = marker or marker_path(out)
+    if not out.exists() or not m.exists():
+        return False
+    try:
+        doc = read_json(m)
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and doc.get("format") == MARKER_FORMAT and doc.get("key") == key
+
+
+def mark_done(out: str | Path, key: str, info: Optional[dict] = None, marker: Optional[Path] = None) -> None:
+    write_json(marker or marker_path(out), {"format": MARKER_FORMAT, "key": key, "info": info or {}})
+
+
+def clear_done(out: str | Path, marker: Optional[Path] = None) -> None:
+    m = marker or marker_path(out)
+    if m.exists():
+        m.unlink()
+
+
+class RunLockedError(RuntimeError):
+    """Another pipeline is working in the same run directory."""
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a run directory (released when the process dies)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = self.path.read_text().strip() or "another process"
+                raise RunLockedError(
+                    f"run directory {self.path.parent} is in use by {holder}; wait for it to finish, "
+                    f"or start a separate run with --run-id NAME"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

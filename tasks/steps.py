@@ -1,0 +1,208 @@
+"""The pipeline's units of work as plain functions (no Prefect): prepare, tokenize, search, train.
+
+Each unit is keyed by a hash of its resolved inputs (see :mod:`tasks.cache`). A unit whose
+outputs exist with the same key is skipped; one that stopped half-way is resumed (training
+resumes from its last checkpoint). The CLI calls these functions directly; the Prefect tasks in
+:mod:`tasks.prefect_tasks` wrap them with retries and parallelism.
+
+Run directory layout (``pipeline.out_dir/<run id>/``)::
+
+    search/<method>/            the proxy search of an offline method (weights.json, ...)
+    train/<method>__<scale>__s<seed>/   one training run (final/, metrics.jsonl, eval.json, ...)
+    <dir>.done.json             done marker of each finished unit (its input key)
+    report.md, results.json, plots/    written by the report step
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from dograph_core.config import ConfigError, Params
+from dograph_core.io import read_json
+from tasks.cache import file_hash, is_done, mark_done, stable_hash
+from tasks.params import method_spec
+from tasks.tracking import git_commit, tracker_for
+
+OFFLINE_TYPES = frozenset({"doremi", "doge"})  # search at the proxy scale, then train on the found mixture
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def code_version(*packages: str) -> str:
+    """Hash of the core's source files under ``packages`` (so a code change re-runs the unit)."""
+    files = sorted(f for pkg in packages for f in (_ROOT / pkg).rglob("*.py") if f.name != "report.py")
+    return stable_hash({str(f.relative_to(_ROOT)): file_hash(f) for f in files})
+
+
+def is_offline(mixer_type: str) -> bool:
+    """Offline methods find a mixture on a proxy and hand it to other scales as a weights file."""
+    try:
+        from dograph_core.mixers import mixer_class
+
+        return bool(getattr(mixer_class(mixer_type), "offline", mixer_type in OFFLINE_TYPES))
+    except Exception:  # noqa: BLE001 - an unloadable mixer is reported when it is built
+        return mixer_type in OFFLINE_TYPES
+
+
+# -- data ---------------------------------------------------------------------------------------
+
+def prepare_step(p: Params, progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Run the prepare stage unless its output for these params exists."""
+    out = Path(p.prepare.out_dir)
+    if p.prepare.source == "local":
+        src = p.prepare.local.path
+        if not src or not Path(src).exists():
+            raise ConfigError(
+                f"prepare.local.path = {src!r}: no such file or directory "
+                f"(give a directory of <domain>/*.txt or a .jsonl/.parquet file)"
+            )
+    key = stable_hash({"prepare": p.prepare.model_dump(), "code": code_version("dograph_core/data")})
+    if not force and is_done(out, key):
+        return {"out_dir": str(out), "key": key, "cached": True}
+    from dograph_core.data.prepare import prepare
+
+    manifest = prepare(p.prepare, progress=progress)
+    mark_done(out, key, {"train_domains": manifest.get("train_domains"), "heldout_domains": manifest.get("heldout_domains")})
+    return {"out_dir": str(out), "key": key, "cached": False}
+
+
+def tokenize_step(p: Params, prepared: Mapping[str, Any], progress: bool = True, force: bool = False) -> dict[str, Any]:
+    """Run the tokenize stage unless its output for these params and this prepared data exists."""
+    out = Path(p.tokenize.out_dir)
+    key = stable_hash({"tokenize": p.tokenize.model_dump(), "prepared": prepared["key"],
+                       "code": code_version("dograph_core/data")})
+    if force or not is_done(out, key):
+        from dograph_core.data.tokenize import tokenize
+
+        tokenize(prepared["out_dir"], p.tokenize, cache_dir=p.prepare.cache_dir, progress=progress)
+        mark_done(out, key)
+        cached = False
+    else:
+        cached = True
+    return {"out_dir": str(out), "key": key, "cached": cached, "data_version": data_version(out)}
+
+
+def data_version(tokenized_dir: str | Path) -> str:
+    """A short hash of the tokenized corpus (tokenizer and per-domain token counts)."""
+    meta = read_json(Path(tokenized_dir) / "corpus.json")
+    return stable_hash({k: meta.get(k) for k in ("tokenizer_hash", "vocab_size", "table", "train_domains", "heldout_domains")}, 12)
+
+
+# -- search and training ------------------------------------------------------------------------
+
+def _train_cfg(p: Params, scale: str, seed: int, steps: Optional[int] = None):
+    upd: dict[str, Any] = {"scale": scale, "seed": seed}
+    if steps:
+        upd["steps"] = steps
+    if p.train.threads is None and p.pipeline.max_parallel > 1:
+        import os
+
+        upd["threads"] = max(1, (os.cpu_count() or 1) // p.pipeline.max_parallel)
+    return p.train.model_copy(update=upd)
+
+
+def _tags(method: str, mtype: str, scale: str, seed: int, data: Mapping[str, Any], stage: str, run_id: str) -> dict[str, str]:
+    return {"method": method, "mixer": mtype, "scale": scale, "seed": str(seed), "stage": stage,
+            "git_commit": git_commit(_ROOT), "data_version": str(data.get("data_version", "")), "pipeline_run": run_id}
+
+
+def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | Path,
+                tracking: Optional[Mapping[str, Any]] = None, seed: int = 0) -> dict[str, Any]:
+    """Find an offline method's mixture at ``pipeline.proxy_scale``; return its weights file."""
+    spec = method_spec(p, method)
+    scale = p.pipeline.proxy_scale
+    cfg = _train_cfg(p, scale, seed, p.pipeline.search_steps)
+    out = Path(run_dir) / "search" / method
+    key = stable_hash({"train": cfg.model_dump(), "method": spec, "data": data["data_version"],
+                       "code": code_version("dograph_core")})
+    weights = out / "weights.json"
+    if is_done(out, key) and weights.exists():
+        info = read_json(out.with_name(out.name + ".done.json"))["info"]
+        return {"method": method, "weights": str(weights), "time_s": info.get("time_s"), "cached": True}
+    from dograph_core.data.corpus import TokenCorpus
+
+    tracker = tracker_for(tracking, f"{method}@{scale}/search", _tags(method, spec["type"], scale, seed, data, "search", Path(run_dir).name))
+    tracker.log_params({"train": cfg.model_dump(), "method": spec, "stage": "search"})
+    corpus = TokenCorpus(data["out_dir"])
+    t0 = time.time()
+    try:
+        search_fn = _search_function(spec["type"])
+        if search_fn is not None:
+            search_fn(cfg, corpus, spec["params"], out, tracker=tracker, resume=out.exists())
+        else:
+            from dograph_core.train import train
+
+            train(cfg, corpus, spec["type"], spec["params"], out, tracker=tracker, resume=out.exists())
+        if not weights.exists():
+            raise RuntimeError(f"search of {method!r} finished without writing {weights}")
+        tracker.log_artifact(weights, "weights")
+    except BaseException:
+        _end(tracker, "FAILED")
+        raise
+    elapsed = time.time() - t0
+    tracker.log_metrics({"search_time_s": elapsed})
+    _end(tracker, "FINISHED")
+    mark_done(out, key, {"time_s": elapsed})
+    return {"method": method, "weights": str(weights), "time_s": elapsed, "cached": False}
+
+
+def _search_function(mixer_type: str):
+    """A method's own search (e.g. ``search_doremi``: reference model, then proxy), if it has one."""
+    import importlib
+
+    from dograph_core.mixers import REGISTRY
+
+    module = REGISTRY.get(mixer_type, "").split(":")[0]
+    if not module:
+        return None
+    return getattr(importlib.import_module(module), f"search_{mixer_type}", None)
+
+
+def unit_name(method: str, scale: str, seed: int) -> str:
+    return f"{method}__{scale}__s{seed}"
+
+
+def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str, Any], run_dir: str | Path,
+               search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Train ``method`` at ``scale``: on the searched mixture (offline methods) or online; evaluate."""
+    spec = method_spec(p, method)
+    if search is not None:
+        mtype, mparams = "static", {"path": str(search["weights"])}
+        weights_key = file_hash(search["weights"])
+    else:
+        mtype, mparams, weights_key = spec["type"], spec["params"], None
+    cfg = _train_cfg(p, scale, seed)
+    out = Path(run_dir) / "train" / unit_name(method, scale, seed)
+    key = stable_hash({"train": cfg.model_dump(), "method": spec, "mixer": mtype, "weights": weights_key,
+                       "data": data["data_version"], "code": code_version("dograph_core")})
+    unit = {"method": method, "scale": scale, "seed": seed, "dir": str(out), "key": key,
+            "search_time_s": (search or {}).get("time_s")}
+    if is_done(out, key) and (out / "summary.json").exists():
+        return {**unit, "cached": True}
+    from dograph_core.data.corpus import TokenCorpus
+    from dograph_core.train import train
+
+    tracker = tracker_for(tracking, f"{method}@{scale}" + (f"/s{seed}" if seed else ""),
+                          _tags(method, spec["type"], scale, seed, data, "train", Path(run_dir).name))
+    tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
+    try:
+        summary = train(cfg, TokenCorpus(data["out_dir"]), mtype, mparams, out, tracker=tracker, resume=out.exists())
+        for name, art in (("weights.json", "weights"), ("eval.json", None), ("summary.json", None)):
+            if (out / name).exists():
+                tracker.log_artifact(out / name, art)
+        for png in sorted(out.glob("*.png")) + sorted(out.glob("plots/*.png")):
+            tracker.log_artifact(png, "plots")
+        if (out / "final").is_dir():
+            tracker.log_artifact(out / "final", "model")
+    except BaseException:
+        _end(tracker, "FAILED")
+        raise
+    _end(tracker, "FINISHED")
+    mark_done(out, key, {"wall_time_s": (summary or {}).get("wall_time_s")})
+    return {**unit, "cached": False}
+
+
+def _end(tracker: Any, status: str) -> None:
+    end = getattr(tracker, "end", None)
+    if end is not None:
+        end(status)

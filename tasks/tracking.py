@@ -1,0 +1,236 @@
+"""MLflow behind the core's :class:`dograph_core.tracking.Tracker` protocol.
+
+* Where: ``tracking.uri`` in params, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the
+  working directory (artifacts in ``mlruns/`` beside the database file).
+* What: one parent run per pipeline run, one nested run per method x scale x seed (:meth:`child`).
+* Never in the way: every call is guarded. If the store or server fails (down, locked, refused),
+  the failure is reported once as a warning naming the URI and the error, later calls are dropped
+  and counted, and training goes on. :attr:`MLflowTracker.error` keeps the first failure so the
+  pipeline can print it again at the end.
+* No secrets: user:password in URIs and values of keys that look like secrets are redacted.
+
+Uses :class:`mlflow.tracking.MlflowClient` with explicit run ids (no global "active run"), so
+trackers of parallel training runs in threads do not interfere.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import subprocess
+import threading
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+log = logging.getLogger("dograph.tracking")
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.I)
+_URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<info>[^/@\s]+)@", re.I)
+_BAD_KEY_CHARS = re.compile(r"[^\w\-./ :]")
+
+
+class TrackingWarning(UserWarning):
+    """MLflow could not be reached or refused a call; training went on without it."""
+
+
+def resolve_uri(uri: Optional[str] = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def redact(value: str) -> str:
+    """Remove ``user:password@`` from URLs."""
+    return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", value)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1e-3}}`` -> ``{"train.lr": 1e-3}``; secrets redacted."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        elif _SECRET_KEY.search(str(k)):
+            out[key] = "***"
+        else:
+            out[key] = redact(str(v)) if isinstance(v, str) else v
+    return out
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _artifact_location(uri: str) -> Optional[str]:
+    """For a local SQLite store, keep artifacts beside the database file."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).resolve()
+        return (db.parent / "mlruns").as_uri()
+    return None
+
+
+class MLflowTracker:
+    """A Tracker that writes to one MLflow run; failures warn once and never raise."""
+
+    def __init__(
+        self,
+        uri: Optional[str] = None,
+        experiment: str = "dograph",
+        run_name: Optional[str] = None,
+        tags: Optional[Mapping[str, str]] = None,
+        parent_run_id: Optional[str] = None,
+    ) -> None:
+        self.uri = resolve_uri(uri)
+        self.experiment = experiment
+        self.run_name = run_name
+        self.parent_run_id = parent_run_id
+        self.run_id: Optional[str] = None
+        self.experiment_id: Optional[str] = None
+        self.error: Optional[str] = None
+        self.dropped = 0
+        self._lock = threading.Lock()
+        self._client: Any = None
+        if self.error is None:
+            self._guard("start the run", self._start, dict(tags or {}))
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _start(self, tags: dict[str, str]) -> None:
+        if self.uri.startswith(("http://", "https://")):
+            # fail within seconds, not minutes, when the server is down
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+        exp = self._client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            try:
+                self.experiment_id = self._client.create_experiment(
+                    self.experiment, artifact_location=_artifact_location(self.uri)
+                )
+            except Exception:  # created meanwhile by a parallel process
+                exp = self._client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+                self.experiment_id = exp.experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
+        if self.parent_run_id:
+            tags = {"mlflow.parentRunId": self.parent_run_id, **tags}
+        run = self._client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
+        self.run_id = run.info.run_id
+
+    def _guard(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self.error is not None:
+                self.dropped += 1
+                return None
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - tracking must never stop training
+                self.error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                msg = (
+                    f"MLflow tracking to {redact(self.uri)} failed to {what} ({self.error}); "
+                    f"training goes on, later tracking calls of run {self.run_name or self.run_id} are dropped"
+                )
+                log.warning(msg)
+                warnings.warn(msg, TrackingWarning, stacklevel=3)
+                return None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.run_id is not None
+
+    # -- Tracker protocol -------------------------------------------------------------------------
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        flat = [Param(_BAD_KEY_CHARS.sub("_", k)[:250], str(v)[:6000]) for k, v in flatten(params).items()]
+
+        def send() -> None:
+            for i in range(0, len(flat), 100):
+                self._client.log_batch(self.run_id, params=flat[i : i + 100])
+
+        self._guard("log params", send)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = []
+        for k, v in metrics.items():
+            try:
+                fv = float(v)
+            except (TypeError, ValueError):
+                continue
+            if math.isfinite(fv):
+                ms.append(Metric(_BAD_KEY_CHARS.sub("_", str(k))[:250], fv, ts, int(step or 0)))
+
+        def send() -> None:
+            for i in range(0, len(ms), 1000):
+                self._client.log_batch(self.run_id, metrics=ms[i : i + 1000])
+
+        if ms:
+            self._guard("log metrics", send)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if not p.exists():
+            log.warning("artifact %s does not exist; not logged", p)
+            return
+        if p.is_dir():
+            self._guard(f"log artifacts {p}", self._client.log_artifacts, self.run_id, str(p), artifact_path)
+        else:
+            self._guard(f"log artifact {p}", self._client.log_artifact, self.run_id, str(p), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        def send() -> None:
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, redact(str(v)))
+
+        self._guard("set tags", send)
+
+    # -- runs -------------------------------------------------------------------------------------
+    def child(self, run_name: str, tags: Optional[Mapping[str, str]] = None) -> "MLflowTracker":
+        """A nested run under this one."""
+        return MLflowTracker(self.uri, self.experiment, run_name=run_name, tags=tags, parent_run_id=self.run_id)
+
+    def spec(self) -> dict[str, Any]:
+        """Plain data from which another thread or process attaches nested runs (:func:`tracker_for`)."""
+        return {"uri": self.uri, "experiment": self.experiment, "parent_run_id": self.run_id, "enabled": self.ok}
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self._guard("end the run", self._client.set_terminated, self.run_id, status)
+        if self.dropped:
+            log.warning("MLflow: %d tracking calls of run %s were dropped after: %s", self.dropped, self.run_name, self.error)
+
+    def __enter__(self) -> "MLflowTracker":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FAILED" if exc_type else "FINISHED")
+
+    def ui_hint(self) -> str:
+        """The command that shows these runs."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"open {redact(self.uri)} in a browser"
+        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
+
+
+def tracker_for(spec: Optional[Mapping[str, Any]], run_name: str, tags: Optional[Mapping[str, str]] = None):
+    """A nested MLflow run under ``spec["parent_run_id"]``, or a do-nothing tracker when tracking is off."""
+    from dograph_core.tracking import NullTracker
+
+    if not spec or not spec.get("enabled"):
+        return NullTracker()
+    return MLflowTracker(spec["uri"], spec["experiment"], run_name=run_name, tags=tags, parent_run_id=spec["parent_run_id"])
