@@ -121,6 +121,7 @@ class PipelineConfig(Section):
     search_steps: Optional[int] = Field(None, gt=0, description="steps of the proxy search (default: train.steps)")
     max_parallel: int = Field(1, gt=0)
     task_runner: Literal["thread", "dask"] = "thread"
+    dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster (default: a local cluster)")
     out_dir: str = "runs"
 
 
