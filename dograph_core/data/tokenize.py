@@ -97,19 +97,12 @@ def read_manifest(prepared_dir: str | Path) -> tuple[list[str], list[str]]:
 def iter_texts(path: str | Path) -> Iterator[str]:
     """The non-empty ``text`` fields of a prepared jsonl file; a bad line is an error naming file:line."""
     path = Path(path)
-    lineno = 0
-    with open(path, encoding="utf-8") as f:
-        lines = iter(f)
-        while True:
+    with open(path, "rb") as f:  # decoded line by line, so an error names the exact line
+        for lineno, raw in enumerate(f, 1):
             try:
-                line = next(lines)
-            except StopIteration:
-                return
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise TokenizeError(
-                    f"{path}: not UTF-8 after line {lineno} ({err.reason}); re-run the prepare stage"
-                ) from err
-            lineno += 1
+                raise TokenizeError(f"{path}:{lineno}: not UTF-8 ({err.reason}); re-run the prepare stage") from err
             if not line.strip():
                 continue
             try:
