@@ -45,6 +45,7 @@ class HFSourceConfig(Section):
     domain_field: str = Field("meta.redpajama_set_name", description="dotted path to the domain label")
     streaming: bool = True
     max_docs: Optional[int] = Field(None, gt=0, description="stop after this many documents")
+    data_files: Optional[list[str]] = Field(None, description="files for a packaged builder such as 'json' or 'parquet'")
 
 
 class PrepareConfig(Section):
@@ -57,6 +58,7 @@ class PrepareConfig(Section):
     heldout: list[str] = Field(default_factory=lambda: ["email"], description="domains kept out of training")
     heldout_mb: float = Field(0.5, gt=0, description="characters (MB) kept of each held-out domain")
     doc_chars: int = Field(4000, gt=0, description="long texts are cut into documents of about this many characters")
+    min_domain_chars: int = Field(2000, ge=0, description="a domain with less text than this (about one training sequence) is skipped")
     split: SplitConfig = Field(default_factory=SplitConfig)
     seed: int = 0
     local: LocalSourceConfig = Field(default_factory=LocalSourceConfig)
