@@ -1,0 +1,193 @@
+"""User data: local files and Hugging Face ``datasets``, yielded as :class:`RawDoc` records.
+
+Local formats (``prepare.local.path``):
+
+* a directory with one sub-directory per domain holding ``.txt`` files (searched
+  recursively); the sub-directory's name is the domain;
+* ``.jsonl`` (or ``.jsonl.gz``) files, a file or a directory of them, one JSON object
+  per line with a text field and a domain field (names configurable, dotted paths
+  such as ``meta.source`` reach nested fields);
+* ``.parquet`` files, a file or a directory of them, with the same two fields.
+
+Hugging Face (``prepare.hf``): ``datasets.load_dataset(name, config, split=...,
+streaming=...)`` with the domain read from a dotted path, e.g. SlimPajama's
+``meta.redpajama_set_name``; ``max_docs`` stops early. A packaged builder on local
+files (``name: json``, ``data_files: [...]``) goes through the same code.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+from dograph_core.config import HFSourceConfig, LocalSourceConfig
+from dograph_core.data.text import Issues, PrepareError, RawDoc, decode, dotted_get, normalise
+
+_JSONL = (".jsonl", ".jsonl.gz")
+
+
+def detect_format(path: Path) -> str:
+    """``txt``, ``jsonl`` or ``parquet`` for a local path (what ``format: auto`` means)."""
+    if path.is_file():
+        if path.name.endswith(_JSONL):
+            return "jsonl"
+        if path.suffix == ".parquet":
+            return "parquet"
+        raise PrepareError(f"prepare.local.path={str(path)!r}: a file must end in .jsonl, .jsonl.gz or "
+                           f".parquet (or give a directory of <domain>/*.txt)")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if any(p.name.endswith(_JSONL) for p in files):
+        return "jsonl"
+    if any(p.suffix == ".parquet" for p in files):
+        return "parquet"
+    return "txt"
+
+
+def iter_local(cfg: LocalSourceConfig, issues: Issues) -> Iterator[RawDoc]:
+    """Every text of the local source ``cfg`` (see the module doc for the formats)."""
+    if not cfg.path:
+        raise PrepareError("prepare.source is 'local' but prepare.local.path is not set; "
+                           "give a directory of <domain>/*.txt, or a .jsonl/.parquet file or directory")
+    path = Path(cfg.path)
+    if not path.exists():
+        raise PrepareError(f"prepare.local.path={cfg.path!r} does not exist")
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    if fmt == "txt":
+        yield from _iter_txt_dirs(path, issues)
+    else:
+        files = [path] if path.is_file() else sorted(
+            p for p in path.rglob("*") if p.is_file() and (p.name.endswith(_JSONL) if fmt == "jsonl"
+                                                            else p.suffix == ".parquet"))
+        if not files:
+            raise PrepareError(f"prepare.local.path={cfg.path!r}: no {fmt} files found")
+        reader = _iter_jsonl if fmt == "jsonl" else _iter_parquet
+        for f in files:
+            rel = f.name if path.is_file() else f.relative_to(path).as_posix()
+            yield from reader(f, rel, cfg.text_field, cfg.domain_field, issues)
+
+
+def _iter_txt_dirs(root: Path, issues: Issues) -> Iterator[RawDoc]:
+    if not root.is_dir():
+        raise PrepareError(f"prepare.local.path={str(root)!r}: format txt needs a directory of <domain>/*.txt")
+    loose = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if loose:
+        issues.skip(f"files directly under {root} belong to no domain (put them in {root}/<domain>/): "
+                    f"{loose[:5]}{' ...' if len(loose) > 5 else ''}", file=str(root))
+    domains = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not domains:
+        raise PrepareError(f"prepare.local.path={str(root)!r} has no domain sub-directories "
+                           f"(expected {root}/<domain>/*.txt)")
+    for d in domains:
+        files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("."))
+        other = [p for p in files if p.suffix != ".txt"]
+        if other:
+            issues.skip(f"{len(other)} file(s) not ending in .txt ignored, e.g. {other[0].name}", file=str(d))
+        n = 0
+        for p in files:
+            if p.suffix == ".txt":
+                text = decode(p.read_bytes(), str(p), issues)
+                if text is not None:
+                    n += 1
+                    yield RawDoc(d.name, p.relative_to(d).as_posix(), text)
+        if n == 0:
+            # prepare() reports the empty domain by name; this keeps it in view
+            yield RawDoc(d.name, "", "")
+
+
+def _record_fields(rec: Any, where: str, text_field: str, domain_field: str, issues: Issues,
+                   section: str = "prepare.local"):
+    if not isinstance(rec, dict):
+        issues.skip(f"expected a JSON object, got {type(rec).__name__}", file=where)
+        return None
+    try:
+        text = dotted_get(rec, text_field)
+    except KeyError:
+        issues.skip(f"no text field {text_field!r} (fields: {sorted(rec)[:10]}); set {section}.text_field",
+                    file=where)
+        return None
+    try:
+        domain = dotted_get(rec, domain_field)
+    except KeyError:
+        issues.skip(f"no domain field {domain_field!r} (fields: {sorted(rec)[:10]}); "
+                    f"set {section}.domain_field", file=where)
+        return None
+    if not isinstance(text, str):
+        issues.skip(f"text field {text_field!r} is {type(text).__name__}, not a string", file=where)
+        return None
+    if domain is None or isinstance(domain, (dict, list)):
+        issues.skip(f"domain field {domain_field!r} is {domain!r}, not a label", file=where)
+        return None
+    return str(domain), normalise(text)
+
+
+def _iter_jsonl(f: Path, rel: str, text_field: str, domain_field: str, issues: Issues) -> Iterator[RawDoc]:
+    data = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
+    content = decode(data, str(f), issues)
+    if content is None:
+        return
+    for lineno, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{f}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            issues.skip(f"not valid JSON ({e.msg} at column {e.colno})", file=where)
+            continue
+        got = _record_fields(rec, where, text_field, domain_field, issues)
+        if got is not None:
+            yield RawDoc(got[0], f"{rel}:{lineno}", got[1])
+
+
+def _iter_parquet(f: Path, rel: str, text_field: str, domain_field: str, issues: Issues) -> Iterator[RawDoc]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(f)
+    except Exception as e:  # pyarrow raises several types for a corrupt file
+        issues.skip(f"not a readable parquet file ({e})", file=str(f))
+        return
+    names = pf.schema_arrow.names
+    cols = []
+    for field, what in ((text_field, "text"), (domain_field, "domain")):
+        top = field if field in names else field.split(".")[0]
+        if top not in names:
+            raise PrepareError(f"{f}: no {what} column {field!r} (columns: {names}); "
+                               f"set prepare.local.{what}_field")
+        cols.append(top)
+    row = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=sorted(set(cols))):
+        for rec in batch.to_pylist():
+            where = f"{f}:row {row}"
+            got = _record_fields(rec, where, text_field, domain_field, issues)
+            if got is not None:
+                yield RawDoc(got[0], f"{rel}:{row}", got[1])
+            row += 1
+
+
+def iter_hf(cfg: HFSourceConfig, issues: Issues) -> Iterator[RawDoc]:
+    """Rows of a Hugging Face dataset (hub name, local path or packaged builder with data_files)."""
+    if not cfg.name:
+        raise PrepareError("prepare.source is 'hf' but prepare.hf.name is not set "
+                           "(e.g. cerebras/SlimPajama-627B, or json with prepare.hf.data_files)")
+    import datasets
+
+    kwargs: dict[str, Any] = {"split": cfg.split, "streaming": cfg.streaming}
+    if cfg.data_files:
+        kwargs["data_files"] = cfg.data_files
+    try:
+        ds = datasets.load_dataset(cfg.name, cfg.config, **kwargs)
+    except Exception as e:  # datasets raises many types: not found, offline, bad config
+        raise PrepareError(
+            f"could not load Hugging Face dataset {cfg.name!r} (config {cfg.config!r}, split {cfg.split!r}): "
+            f"{type(e).__name__}: {str(e)[:400]}. Without a network (HF_DATASETS_OFFLINE=1) only datasets in "
+            f"the local cache or local files load."
+        ) from None
+    label = f"{cfg.name}[{cfg.split}]"
+    for i, rec in enumerate(ds):
+        if cfg.max_docs is not None and i >= cfg.max_docs:
+            break
+        got = _record_fields(rec, f"{label}:row {i}", cfg.text_field, cfg.domain_field, issues, "prepare.hf")
+        if got is not None:
+            yield RawDoc(got[0], f"{cfg.split}:{i}", got[1])
