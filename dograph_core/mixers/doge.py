@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from dograph_core.mixers import rules
+from dograph_core.mixers.timing import StepTiming
 from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
 
 
@@ -84,6 +85,8 @@ class DoGEMixer(Mixer):
         self._acc: Optional[torch.Tensor] = None
         self._acc_n: Optional[torch.Tensor] = None
         self._target_step = -1
+        self.timing = StepTiming(ctx.world_size)
+        self._snap: Optional[dict[str, Any]] = None
 
     # -- statistics ----------------------------------------------------------------------------
     def observe(self, stats: BatchStats) -> None:
@@ -93,6 +96,8 @@ class DoGEMixer(Mixer):
         k = len(self.ctx.domains)
         if g.ndim != 2 or g.shape[0] != k:
             raise MixerError(f"doge: domain_grads must be [{k}, n_params], got {tuple(g.shape)}")
+        if self.timing.begin(stats.step):
+            self._restore(self._snap)
         present = stats.domain_present.to(g.device).bool()
         if not bool(torch.isfinite(g[present]).all()):
             raise MixerError(f"doge: non-finite domain gradient at step {stats.step}")
@@ -109,6 +114,11 @@ class DoGEMixer(Mixer):
             self._target_step = stats.step
             for d in self.external:
                 self.target_grads[d] = self._heldout_grad(d, stats)
+        if self.timing.in_step and stats.step % self.update_every == 0:
+            # update now, so that the loop's sum_k w_k g_k for this step uses the new weights (reference order)
+            self._snap = self._snapshot() if self.timing.needs_snapshot else None
+            self._apply(stats.step, identity_reduce)
+            self.timing.done_step = stats.step
 
     def _heldout_grad(self, domain: str, stats: BatchStats) -> torch.Tensor:
         """Gradient of the mean token loss on a seeded batch of ``domain`` at the current parameters.
@@ -149,6 +159,12 @@ class DoGEMixer(Mixer):
 
     # -- update --------------------------------------------------------------------------------
     def update(self, step: int, reduce: Reduce = identity_reduce) -> np.ndarray:
+        if self.timing.done_step != step:
+            self._apply(step, reduce)
+        return self.weights
+
+    def _apply(self, step: int, reduce: Reduce) -> None:
+        """One DoGE update from the gathered domain gradients (then cleared)."""
         if self._acc is None:
             raise MixerError("doge: update() before any observe(); the loop gave no domain gradients")
         acc = reduce(self._acc)
@@ -178,7 +194,20 @@ class DoGEMixer(Mixer):
         self.set_weights(new, step)
         self.avg_sum += self.weights
         self.n_updates += 1
-        return self.weights
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.copy(), "history": list(self.history), "scores": self.scores.copy(),
+            "avg_sum": self.avg_sum.copy(), "n": self.n_updates, "acc": self._acc.clone(),
+            "acc_n": self._acc_n.clone(), "grads": None if self.grads is None else self.grads.clone(),
+        }
+
+    def _restore(self, snap: Optional[dict[str, Any]]) -> None:
+        if snap is None:
+            return
+        self.weights, self.history, self.scores = snap["weights"], snap["history"], snap["scores"]
+        self.avg_sum, self.n_updates, self._acc, self._acc_n = snap["avg_sum"], snap["n"], snap["acc"], snap["acc_n"]
+        self.grads = snap["grads"]
 
     # -- results and state ---------------------------------------------------------------------
     def final_weights(self) -> np.ndarray:
@@ -227,3 +256,4 @@ class DoGEMixer(Mixer):
         self.scores = np.asarray(state["scores"], dtype=np.float64)
         g = state.get("grads")
         self.grads = None if g is None else torch.as_tensor(g).to(self.ctx.device)
+        self.timing = StepTiming(self.ctx.world_size)

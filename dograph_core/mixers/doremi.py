@@ -26,6 +26,7 @@ from pydantic import Field
 from dograph_core.mixers import rules
 from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
 from dograph_core.mixers.reference import load_reference
+from dograph_core.mixers.timing import StepTiming
 
 
 class DoReMiConfig(MixerConfig):
@@ -64,6 +65,9 @@ class DoReMiMixer(Mixer):
         self._sum = torch.zeros(k, dtype=torch.float64)
         self._cnt = torch.zeros(k, dtype=torch.float64)
         self._checked_model = False
+        self.timing = StepTiming(ctx.world_size)
+        self._snap: Optional[dict[str, Any]] = None
+        self._seen: Optional[BatchStats] = None
 
     # -- weights -------------------------------------------------------------------------------
     def sampling_weights(self) -> np.ndarray:
@@ -71,7 +75,7 @@ class DoReMiMixer(Mixer):
             return np.asarray(self.ctx.natural, dtype=np.float64) / np.sum(self.ctx.natural)
         return np.full(len(self.ctx.domains), 1.0 / len(self.ctx.domains))
 
-    def example_weights(self, stats: BatchStats) -> torch.Tensor:
+    def loss_weights(self, domain_ids: torch.Tensor) -> torch.Tensor:
         """Per-sequence loss weights ``a_d / s_d`` normalised to mean one over the micro-batch.
 
         With sequences of equal length this equals the reference's per-token loss
@@ -79,9 +83,21 @@ class DoReMiMixer(Mixer):
         """
         per_domain = torch.as_tensor(
             rules.doremi_loss_weights(self.weights, self.sampling_weights()), dtype=torch.float32
-        ).to(stats.domain_ids.device)
-        w = per_domain[stats.domain_ids]
+        ).to(domain_ids.device)
+        w = per_domain[domain_ids.long()]
         return w / w.mean()
+
+    def example_weights(self, stats: BatchStats) -> torch.Tensor:
+        """Gather this micro-batch's excess losses, update first when the step allows it (as the
+        reference does before re-weighting the loss, see ``timing.py``), then weight the loss."""
+        if self.timing.begin(stats.step):
+            self._restore(self._snap)
+        self._accumulate(stats)
+        if self.timing.in_step and stats.step % self.update_every == 0:
+            self._snap = self._snapshot() if self.timing.needs_snapshot else None
+            self._apply(stats.step, identity_reduce)
+            self.timing.done_step = stats.step
+        return self.loss_weights(stats.domain_ids)
 
     # -- statistics ----------------------------------------------------------------------------
     def _check_model(self, model: Optional[torch.nn.Module]) -> None:
@@ -111,7 +127,7 @@ class DoReMiMixer(Mixer):
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         return loss.view(ids.shape[0], -1)
 
-    def observe(self, stats: BatchStats) -> None:
+    def _accumulate(self, stats: BatchStats) -> None:
         if stats.token_loss is None:
             raise MixerError("doremi: the training loop did not provide per-token losses (needs 'token_losses')")
         self._check_model(stats.model)
@@ -127,8 +143,20 @@ class DoReMiMixer(Mixer):
         per_seq = excess.sum(dim=1).double()
         self._sum += torch.zeros(k, dtype=torch.float64, device=proxy.device).index_add_(0, ids, per_seq).cpu()
         self._cnt += torch.bincount(ids, minlength=k).double().cpu() * excess.shape[1]
+        self._seen = stats
+
+    def observe(self, stats: BatchStats) -> None:
+        if self._seen is not stats:  # example_weights() already gathered this micro-batch
+            self._accumulate(stats)
+        self._seen = None
 
     def update(self, step: int, reduce: Reduce = identity_reduce) -> np.ndarray:
+        if self.timing.done_step != step:
+            self._apply(step, reduce)
+        return self.weights
+
+    def _apply(self, step: int, reduce: Reduce) -> None:
+        """One DoReMi update from the gathered excess losses (then cleared)."""
         total = reduce(self._sum.clone()).cpu().numpy()
         count = reduce(self._cnt.clone()).cpu().numpy()
         self._sum.zero_()
@@ -138,7 +166,18 @@ class DoReMiMixer(Mixer):
         self.set_weights(new, step)
         self.avg = rules.running_mean(self.avg, self.n_avg, self.weights)
         self.n_avg += 1
-        return self.weights
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {
+            "weights": self.weights.copy(), "history": list(self.history), "scores": self.scores.copy(),
+            "avg": self.avg.copy(), "n_avg": self.n_avg, "sum": self._sum.clone(), "cnt": self._cnt.clone(),
+        }
+
+    def _restore(self, snap: Optional[dict[str, Any]]) -> None:
+        if snap is None:
+            return
+        self.weights, self.history, self.scores = snap["weights"], snap["history"], snap["scores"]
+        self.avg, self.n_avg, self._sum, self._cnt = snap["avg"], snap["n_avg"], snap["sum"], snap["cnt"]
 
     # -- results and state ---------------------------------------------------------------------
     def final_weights(self) -> np.ndarray:
@@ -181,3 +220,4 @@ class DoReMiMixer(Mixer):
         self.n_avg = int(state["n_avg"])
         self._sum = torch.as_tensor(state["excess_sum"], dtype=torch.float64).clone()
         self._cnt = torch.as_tensor(state["token_count"], dtype=torch.float64).clone()
+        self.timing = StepTiming(self.ctx.world_size)

@@ -18,7 +18,7 @@ from dograph_core.mixers.base import MixerContext, MixerError
 
 # where a training run keeps its final model, tried in this order
 MODEL_SUBDIRS = ("model", "final", "final_model", "hf")
-# files of a run (or beside a model) that may record the run's domains and tokenizer
+# files of a run (or beside a model) that may record the run's training domains
 RUN_RECORDS = ("run.json", "result.json", "summary.json", "weights.json", "meta.json", "dograph.json")
 
 
@@ -41,42 +41,41 @@ def find_model_dir(path: str | Path) -> Path:
     )
 
 
-def run_record(model_dir: Path, given: Path) -> dict[str, Any]:
-    """What the run that produced the model recorded about its domains and tokenizer (may be empty)."""
-    out: dict[str, Any] = {}
+def run_domains(model_dir: Path, given: Path) -> tuple[Optional[list[str]], Optional[Path]]:
+    """The training domains the run that produced the model recorded (its ``weights.json``), if any."""
     for folder in dict.fromkeys([Path(given), model_dir, model_dir.parent]):
         for name in RUN_RECORDS:
             f = folder / name
-            if not f.is_file():
-                continue
             try:
-                doc = json.loads(f.read_text())
+                doc = json.loads(f.read_text()) if f.is_file() else None
             except (ValueError, OSError):
-                continue
-            if not isinstance(doc, dict):
-                continue
-            for key in ("domains", "train_domains"):
-                if "domains" not in out and isinstance(doc.get(key), list):
-                    out["domains"] = [str(d) for d in doc[key]]
-                    out["domains_from"] = str(f)
-            if "tokenizer_hash" not in out and isinstance(doc.get("tokenizer_hash"), str):
-                out["tokenizer_hash"] = doc["tokenizer_hash"]
-                out["tokenizer_from"] = str(f)
-    return out
+                doc = None
+            if isinstance(doc, dict):
+                for key in ("domains", "train_domains"):
+                    if isinstance(doc.get(key), list):
+                        return [str(d) for d in doc[key]], f
+    return None, None
 
 
-def check_record(record: dict[str, Any], ctx: MixerContext, where: Path) -> None:
-    if "domains" in record and sorted(record["domains"]) != sorted(ctx.domains):
+def check_run(model_dir: Path, given: Path, ctx: MixerContext) -> Optional[list[str]]:
+    """Refuse a reference trained on other domains or with another tokenizer (when that can be seen)."""
+    domains, where = run_domains(model_dir, given)
+    if domains is not None and sorted(domains) != sorted(ctx.domains):
         raise MixerError(
-            f"doremi reference {where}: it was trained on domains {record['domains']} ({record['domains_from']}), "
+            f"doremi reference {model_dir}: it was trained on domains {domains} ({where}), "
             f"this run's domains are {ctx.domains}; train the reference on the same corpus"
         )
-    corpus_hash = getattr(ctx.corpus, "tokenizer_hash", None) if ctx.corpus is not None else None
-    if "tokenizer_hash" in record and corpus_hash and record["tokenizer_hash"][:32] != str(corpus_hash)[:32]:
-        raise MixerError(
-            f"doremi reference {where}: trained with tokenizer {record['tokenizer_hash'][:32]} "
-            f"({record['tokenizer_from']}), this corpus uses {str(corpus_hash)[:32]}; retrain the reference"
-        )
+    tok_dir = getattr(ctx.corpus, "tokenizer_dir", None) if ctx.corpus is not None else None
+    if tok_dir is not None and (Path(tok_dir) / "tokenizer.json").is_file() and (model_dir / "tokenizer.json").is_file():
+        from dograph_core.data.tokenizer import tokenizer_hash
+
+        mine, theirs = tokenizer_hash(tok_dir), tokenizer_hash(model_dir)
+        if mine != theirs:
+            raise MixerError(
+                f"doremi reference {model_dir}: its tokenizer (sha256 {theirs[:12]}) is not this corpus's "
+                f"({mine[:12]}, {tok_dir}); train the reference on the same tokenized corpus"
+            )
+    return domains
 
 
 def load_reference(path: str | Path, ctx: MixerContext) -> tuple[torch.nn.Module, dict[str, Any]]:
@@ -84,8 +83,7 @@ def load_reference(path: str | Path, ctx: MixerContext) -> tuple[torch.nn.Module
     from transformers import AutoModelForCausalLM
 
     model_dir = find_model_dir(path)
-    record = run_record(model_dir, Path(path))
-    check_record(record, ctx, model_dir)
+    domains = check_run(model_dir, Path(path), ctx)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     except Exception as e:  # transformers raises many kinds; say which file failed and why
@@ -107,4 +105,4 @@ def load_reference(path: str | Path, ctx: MixerContext) -> tuple[torch.nn.Module
     model.requires_grad_(False)
     model.eval()
     model.to(ctx.device)
-    return model, {"model_dir": model_dir, **record}
+    return model, {"model_dir": model_dir, "domains": domains}
