@@ -11,6 +11,7 @@ build one by hand (tests do). Schema (``results.json``)::
                "val_loss": {domain: float},     # final per-domain validation loss (training domains)
                "heldout_loss": {domain: float}, # final loss on each held-out domain
                "wall_time_s": float,            # training time
+               "steps": int,                    # optional: the run's length (weights plot)
                "search_time_s": float,          # optional: the proxy search this run's mixture came from
                "weights": [float, ...],         # the (final / static) mixture over "domains"
                "weights_history": [[step, [float, ...]], ...],
@@ -34,9 +35,17 @@ class ReportError(ValueError):
     """A results document that cannot be reported."""
 
 
-def _mean(xs: Iterable[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return sum(xs) / len(xs) if xs else float("nan")
+def _num(x: Any) -> float:
+    """A number, or NaN for a missing value."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _mean(xs: Iterable[Any]) -> float:
+    vals = [v for v in map(_num, xs) if math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def run_scores(run: dict[str, Any]) -> dict[str, Any]:
@@ -74,8 +83,8 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "val_worst": _mean(s["val_worst"] for s in scores),
                 "worst_domain": worst["worst_domain"],
                 "heldout": _mean(s["heldout"] for s in scores),
-                "train_s": _mean(float(r.get("wall_time_s", float("nan"))) for r in rs),
-                "search_s": _mean(float(r.get("search_time_s", float("nan"))) for r in rs),
+                "train_s": _mean(r.get("wall_time_s") for r in rs),
+                "search_s": _mean(r.get("search_time_s") for r in rs),
             }
         )
     return rows
@@ -138,12 +147,14 @@ def plot_weights(results: dict[str, Any], path: Path) -> Path | None:
         hist = run.get("weights_history") or [[0, run["weights"]]]
         steps = [int(s) for s, _ in hist]
         ws = [list(w) for _, w in hist]
-        if len(steps) == 1:  # a static mixture: draw it flat over the run
-            steps, ws = [0, 1], ws * 2
+        end = int(run.get("steps") or 0) or max(steps[-1], 1)
+        if steps[-1] < end:  # hold the last mixture to the end of the run
+            steps, ws = steps + [end], ws + [ws[-1]]
         series = [[w[i] for w in ws] for i in range(len(domains))]
         ax.stackplot(steps, series, labels=domains, step="post")
         ax.set_title(_label(run), fontsize=9)
         ax.set_ylim(0, 1)
+        ax.set_xlim(0, end)
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")

@@ -195,7 +195,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     tracker = _tracker(p, a.track, f"{a.method}@{cfg.scale}", {"method": a.method, "scale": cfg.scale, "stage": "train"})
     tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype})
     try:
-        summary = train(cfg, TokenCorpus(p.tokenize.out_dir), mtype, mparams, a.out, tracker=tracker, resume=a.resume)
+        summary = train(cfg, TokenCorpus(p.tokenize.out_dir), a.method, {"type": mtype, **mparams}, a.out,
+                        tracker=tracker, resume=a.resume)
     except BaseException:
         getattr(tracker, "end", lambda s: None)("FAILED")
         raise
@@ -226,7 +227,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     else:  # any method's training run leaves the weights it used in weights.json
         from dograph_core.train import train
 
-        train(cfg, corpus, spec["type"], spec["params"], a.out, resume=a.resume)
+        train(cfg, corpus, a.method, {"type": spec["type"], **spec["params"]}, a.out, resume=a.resume)
     print(f"weights: {Path(a.out) / 'weights.json'}")
     return 0
 

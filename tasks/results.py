@@ -29,6 +29,8 @@ def _curves(metrics_file: Path) -> list[dict[str, Any]]:
             rec = json.loads(line)
         except ValueError:
             continue
+        if isinstance(rec.get("eval"), dict):  # eval lines: {"step": s, "eval": {"val_loss/<d>": ...}}
+            rec = {"step": rec.get("step"), **rec["eval"]}
         vals = {k[len(VAL_PREFIX):]: float(v) for k, v in rec.items() if k.startswith(VAL_PREFIX) and v is not None}
         held = {k[len("heldout_loss/"):]: float(v) for k, v in rec.items() if k.startswith("heldout_loss/") and v is not None}
         if vals and "step" in rec:
@@ -52,11 +54,14 @@ def run_record(unit: Mapping[str, Any]) -> dict[str, Any]:
         "val_loss": _losses(val, "domains"),
         "heldout_loss": _losses(val, "heldout"),
         "wall_time_s": summary.get("wall_time_s", summary.get("time_s")),
+        "steps": summary.get("steps"),
         "search_time_s": unit.get("search_time_s"),
         "weights": weights.get("weights"),
         "weights_history": [[s["step"], s["weights"]] for s in weights.get("schedule", [])],
         "curves": _curves(out / "metrics.jsonl"),
     }
+    if rec["val_loss"] and summary.get("steps"):  # the final evaluation ends the curves
+        rec["curves"].append({"step": int(summary["steps"]), "val_loss": {**rec["val_loss"], **rec["heldout_loss"]}})
     if ev.get("last_word_mean") is not None:
         rec["last_word_accuracy"] = ev["last_word_mean"]
     return rec

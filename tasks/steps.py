@@ -132,7 +132,7 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
         else:
             from dograph_core.train import train
 
-            train(cfg, corpus, spec["type"], spec["params"], out, tracker=tracker, resume=out.exists())
+            train(cfg, corpus, method, {"type": spec["type"], **spec["params"]}, out, tracker=tracker, resume=out.exists())
         if not weights.exists():
             raise RuntimeError(f"search of {method!r} finished without writing {weights}")
         tracker.log_artifact(weights, "weights")
@@ -186,10 +186,10 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
                           _tags(method, spec["type"], scale, seed, data, "train", Path(run_dir).name))
     tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
     try:
-        summary = train(cfg, TokenCorpus(data["out_dir"]), mtype, mparams, out, tracker=tracker, resume=out.exists())
-        for name, art in (("weights.json", "weights"), ("eval.json", None), ("summary.json", None)):
-            if (out / name).exists():
-                tracker.log_artifact(out / name, art)
+        summary = train(cfg, TokenCorpus(data["out_dir"]), method, {"type": mtype, **mparams}, out,
+                        tracker=tracker, resume=out.exists())
+        if (out / "metrics.jsonl").exists():
+            tracker.log_artifact(out / "metrics.jsonl")
         for png in sorted(out.glob("*.png")) + sorted(out.glob("plots/*.png")):
             tracker.log_artifact(png, "plots")
         if (out / "final").is_dir():
