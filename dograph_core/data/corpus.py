@@ -8,7 +8,9 @@ On-disk layout written by the ``tokenize`` stage (``data/tokenized/`` by default
 
 ``corpus.json``::
 
-    {"tokenizer_hash": str, "vocab_size": int, "eot_id": int, "dtype": "uint16",
+    {"tokenizer_hash": str,                # sha256 of tokenizer/tokenizer.json (canonical JSON)
+     "tokenizer_source": str,              # tokenize.tokenizer: "train", "gpt2" or a directory
+     "vocab_size": int, "eot_id": int, "dtype": "uint16",
      "train_domains": [str, ...],          # domains the mixture is over, sorted
      "heldout_domains": [str, ...],        # present, never trained on
      "table": [{"domain": str, "heldout": bool,

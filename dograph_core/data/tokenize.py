@@ -211,6 +211,12 @@ def tokenize(
         _build_tokenizer(cfg, [files[("train", d)] for d in train], tok_dir, cache_dir, progress)  # type: ignore[misc]
         tok = load_tokenizer(tok_dir)
         thash, eot, vocab = tokenizer_hash(tok_dir), eot_id(tok), len(tok)
+        if cfg.tokenizer == "train" and vocab < cfg.vocab_size:
+            warnings.warn(
+                f"the training split is too small to fill tokenize.vocab_size = {cfg.vocab_size}: "
+                f"the tokenizer has {vocab} ids (corpus.json's vocab_size is what models must use)",
+                TokenizeWarning,
+            )
         dtype = dtype_for_vocab(vocab)
         encode = _encoder(tok)
         counts: dict[tuple[str, str], tuple[int, int]] = {}

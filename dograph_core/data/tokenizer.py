@@ -56,6 +56,14 @@ def _save_hf(tok: Any, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     with atomic_path(out_dir) as tmp:
         fast.save_pretrained(str(tmp))
+        # Portable across transformers 4.x and 5.x: a class name both resolve, and the
+        # special-tokens map that 4.x reads (5.x keeps them in tokenizer_config.json).
+        config_path = tmp / "tokenizer_config.json"
+        config = json.loads(config_path.read_text())
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        special = {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+        (tmp / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     return out_dir
 
 
