@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install run test clean
+.PHONY: install run test repro clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The same pipeline through DVC (dvc.yaml calls the CLI, which needs the venv on PATH).
+repro: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 clean:
 	rm -rf $(VENV) .prefect
