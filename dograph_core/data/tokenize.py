@@ -204,6 +204,10 @@ def tokenize(
             f"tokenize.tokenizer = {cfg.tokenizer!r}: no such tokenizer directory; use 'train', 'gpt2', "
             f"or a local directory written by save_pretrained() (nothing is fetched from a hub)"
         )
+    for domain in train:  # fail before training a tokenizer when a training file is plainly empty
+        path = files[("train", domain)]
+        if path is not None and path.stat().st_size == 0:
+            _check_size(domain, False, 0, path, cfg.min_tokens)
     _remove_leftovers(out_dir)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
@@ -233,7 +237,7 @@ def tokenize(
                 if n < cfg.min_tokens:
                     warnings.warn(
                         f"domain {domain!r}: {n} {split} tokens (< tokenize.min_tokens = {cfg.min_tokens}) in "
-                        f"{files[(split, domain)]}; its {split} loss will be noisy or unavailable",
+                        f"{files[(split, domain)] or 'a missing file'}; its {split} loss will be noisy or unavailable",
                         TokenizeWarning,
                     )
         meta = _meta(cfg, train, heldout, counts, thash, vocab, eot, dtype.name)
