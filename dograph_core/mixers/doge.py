@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 
 from dograph_core.mixers import rules
-from dograph_core.mixers.timing import StepTiming
 from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
+from dograph_core.mixers.timing import StepTiming
 
 
 class DoGEConfig(MixerConfig):
@@ -41,7 +41,9 @@ class DoGEConfig(MixerConfig):
     target: Union[Literal["train"], list[str]] = Field(
         "train", description="'train' (universal) or the target domains (out-of-domain mode)"
     )
-    target_split: Literal["train", "val"] = Field("train", description="split of a held-out target's batches")
+    target_split: Literal["auto", "train", "val"] = Field(
+        "auto", description="split of a held-out target's batches (auto: train if it holds a sequence, else val)"
+    )
     target_batch_size: Optional[int] = Field(None, gt=0, description="held-out target batch (default: micro-batch)")
 
     @model_validator(mode="after")
@@ -120,6 +122,13 @@ class DoGEMixer(Mixer):
             self._apply(stats.step, identity_reduce)
             self.timing.done_step = stats.step
 
+    def target_split(self, domain: str, width: int) -> str:
+        """The split a held-out target's batches come from (``auto``: its train split if it holds
+        one sequence; held-out domains usually have none, then val; the test split stays untouched)."""
+        if self.cfg.target_split != "auto":
+            return self.cfg.target_split
+        return "train" if self.ctx.corpus.tokens("train", domain).shape[0] >= width else "val"
+
     def _heldout_grad(self, domain: str, stats: BatchStats) -> torch.Tensor:
         """Gradient of the mean token loss on a seeded batch of ``domain`` at the current parameters.
 
@@ -133,11 +142,12 @@ class DoGEMixer(Mixer):
         n = sum(p.numel() for p in params)
         if stats.domain_grads is not None and n != stats.domain_grads.shape[1]:
             raise MixerError(f"doge: model has {n} trainable values, domain_grads has {stats.domain_grads.shape[1]}")
-        tokens = self.ctx.corpus.tokens(self.cfg.target_split, domain)
         width = stats.input_ids.shape[1]
+        split = self.target_split(domain, width)
+        tokens = self.ctx.corpus.tokens(split, domain)
         if tokens.shape[0] < width:
             raise MixerError(
-                f"doge: target domain {domain!r} has {tokens.shape[0]} tokens in its {self.cfg.target_split} split, "
+                f"doge: target domain {domain!r} has {tokens.shape[0]} tokens in its {split} split, "
                 f"fewer than one sequence ({width}); choose another target or target_split"
             )
         b = self.cfg.target_batch_size or stats.input_ids.shape[0]
@@ -225,6 +235,7 @@ class DoGEMixer(Mixer):
             "dw_max": self.cfg.dw_max,
             "max_grad_norm": self.cfg.max_grad_norm,
             "target": self.targets,
+            "target_split": {d: self.target_split(d, self.ctx.seq_len + 1) for d in self.external},
             "mode": "universal" if self.remove_self else "out-of-domain",
             "updates": self.n_updates,
             "last_weights": [float(x) for x in self.weights],

@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from dograph_core.mixers import rules
-from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
+from dograph_core.mixers import rules, validate_mixer_config
+from dograph_core.mixers.base import (
+    BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce, read_weights, write_weights,
+)
 from dograph_core.mixers.reference import load_reference
 from dograph_core.mixers.timing import StepTiming
 
@@ -221,3 +223,75 @@ class DoReMiMixer(Mixer):
         self._sum = torch.as_tensor(state["excess_sum"], dtype=torch.float64).clone()
         self._cnt = torch.as_tensor(state["token_count"], dtype=torch.float64).clone()
         self.timing = StepTiming(self.ctx.world_size)
+
+
+# -- the three steps ------------------------------------------------------------------------------
+def _reference_weights(spec: Any, corpus) -> dict[str, float]:
+    """``natural``, ``uniform``, a dict by domain, or a weights file -> weights by domain."""
+    domains = corpus.train_domains
+    if isinstance(spec, dict):
+        if set(spec) != set(domains):
+            raise MixerError(
+                f"search_doremi reference_weights: domains {sorted(spec)} do not match the corpus domains {domains}"
+            )
+        return {d: float(spec[d]) for d in domains}
+    if spec == "natural":
+        return dict(zip(domains, map(float, corpus.natural_weights)))
+    if spec == "uniform":
+        return {d: 1.0 / len(domains) for d in domains}
+    doc = read_weights(spec, domains)
+    return dict(zip(doc["domains"], map(float, doc["weights"])))
+
+
+def search_doremi(
+    cfg,
+    corpus,
+    out_dir: str | Path,
+    *,
+    eta: float = 1.0,
+    smoothing: float = 1e-4,
+    rounds: int = 1,
+    reference_weights: Any = "natural",
+    tracker_for: Optional[Callable[[str], Any]] = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """DoReMi's three steps with the engine; ``rounds > 1`` is iterated DoReMi.
+
+    Each round ``r`` trains, under ``out_dir/round<r>/``, a ``reference`` run on the reference
+    weights (the ``static`` mixer; natural proportions in round 1 by default) and a ``proxy``
+    run of the same size and steps with the DoReMi mixer against it; the proxy's averaged
+    weights are the next round's reference weights. The last proxy's weights file is copied to
+    ``out_dir/weights.json`` with every round's weights in ``meta.rounds``.
+    ``tracker_for(stage)`` may give a tracker per run (``round1/reference``, ...).
+    With ``resume``, runs that finished (``summary.json`` present) are reused and unfinished
+    ones resumed from their checkpoints. Returns the weights by domain, the file and the rounds.
+    """
+    from dograph_core.train import train
+    from dograph_core.tracking import NullTracker
+
+    if rounds < 1:
+        raise MixerError(f"search_doremi: rounds must be at least 1, got {rounds}")
+    validate_mixer_config("doremi", {"reference": ".", "eta": eta, "smoothing": smoothing})
+    out = Path(out_dir)
+    ref_w = _reference_weights(reference_weights, corpus)
+    history: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {}
+    for r in range(1, rounds + 1):
+        stages = (
+            ("reference", {"type": "static", "weights": ref_w}),
+            ("proxy", {"type": "doremi", "eta": eta, "smoothing": smoothing}),
+        )
+        for stage, params in stages:
+            run = out / f"round{r}" / stage
+            if stage == "proxy":
+                params = {**params, "reference": str(out / f"round{r}" / "reference")}
+            if resume and (run / "summary.json").is_file() and (run / "weights.json").is_file():
+                continue
+            tracker = tracker_for(f"round{r}/{stage}") if tracker_for else NullTracker()
+            train(cfg, corpus, f"doremi_{stage}", params, run, tracker=tracker, resume=resume)
+        doc = read_weights(out / f"round{r}" / "proxy" / "weights.json", corpus.train_domains)
+        history.append({"round": r, "reference_weights": ref_w, "weights": dict(zip(doc["domains"], doc["weights"]))})
+        ref_w = dict(zip(doc["domains"], map(float, doc["weights"])))
+    doc = dict(doc, meta={**doc.get("meta", {}), "rounds": history, "search": "doremi"})
+    write_weights(out / "weights.json", doc)
+    return {"weights": ref_w, "weights_file": str(out / "weights.json"), "rounds": history}
