@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -202,7 +203,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *,
     natural = {d: plan.chars(docs[d]) for d in train + held}
     targets = plan.plan_sizes({d: natural[d] for d in train}, cfg.total_mb * MB, cfg.min_ratio)
     if cfg.total_mb * MB > sum(natural[d] for d in train):
-        warnings.warn(f"prepare.total_mb={cfg.total_mb} asks for more than the {sum(natural[d] for d in train) / MB:.1f}"
+        warnings.warn(f"prepare.total_mb={cfg.total_mb} asks for more than the {sum(natural[d] for d in train) / MB:.3g}"
                       f" MB the training domains hold; everything available is kept", DataWarning, stacklevel=2)
     kept = {d: plan.select(docs[d], targets[d], cfg.seed) for d in train}
     plan.enforce_ratio(kept, cfg.min_ratio)
@@ -245,7 +246,18 @@ def _write_jsonl(path: Path, domain: str, docs: list[Doc]) -> None:
             f.write(json.dumps({"id": d.id, "domain": domain, "text": d.text}, ensure_ascii=False) + "\n")
 
 
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Remove what a killed earlier run left beside ``out_dir`` (its hidden temporary directories)."""
+    gone = []
+    if out_dir.parent.is_dir():
+        for p in [*out_dir.parent.glob(f".{out_dir.name}.*.tmp"), *out_dir.parent.glob(f".{out_dir.name}.old-*")]:
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
+
 def _write(out_dir: Path, splits: dict[str, dict[str, list[Doc]]], manifest: dict) -> None:
+    remove_stale_temporaries(out_dir)
     with atomic_path(out_dir) as tmp:
         for s in SPLITS:
             (tmp / s).mkdir(parents=True)
