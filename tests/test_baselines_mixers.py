@@ -300,6 +300,17 @@ def test_odm_steps_by_hand():
     assert m.eps == pytest.approx(eps2)
 
 
+def test_odm_reward_scale_and_no_importance_weighting():
+    m = build_mixer("odm", {"reward_scale": 0.1}, ctx())
+    m.observe(loss_stats(1, [0, 1], [4.0, 2.0]))
+    m.update(1)
+    np.testing.assert_allclose(m.estimate, [0.1 * 0.4 / 0.5, 0.1 * 0.2 / 0.5])
+    m = build_mixer("odm", {"importance_weighting": False}, ctx())
+    m.observe(loss_stats(1, [0, 1], [4.0, 2.0]))
+    m.update(1)
+    np.testing.assert_allclose(m.estimate, [0.4, 0.2])
+
+
 def test_odm_probabilities_sum_to_one_exploration_decays_missing_domain():
     m = build_mixer("odm", {}, ctx(("a", "b", "c", "d")))
     eps = []
@@ -332,7 +343,7 @@ def test_odm_warmup_keeps_initial_weights_and_state_roundtrip():
     np.testing.assert_array_equal(m.final_weights(), m2.final_weights())
     with pytest.raises(MixerError, match="non-finite"):
         m.observe(loss_stats(6, [0], [float("inf")]))
-    for bad in ({"alpha": 1.0}, {"alpha": -0.1}, {"warmup_steps": -1}, {"output": "best"}):
+    for bad in ({"alpha": 1.0}, {"alpha": -0.1}, {"warmup_steps": -1}, {"output": "best"}, {"reward_scale": 0}):
         with pytest.raises(MixerError):
             validate_mixer_config("odm", bad)
 

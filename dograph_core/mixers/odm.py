@@ -25,6 +25,7 @@ from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContex
 class ODMConfig(MixerConfig):
     alpha: float = Field(0.9, ge=0, lt=1, description="moving-average factor of the reward estimate (paper: 0.9)")
     importance_weighting: bool = Field(True, description="divide each reward by its domain's probability (EXP3)")
+    reward_scale: float = Field(1.0, gt=0, description="reward = scale * loss (the repo's Exp3WeightUpdater: 0.1)")
     warmup_steps: int = Field(0, ge=0, description="steps on the initial weights before the bandit starts")
     initial: Literal["uniform", "natural"] = Field("uniform", description="weights before the first update")
     output: Literal["mean", "last"] = Field(
@@ -73,7 +74,7 @@ class ODMMixer(Mixer):
         self._cnt.zero_()
         if step > self.cfg.warmup_steps:  # the reference's UpdateScheduler: iteration > warmup_steps
             present = count > 0
-            rewards = np.where(present, total / np.maximum(count, 1), np.nan)
+            rewards = np.where(present, self.cfg.reward_scale * total / np.maximum(count, 1), np.nan)
             self.last_rewards = rewards
             self.estimate = rules.odm_rewards(
                 self.estimate, np.nan_to_num(rewards), present, self.weights, self.cfg.alpha,
@@ -96,6 +97,7 @@ class ODMMixer(Mixer):
         doc["meta"] = {
             "alpha": self.cfg.alpha,
             "importance_weighting": self.cfg.importance_weighting,
+            "reward_scale": self.cfg.reward_scale,
             "warmup_steps": self.cfg.warmup_steps,
             "exploration": self.eps,
             "last_weights": [float(x) for x in self.weights],
