@@ -178,6 +178,8 @@ def probe_features(
     outs: list[list[torch.Tensor]] = [[] for _ in projs]
     losses = []
     module = resolve_module(model, block) if block else None
+    if module is not None:
+        linear_weight_shape(module)  # refuse a layer the Kronecker trick does not apply to
     try:
         for s in range(0, input_ids.shape[0], chunk):
             ids = input_ids[s : s + chunk]
