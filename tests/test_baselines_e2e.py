@@ -62,6 +62,7 @@ def test_doge_universal_runs_and_writes_its_weights(corpus, tmp_path):
     assert np.isfinite(s["final_loss"])
     doc = check_run(corpus, tmp_path / "doge", "doge")
     assert doc["meta"]["mode"] == "universal" and doc["meta"]["updates"] == 3
+    assert doc["meta"]["timing"] == "same_step"
     assert len(doc["schedule"]) == 4  # initial + one change per step
 
 
@@ -115,3 +116,32 @@ def test_doremi_search_bad_settings(corpus, tmp_path):
     with pytest.raises(MixerError, match="do not match"):
         search_doremi(cfg(), corpus, tmp_path / "x", reference_weights={"alpha": 1.0})
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("method", ["doremi", "doge", "odm"])
+def test_resumed_run_gives_the_same_weights_as_an_uninterrupted_one(method, corpus, tmp_path):
+    params = {"type": method}
+    if method == "doremi":
+        train(cfg(), corpus, "ref", {"type": "natural"}, tmp_path / "ref")
+        params["reference"] = str(tmp_path / "ref")
+    full = tmp_path / "full"
+    train(cfg(steps=4, ckpt_every=2), corpus, method, params, full)
+    part = tmp_path / "part"
+    shutil.copytree(full / "checkpoints", part / "checkpoints")
+    (part / "checkpoints" / "step_0000004.pt").unlink()  # as if killed after the step-2 checkpoint
+    train(cfg(steps=4, ckpt_every=2), corpus, method, params, part, resume=True)
+    a = json.loads((full / "weights.json").read_text())
+    b = json.loads((part / "weights.json").read_text())
+    assert a["weights"] == b["weights"] and a["schedule"] == b["schedule"]
+
+
+@pytest.mark.parametrize("method", ["doremi", "doge"])
+def test_gradient_accumulation_runs_with_next_step_updates(method, corpus, tmp_path):
+    params = {"type": method}
+    if method == "doremi":
+        train(cfg(), corpus, "ref", {"type": "natural"}, tmp_path / "ref")
+        params["reference"] = str(tmp_path / "ref")
+    train(cfg(grad_accum=2), corpus, method, params, tmp_path / "run")
+    doc = check_run(corpus, tmp_path / "run", method)
+    assert doc["meta"]["updates"] == 3  # one update per optimizer step, not per micro-batch
+    assert doc["meta"]["timing"] == "next_step"

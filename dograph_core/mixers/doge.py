@@ -238,6 +238,7 @@ class DoGEMixer(Mixer):
             "target_split": {d: self.target_split(d, self.ctx.seq_len + 1) for d in self.external},
             "mode": "universal" if self.remove_self else "out-of-domain",
             "updates": self.n_updates,
+            "timing": self.timing.mode,
             "last_weights": [float(x) for x in self.weights],
             "output": "average of the domain weights after each update (reference avg_dw)",
         }

@@ -192,6 +192,7 @@ class DoReMiMixer(Mixer):
             "smoothing": self.cfg.smoothing,
             "reference": str(self.ref_info["model_dir"]),
             "updates": self.n_avg - 1,
+            "timing": self.timing.mode,
             "last_weights": [float(x) for x in self.weights],
             "output": "time average of the domain weights (initial weights included, as in the reference code)",
         }
