@@ -173,7 +173,8 @@ def email_body(raw: bytes) -> str:
         body = data.decode(part.get_content_charset() or "utf-8", errors="replace")
     except LookupError:
         body = data.decode("utf-8", errors="replace")
-    return normalise(html_to_text(body) if part is markup else body)
+    looks_html = part is markup or re.search(r"<(html|body|table|font|p|br)\b", body[:3000], re.I) is not None
+    return normalise(html_to_text(body) if looks_html else body)
 
 
 def extract_email(paths: list[Path], issues: Issues) -> Iterator[tuple[str, str]]:

@@ -60,7 +60,7 @@ def _log(progress: bool, msg: str) -> None:
 
 def safe_name(label: str) -> str:
     """The file-safe domain name of a label (letters, digits, ``_ . -``)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.strip()).strip("._")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.strip()).strip("._-")
     if not name:
         raise PrepareError(f"domain label {label!r} has no usable characters for a file name")
     return name

@@ -114,8 +114,9 @@ def dotted_get(record: Any, path: str) -> Any:
     return node
 
 
-_BLOCK = {"p", "div", "br", "li", "ul", "ol", "tr", "table", "pre", "h1", "h2", "h3", "h4", "h5", "h6",
-          "dt", "dd", "dl", "section", "article", "blockquote", "title", "hr"}
+_LINE = {"br", "li", "tr", "dt", "dd", "title", "hr", "div", "td", "th"}  # end a line
+_PARA = {"p", "pre", "table", "ul", "ol", "dl", "h1", "h2", "h3", "h4", "h5", "h6", "section", "article",
+         "blockquote"}  # end a paragraph (blank line after)
 _SKIP = {"script", "style", "head", "noscript"}
 
 
@@ -126,26 +127,38 @@ class _TextExtractor(HTMLParser):
         self.skip_depth = 0
         self.pre_depth = 0
 
+    def _break(self, n: int) -> None:
+        """Make the text so far end in at least ``n`` newlines (none at the very start)."""
+        tail = "".join(self.out[-3:])
+        have = len(tail) - len(tail.rstrip("\n"))
+        if self.out and have < n:
+            self.out.append("\n" * (n - have))
+
     def handle_starttag(self, tag: str, attrs: Any) -> None:
         if tag in _SKIP:
             self.skip_depth += 1
         if tag == "pre":
             self.pre_depth += 1
-        if tag in _BLOCK:
-            self.out.append("\n")
+        if tag in _LINE or tag in _PARA:
+            self._break(2 if tag in _PARA else 1)
 
     def handle_endtag(self, tag: str) -> None:
         if tag in _SKIP and self.skip_depth:
             self.skip_depth -= 1
         if tag == "pre" and self.pre_depth:
             self.pre_depth -= 1
-        if tag in _BLOCK:
-            self.out.append("\n")
+        if tag in _LINE or tag in _PARA:
+            self._break(2 if tag in _PARA else 1)
 
     def handle_data(self, data: str) -> None:
         if self.skip_depth:
             return
-        self.out.append(data if self.pre_depth else re.sub(r"[ \t\r\n]+", " ", data))
+        if not self.pre_depth:
+            data = re.sub(r"[ \t\r\n]+", " ", data)
+            if not self.out or self.out[-1].endswith("\n"):
+                data = data.lstrip(" ")
+        if data:
+            self.out.append(data)
 
 
 def html_to_text(markup: str) -> str:
@@ -155,4 +168,4 @@ def html_to_text(markup: str) -> str:
     parser.close()
     text = "".join(parser.out)
     lines = [line.rstrip() for line in text.split("\n")]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(line if line.strip() else "" for line in lines)).strip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip("\n") + "\n"
