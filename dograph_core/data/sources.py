@@ -116,7 +116,9 @@ def _run(pkg: Package, cwd: Path, timeout: float) -> None:
         raise FetchError(pkg.spec, f"could not run {cmd[0]}: {e}", pkg.retry_hint()) from None
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-4:])
-        raise FetchError(pkg.spec, f"`{cmd[0]}` exited with {proc.returncode}: {tail}", pkg.retry_hint())
+        hint = ("\n  (if apt-get cannot find the version, run `apt-get update` first; a pinned version that "
+                "left the Debian archive needs a newer pin)") if pkg.registry == "deb" else ""
+        raise FetchError(pkg.spec, f"`{cmd[0]}` exited with {proc.returncode}: {tail}{hint}", pkg.retry_hint())
 
 
 def _verify(pkg: Package, path: Path, record: Path) -> None:

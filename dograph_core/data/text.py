@@ -45,11 +45,12 @@ class Issues:
         n = self._per_file[key] = self._per_file.get(key, 0) + 1
         if file is not None and n > self.max_per_file:
             if n == self.max_per_file + 1:
-                warnings.warn(f"{key}: more skipped lines; further warnings for this file are only in the "
-                              f"manifest's 'skipped' list", DataWarning, stacklevel=2)
+                warnings.warn_explicit(f"{key}: more skipped lines; further warnings for this file are only "
+                                       f"in the manifest's 'skipped' list", DataWarning, "prepare", 0)
             return
         label = f"file {file}" if file is not None else f"domain {domain!r}"
-        warnings.warn(f"skipped {label}: {reason}", DataWarning, stacklevel=2)
+        # warn_explicit: no source line of this module in the message, and every skip is shown
+        warnings.warn_explicit(f"skipped {label}: {reason}", DataWarning, "prepare", 0)
 
 
 def decode(data: bytes, name: str, issues: Issues) -> Optional[str]:
@@ -67,8 +68,13 @@ def decode(data: bytes, name: str, issues: Issues) -> Optional[str]:
 
 
 def normalise(text: str) -> str:
-    """Unix line ends, no byte-order mark, no NULs."""
-    return text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    """Unix line ends, no byte-order mark, no NULs, no lone surrogates (so it encodes as UTF-8)."""
+    text = text.lstrip("\ufeff").replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, e.g. from a JSON "\\ud800" escape
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def chunk(text: str, size: int) -> list[str]:
