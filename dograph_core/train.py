@@ -228,7 +228,6 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
             if new is not None:
                 mixer.set_weights(new, step)
             sampler.set_weights(mixer.sampling_weights())
-        train_time += time.time() - t0
         tok_log += tokens_per_step
 
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -249,6 +248,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
                     bar.set_postfix_str(f"loss {loss_value:.3f} | {tok_s:,.0f} tok/s | {_weights_str(domains, mixer.weights)}", refresh=False)
         if bar is not None:
             bar.update(1)
+        train_time += time.time() - t0  # steps, logging and mixer updates; not evaluation or checkpoints
 
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             res = evaluate_split(model, corpus, "val", domains, corpus.heldout_domains, cfg.seq_len, cfg.eval_windows, device, bf16, info)
