@@ -1,14 +1,11 @@
 """Fetching pinned packages (with stand-in registry clients, no network) and the default catalogue."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import sys
-import tarfile
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
-from pathlib import Path
 
 import pytest
 

@@ -11,7 +11,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from typing import Any, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 
 class PrepareError(ValueError):
