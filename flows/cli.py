@@ -296,6 +296,9 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from tasks.params import check_params
+
+    check_params(_params(a))  # bad params fail here, before a Prefect server starts
     from rich.console import Console
 
     from dograph_core.report import rich_table

@@ -26,7 +26,7 @@ from dograph_core.config import Params, load_params
 from tasks.cache import RunLock, stable_hash
 from tasks.params import check_params, method_spec
 from tasks.prefect_tasks import prepare_task, report_task, search_task, tokenize_task, train_task
-from tasks.steps import is_offline
+from tasks.steps import code_version, is_offline
 
 
 def default_run_id(p: Params, preset: Optional[str]) -> str:
@@ -86,6 +86,7 @@ def pipeline(params: str = "params.yaml", preset: Optional[str] = None, override
     t0 = time.time()
     with RunLock(run_dir):
         log.info("run %s in %s", run_id, run_dir)
+        (run_dir / "search").mkdir(exist_ok=True)  # a declared DVC output, even with no offline method
         if skip_data:
             from tasks.steps import data_version
 
@@ -93,6 +94,7 @@ def pipeline(params: str = "params.yaml", preset: Optional[str] = None, override
         else:
             prepared = prepare_task(p)
             data = tokenize_task(p, prepared)
+        data = {**data, "code": code_version("dograph_core")}  # one code version for every unit of this run
         parent = None
         if track:
             from tasks.tracking import MLflowTracker, git_commit

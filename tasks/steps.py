@@ -34,6 +34,11 @@ def code_version(*packages: str) -> str:
     return stable_hash({str(f.relative_to(_ROOT)): file_hash(f) for f in files})
 
 
+def _code(data: Mapping[str, Any]) -> str:
+    """The core's code version, computed once per pipeline run (``data["code"]``) or now."""
+    return str(data.get("code") or code_version("dograph_core"))
+
+
 def is_offline(mixer_type: str) -> bool:
     """Offline methods find a mixture on a proxy and hand it to other scales as a weights file."""
     try:
@@ -114,7 +119,7 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
     cfg = _train_cfg(p, scale, seed, p.pipeline.search_steps)
     out = Path(run_dir) / "search" / method
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "data": data["data_version"],
-                       "code": code_version("dograph_core")})
+                       "code": _code(data)})
     weights = out / "weights.json"
     if is_done(out, key) and weights.exists():
         info = read_json(out.with_name(out.name + ".done.json"))["info"]
@@ -174,7 +179,7 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
     cfg = _train_cfg(p, scale, seed)
     out = Path(run_dir) / "train" / unit_name(method, scale, seed)
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "mixer": mtype, "weights": weights_key,
-                       "data": data["data_version"], "code": code_version("dograph_core")})
+                       "data": data["data_version"], "code": _code(data)})
     unit = {"method": method, "scale": scale, "seed": seed, "dir": str(out), "key": key,
             "search_time_s": (search or {}).get("time_s")}
     if is_done(out, key) and (out / "summary.json").exists():

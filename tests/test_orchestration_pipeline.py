@@ -1,0 +1,96 @@
+"""The whole flow on a nano preset: local corpus -> prepare -> tokenize -> search -> train -> report.
+
+One pipeline run (uniform + DoGE, so one offline search feeds a static training) is shared by
+the tests of this module; it tracks to a SQLite MLflow store under the test's directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # quiet; also no log line after pytest closes stderr
+
+from pathlib import Path
+
+import pytest
+
+from _orch_fixture import ROOT, nano_overrides, write_local_corpus
+
+PARAMS = str(ROOT / "params.yaml")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("pipe")
+    corpus = write_local_corpus(tmp / "corpus")
+    ov = nano_overrides(tmp, corpus, methods="[uniform,doge]")
+    res = pipeline(params=PARAMS, preset="nano", overrides=ov)
+    return {"tmp": tmp, "ov": ov, "res": res}
+
+
+def test_pipeline_writes_report_results_and_models(run):
+    res = run["res"]
+    run_dir = Path(res["run_dir"])
+    assert res["failed"] == [] and res["tracking_error"] is None
+    assert {(r["method"], r["scale"]) for r in res["rows"]} == {("uniform", "nano"), ("doge", "nano")}
+    report = Path(res["report"]).read_text()
+    assert "| uniform | nano |" in report and "| doge | nano |" in report
+    assert (run_dir / "plots" / "weights.png").stat().st_size > 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["domains"] == ["code", "notes", "prose"] and results["heldout"] == ["letters"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert set(metrics) == {"uniform", "doge"} and metrics["doge"]["nano"]["val_loss_mean"] > 0
+    # the offline method searched once at the proxy scale and trained on that mixture as a file
+    search = json.loads((run_dir / "search" / "doge" / "weights.json").read_text())
+    trained = json.loads((run_dir / "train" / "doge__nano__s0" / "weights.json").read_text())
+    assert trained["weights"] == pytest.approx(search["weights"])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = run_dir / "train" / "uniform__nano__s0" / "final"
+    assert AutoModelForCausalLM.from_pretrained(final).config.n_layer == 2
+    assert AutoTokenizer.from_pretrained(final)("def f(): pass")["input_ids"]
+
+
+def test_pipeline_logs_parent_and_nested_runs_to_mlflow(run):
+    from mlflow.tracking import MlflowClient
+
+    tmp = run["tmp"]
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dograph")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    names = sorted(r.info.run_name for r in kids)
+    assert names == ["doge@nano", "doge@nano/search", "uniform@nano"]
+    uni = next(r for r in kids if r.info.run_name == "uniform@nano")
+    assert uni.data.tags["method"] == "uniform" and uni.data.tags["scale"] == "nano"
+    assert len(uni.data.tags["git_commit"]) >= 7 and uni.data.tags["data_version"]
+    assert uni.data.params["train.steps"] == "6"
+    assert "val_loss_mean" in uni.data.metrics and "weight/code" in uni.data.metrics
+    assert len(client.get_metric_history(uni.info.run_id, "loss")) == 6
+    arts = {a.path for a in client.list_artifacts(uni.info.run_id)}
+    assert {"model", "weights.json", "eval.json", "summary.json"} <= arts
+    assert "config.json" in {Path(a.path).name for a in client.list_artifacts(uni.info.run_id, "model")}
+    assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert parent.info.status == "FINISHED"
+
+
+def test_rerun_skips_finished_work_and_a_busy_run_dir_is_refused(run):
+    from flows.pipeline import pipeline
+    from tasks.cache import RunLock, RunLockedError
+
+    again = pipeline(params=PARAMS, preset="nano", overrides=run["ov"], track=False)
+    assert again["run_id"] == run["res"]["run_id"]
+    assert again["cached"] == 2  # both trainings (and the search) reused
+    with RunLock(Path(again["run_dir"])):
+        with pytest.raises(RunLockedError, match="--run-id"):
+            pipeline(params=PARAMS, preset="nano", overrides=run["ov"], track=False)
+    # another run id gets its own directory
+    other = pipeline(params=PARAMS, preset="nano", overrides=run["ov"] + ["pipeline.methods=[uniform]"], track=False)
+    assert other["run_dir"] != again["run_dir"]
