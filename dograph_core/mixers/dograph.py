@@ -289,7 +289,7 @@ class DoGraphMixer(Mixer):
     def _solve(self, step: int, skipped: list[int]) -> None:
         cfg = self.cfg
         if not self.nodes.seen.any():
-            log.warning("dograph step %d: no node has any samples yet; weights kept", step)
+            log.info("dograph step %d: no node has any samples yet; weights kept", step)
             return
         p = self._problem()
         try:

@@ -1,0 +1,208 @@
+"""The DoGraph mixer fed by hand (BatchStats from a nano GPT-2): both node modes, state, bad input."""
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _dograph_fixture import make_corpus, nano_model
+
+from dograph_core.data.corpus import TokenCorpus
+from dograph_core.mixers import build_mixer
+from dograph_core.mixers.base import BatchStats, MixerContext, MixerError
+from dograph_core.mixers.dograph_parts import draw_probe, progress_targets, time_average
+
+T = 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return TokenCorpus(make_corpus(tmp_path_factory.mktemp("dgmix")))
+
+
+def ctx_for(corpus, out=None, steps=30):
+    return MixerContext(domains=corpus.train_domains, natural=corpus.natural_weights, total_steps=steps, seq_len=T,
+                        vocab_size=corpus.vocab_size, corpus=corpus, out_dir=out)
+
+
+SMALL = {"k": 3, "update_every": 5, "recluster_every": 10, "probe_size": 36, "r1": 8, "r2": 16, "plots": False}
+
+
+def run(mixer, model, steps, start=1, batch=12, poison=None):
+    """The loop's protocol by hand: sample, forward, example weights, backward, observe, update."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(start, start + steps):
+        ids, _ = draw_probe(mixer.ctx.corpus, mixer.ctx.domains, batch, T, seed=step)
+        dom = torch.arange(batch) % len(mixer.ctx.domains)
+        o = model(ids[:, :-1], output_hidden_states=True)
+        el = F.cross_entropy(o.logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(batch, -1).mean(1)
+        hidden = o.hidden_states[-1].detach()
+        if poison == step:
+            hidden = hidden * float("nan")
+        st = BatchStats(step=step, domain_ids=dom, example_loss=el.detach(), input_ids=ids,
+                        hidden=hidden, logits=o.logits.detach(), model=model)
+        w = mixer.example_weights(st) if mixer.apply == "loss" else None
+        (el * (w if w is not None else 1.0)).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        mixer.observe(st)
+        if step % mixer.update_every == 0:
+            mixer.set_weights(mixer.update(step), step)
+    return mixer
+
+
+def test_human_nodes_sample_and_give_valid_weights_and_time_average(corpus, tmp_path):
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "human"}, ctx_for(corpus, tmp_path))
+    assert m.apply == "sample" and m.n_nodes == 3
+    run(m, nano_model(seq_len=T), 30)
+    w = m.weights
+    assert abs(w.sum() - 1) < 1e-9 and np.all(w > 0)
+    assert len(m.history) == 7 and [s for s, _ in m.history] == [0, 5, 10, 15, 20, 25, 30]
+    doc = m.result()
+    assert np.allclose(doc["weights"], time_average(m.history, 30))
+    assert doc["meta"]["nodes"] == "human" and len(doc["schedule"]) == 7
+    assert not np.allclose(m.alpha, 1 / 3)  # the graph and progress moved the weights
+    assert (tmp_path / "dograph_log.jsonl").exists()
+
+
+def test_model_nodes_weight_losses_and_export_source_weights(corpus, tmp_path):
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0}, ctx_for(corpus, tmp_path))
+    assert m.apply == "loss" and type(m).apply == "sample"  # per instance; the class default is untouched
+    model = nano_model(seq_len=T)
+    run(m, model, 30)
+    assert m.clustering is not None and m.table.sum() == 36 and m.table.shape == (3, 3)
+    assert np.allclose(m.sampling_weights(), 1 / 3)  # the loop samples uniformly, the loss carries the mixture
+    ids, _ = draw_probe(corpus, corpus.train_domains, 12, T, seed=99)
+    o = model(ids[:, :-1], output_hidden_states=True)
+    st = BatchStats(step=31, domain_ids=torch.arange(12) % 3, example_loss=torch.ones(12), input_ids=ids,
+                    hidden=o.hidden_states[-1].detach(), logits=o.logits.detach(), model=model)
+    w = m.example_weights(st)
+    assert w.shape == (12,) and abs(w.mean().item() - 1) < 1e-5 and torch.all(w > 0)
+    doc = m.result()
+    assert doc["meta"]["contingency"] == m.table.tolist()
+    assert len(doc["weights"]) == 3 and abs(sum(doc["weights"]) - 1) < 1e-9  # effective source weights
+    assert len(doc["meta"]["node_weights"]) == 3
+
+
+def test_model_nodes_resampling_mode_maps_clusters_to_sources(corpus):
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "apply": "sample"}, ctx_for(corpus))
+    assert m.apply == "sample"
+    run(m, nano_model(seq_len=T), 15)
+    cond = m.table / m.table.sum(1, keepdims=True)
+    assert np.allclose(m.weights, (m.alpha @ cond) / (m.alpha @ cond).sum(), atol=1e-6)
+    assert np.allclose(m.sampling_weights(), m.weights)
+
+
+@pytest.mark.parametrize("nodes", ["human", "model"])
+def test_state_survives_weights_only_checkpoint_and_resume_is_exact(corpus, nodes):
+    params = {**SMALL, "nodes": nodes, "min_ari": 0.0}
+    torch.manual_seed(1)
+    model_a = nano_model(seq_len=T)
+    model_b = nano_model(seq_len=T)
+    model_b.load_state_dict(model_a.state_dict())
+    a = run(build_mixer("dograph", params, ctx_for(corpus)), model_a, 15)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    b = build_mixer("dograph", params, ctx_for(corpus))
+    b.load_state_dict(state)
+    b._model = model_b
+    model_b.load_state_dict(model_a.state_dict())
+    run(a, model_a, 10, start=16)
+    run(b, model_b, 10, start=16)
+    assert np.allclose(a.alpha, b.alpha, atol=1e-10) and np.allclose(a.weights, b.weights, atol=1e-10)
+    assert a.history == b.history
+
+
+def test_bad_config_is_refused_with_the_key(corpus):
+    with pytest.raises(MixerError, match="probe_size"):
+        build_mixer("dograph", {"nodes": "model", "k": 16, "probe_size": 8}, ctx_for(corpus))
+    with pytest.raises(MixerError, match="floors sum to 1.2"):
+        build_mixer("dograph", {"nodes": "human", "floor": 0.4}, ctx_for(corpus))
+    with pytest.raises(MixerError, match="caps sum"):
+        build_mixer("dograph", {"nodes": "model", "k": 4, "cap": 0.2}, ctx_for(corpus))
+    with pytest.raises(MixerError, match="no_such_key"):
+        build_mixer("dograph", {"no_such_key": 1}, ctx_for(corpus))
+    with pytest.raises(MixerError, match="objective"):
+        build_mixer("dograph", {"objective": "A9"}, ctx_for(corpus))
+
+
+def test_nan_features_skip_the_window_and_keep_weights(corpus, caplog):
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "human"}, ctx_for(corpus))
+    model = nano_model(seq_len=T)
+    run(m, model, 10)
+    before = m.weights.copy()
+    with caplog.at_level(logging.WARNING):
+        run(m, model, 5, start=11, poison=13)
+    assert np.array_equal(m.weights, before)
+    assert "NaN" in caplog.text and "previous weights kept" in caplog.text
+    run(m, model, 5, start=16)                   # the next clean window updates again
+    assert not np.array_equal(m.weights, before) and np.all(np.isfinite(m.weights))
+
+
+def test_domain_without_samples_keeps_its_mean_and_weights_stay_finite(corpus):
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "min_node_samples": 4}, ctx_for(corpus))
+    model = nano_model(seq_len=T)
+    run(m, model, 5)
+    kept = m.nodes.mean_matrix()[2].clone()
+    # a window where domain 2 never appears
+    orig = m.observe
+
+    def observe_without_domain_2(st):
+        keep = st.domain_ids != 2
+        st2 = BatchStats(step=st.step, domain_ids=st.domain_ids[keep], example_loss=st.example_loss[keep],
+                         input_ids=st.input_ids[keep], hidden=st.hidden[keep], logits=st.logits[keep], model=st.model)
+        orig(st2)
+
+    m.observe = observe_without_domain_2
+    run(m, model, 5, start=6)
+    assert torch.equal(m.nodes.mean_matrix()[2], kept)
+    assert np.all(np.isfinite(m.weights)) and abs(m.weights.sum() - 1) < 1e-9
+
+
+def test_solver_failure_keeps_previous_weights_when_asked(corpus, caplog, monkeypatch):
+    from dograph_core import optimize as opt
+
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "fallback": "keep", "solver": "ripopt"}, ctx_for(corpus))
+    model = nano_model(seq_len=T)
+    run(m, model, 10)
+    before = m.weights.copy()
+
+    def broken(name):
+        raise opt.SolverUnavailableError("solver 'ripopt' is not installed: pip install pyomo-ripopt")
+
+    monkeypatch.setattr(opt, "_pyomo_solver", broken)
+    with caplog.at_level(logging.WARNING):
+        run(m, model, 5, start=11)
+    assert np.array_equal(m.weights, before) and "pip install pyomo-ripopt" in caplog.text
+
+
+def test_unstable_clustering_leaves_training_unweighted(corpus, caplog, monkeypatch):
+    from dograph_core import clustering
+
+    monkeypatch.setattr(clustering, "adjusted_rand_score", lambda a, b: 0.0)  # the two projections disagree
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model"}, ctx_for(corpus))
+    with caplog.at_level(logging.WARNING):
+        run(m, nano_model(seq_len=T), 10)
+    assert m.clustering is None and "rejected" in caplog.text
+    assert np.allclose(m.weights, 1 / 3)
+
+
+def test_progress_targets_favour_lagging_nodes():
+    loss = np.array([2.0, 2.0, 2.0])
+    prev = np.array([2.5, 2.2, 2.02])  # node 2 barely improved: it lags
+    beta, u = progress_targets(loss, prev, None, np.ones(3, bool), "relative", 1.0, True)
+    assert beta.argmax() == 2 and beta.argmin() == 0 and abs(beta.sum() - 1) < 1e-12
+    beta0, _ = progress_targets(loss, None, None, np.ones(3, bool), "relative", 1.0, True)
+    assert np.allclose(beta0, 1 / 3)

@@ -1,0 +1,66 @@
+"""DoGraph inside the real training loop (nano scale, a few steps): both node modes write weights.json
+that the static mixer can read back, plus the analysis plots; a resumed run matches an uninterrupted one."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from _dograph_fixture import make_corpus  # noqa: E402
+
+from dograph_core.config import TrainConfig  # noqa: E402
+from dograph_core.data.corpus import TokenCorpus  # noqa: E402
+from dograph_core.mixers.base import read_weights  # noqa: E402
+from dograph_core.train import train  # noqa: E402
+
+PARAMS = {"k": 3, "update_every": 3, "recluster_every": 6, "probe_size": 24, "r1": 8, "r2": 16, "min_ari": 0.0}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return TokenCorpus(make_corpus(tmp_path_factory.mktemp("dgtrain")))
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=12, batch_size=8, seq_len=32, warmup_steps=2, eval_every=0, eval_windows=2,
+                ckpt_every=0, threads=1, progress=False, seed=0)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("nodes", ["human", "model"])
+def test_dograph_trains_and_writes_a_transferable_weights_file(corpus, tmp_path, nodes):
+    out = tmp_path / nodes
+    s = train(cfg(), corpus, f"dograph_{nodes}", {"type": "dograph", "nodes": nodes, **PARAMS}, out)
+    doc = read_weights(out / "weights.json", corpus.train_domains)  # what the static mixer reads
+    assert doc["method"] == "dograph" and doc["meta"]["nodes"] == nodes
+    assert abs(sum(doc["weights"]) - 1) < 1e-9 and len(doc["schedule"]) == 5  # steps 0, 3, 6, 9, 12
+    assert np.allclose(list(s["final_weights"].values()), doc["weights"])
+    plots = {p.name for p in (out / "mixer" / "plots").iterdir()}
+    assert {"pca_by_source.png", "weights.png", "graph.png"} <= plots
+    if nodes == "model":
+        assert "contingency.png" in plots and np.asarray(doc["meta"]["contingency"]).sum() == 24
+        assert len(doc["meta"]["node_weights"]) == 3
+    ck = torch.load(next((out / "checkpoints").iterdir()), weights_only=True)
+    assert "alpha" in ck["mixer"]
+
+
+def test_resumed_dograph_run_matches_uninterrupted(corpus, tmp_path):
+    params = {"type": "dograph", "nodes": "model", **PARAMS}
+    full = train(cfg(), corpus, "dg", params, tmp_path / "full")
+    train(cfg(steps=12, ckpt_every=6), corpus, "dg", params, tmp_path / "cut")
+    # drop the final checkpoint so the resume starts from step 6
+    for p in (tmp_path / "cut" / "checkpoints").glob("step_0000012.pt"):
+        p.unlink()
+    resumed = train(cfg(ckpt_every=6), corpus, "dg", params, tmp_path / "cut", resume=True)
+    assert resumed["resumed_from_step"] == 6
+    a = json.loads((tmp_path / "full" / "weights.json").read_text())
+    b = json.loads((tmp_path / "cut" / "weights.json").read_text())
+    assert np.allclose(a["weights"], b["weights"], atol=1e-8)
+    assert np.allclose(a["meta"]["node_weights"], b["meta"]["node_weights"], atol=1e-8)
+    assert full["param_checksum"] == pytest.approx(resumed["param_checksum"], rel=1e-6)
