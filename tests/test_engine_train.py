@@ -156,3 +156,19 @@ def test_last_word_items_cut_the_final_word_before_trailing_punctuation():
     toks = np.array([1, 2, 3, 4, 5, 6, 0, 1, 2, 0], dtype=np.uint16)
     items = last_word_items(toks, 0, (starts, alnum), n_docs=10, seq_len=32)
     assert [(seq.tolist(), n) for seq, n in items] == [([1, 2, 3, 4], 2)]
+
+
+def test_bf16_autocast_runs_on_cpu_as_an_option(corpus, tmp_path):
+    s = train(cfg(steps=2, eval_every=0, dtype="bf16"), corpus, "uniform", {}, tmp_path / "r")
+    assert s["dtype"] == "bf16" and np.isfinite(s["final_loss"])
+
+
+def test_module_entry_point_reports_bad_input_and_exits_non_zero(corpus, tmp_path, capsys):
+    from dograph_core.train import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("methods: {u: {type: uniform}}\npipeline: {methods: [u]}\n")
+    rc = main(["--params", str(params), "--method", "u", "--data", str(corpus.root), "--out", str(tmp_path / "r"),
+               "--set", "train.scale=huge"])
+    assert rc == 2 and "unknown model scale 'huge'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
