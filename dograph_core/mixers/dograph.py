@@ -133,6 +133,7 @@ class DoGraphMixer(Mixer):
         self.feature_time = 0.0
         self.events = EventLog(ctx.out_dir, ctx.rank == 0)
         self._analysis_done: set[int] = set()
+        self._last_try: Optional[int] = None
         super().__init__(cfg, ctx)
 
     # -- weights over human sources (what the loop samples and logs) --------------------------
@@ -291,6 +292,7 @@ class DoGraphMixer(Mixer):
         if not self.nodes.seen.any():
             log.info("dograph step %d: no node has any samples yet; weights kept", step)
             return
+        t0 = time.perf_counter()
         p = self._problem()
         try:
             a, info = opt.solve(p, cfg.solver, fallback=cfg.fallback == "numpy")
@@ -306,10 +308,11 @@ class DoGraphMixer(Mixer):
         self.events.write({"step": step, "event": "update", "alpha": a, "beta": self._beta, "u": self._u,
                            "W": self._graph, "node_loss": self.nodes.mean_loss().numpy(),
                            "node_total": self.nodes.total.numpy(), "skipped_nodes": skipped,
-                           "solver": info.get("solver"), "pi": self.pi if self.model_mode else None})
+                           "solver": info.get("solver"), "pi": self.pi if self.model_mode else None,
+                           "update_s": time.perf_counter() - t0, "feature_s_total": self.feature_time})
 
     # -- model-perceived domains --------------------------------------------------------------
-    def _probe(self, step: int, n: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    def _probe(self, step: int, n: int, check: bool = True) -> tuple[list[torch.Tensor], np.ndarray]:
         if self._model is None:
             raise ProbeError("no model seen yet (observe() was never called)")
         ids, src = draw_probe(self.ctx.corpus, self.ctx.domains, n, self.ctx.seq_len, self._seed * 1009 + step)
@@ -317,15 +320,18 @@ class DoGraphMixer(Mixer):
         cfg = self.cfg
         vocab = self._model.get_output_embeddings().weight.shape[0]
         hidden = self._model.get_output_embeddings().weight.shape[1]
-        projs = [self._projection(vocab, hidden), Projection(vocab, hidden, cfg.r1, cfg.r2, self._seed + 1)]
+        projs = [self._projection(vocab, hidden)]
+        if check:  # the second projection seed of the stability check
+            projs.append(Projection(vocab, hidden, cfg.r1, cfg.r2, self._seed + 1))
         zs, _ = probe_features(self._model, ids.to(dev), projs, cfg.block, tuple(cfg.block_r), cfg.probe_batch)
         return [z.cpu() for z in zs], src
 
     def _maybe_recluster(self, step: int) -> None:
-        due = self.clustering is None or step - self.clustering.step >= self.cfg.recluster_every
-        if not due or (self.clustering is None and getattr(self, "_last_try", -10**9) + self.cfg.update_every > step and step > self.cfg.update_every):
+        # first attempt at the first update; then every recluster_every steps (accepted or not)
+        if self._last_try is not None and step - self._last_try < self.cfg.recluster_every:
             return
         self._last_try = step
+        t0 = time.perf_counter()
         try:
             (z, zc), src = self._probe(step, self.cfg.probe_size)
             check_features(z, f"step {step} probe features")
@@ -350,7 +356,7 @@ class DoGraphMixer(Mixer):
                 self.pi = np.maximum(self.pi, 1e-3)
                 self.pi /= self.pi.sum()
         self.events.write({"step": step, "event": "cluster", "accepted": accepted, "ari": ari,
-                           "contingency": table, "domains": self.ctx.domains})
+                           "contingency": table, "domains": self.ctx.domains, "probe_s": time.perf_counter() - t0})
         self._save_probe(step, z, src, new.labels if accepted else None)
 
     def _cluster_to_sources(self) -> np.ndarray:
@@ -370,7 +376,7 @@ class DoGraphMixer(Mixer):
             if target not in self._analysis_done and step >= target:
                 self._analysis_done.add(target)
                 try:
-                    (z, _), src = self._probe(step, self.cfg.probe_size)
+                    (z,), src = self._probe(step, self.cfg.probe_size, check=False)
                 except (ProbeError, FeatureError) as e:
                     log.warning("dograph step %d: analysis probe failed (%s)", step, e)
                     return
@@ -406,7 +412,7 @@ class DoGraphMixer(Mixer):
                 "mean": torch.from_numpy(c.mean.copy()), "centroids": torch.from_numpy(c.centroids.copy()),
                 "labels": torch.from_numpy(c.labels.copy()), "ari": float(c.ari), "step": int(c.step)},
             "table": None if self.table is None else self.table.tolist(),
-            "last_step": self.last_step, "analysis_done": sorted(self._analysis_done),
+            "last_step": self.last_step, "analysis_done": sorted(self._analysis_done), "last_try": self._last_try,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -428,6 +434,7 @@ class DoGraphMixer(Mixer):
             ari=float(c["ari"]), step=int(c["step"]))
         self.table = None if state["table"] is None else np.asarray(state["table"], dtype=np.int64)
         self.last_step = int(state["last_step"])
+        self._last_try = None if state.get("last_try") is None else int(state["last_try"])
         self._analysis_done = set(int(x) for x in state["analysis_done"])
         self.events.truncate(self.last_step)
 
