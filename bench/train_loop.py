@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from dograph_core.config import TrainConfig  # noqa: E402
 from dograph_core.data.corpus import TokenCorpus  # noqa: E402
 from dograph_core.data.shards import write_shard  # noqa: E402
+from dograph_core.microstep import LMLoss  # noqa: E402
 from dograph_core.model import build_model, flops_per_token  # noqa: E402
 from dograph_core.sampling import MixtureSampler  # noqa: E402
 from dograph_core.tracking import NullTracker  # noqa: E402
@@ -105,16 +105,15 @@ def bare_run(cfg: TrainConfig, corpus: TokenCorpus, device: torch.device, bf16: 
     batches = [s.tokens(s.draw(k)) for k in range(1, cfg.steps + 1)]
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.scale, corpus.vocab_size, cfg.seq_len, corpus.eot_id).to(device)
-    fwd = torch.compile(model) if cfg.compile else model
+    fwd = LMLoss(model, bf16)  # the same fused forward + loss module the engine compiles
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     opt, sched = make_optimizer(model, cfg, device)
     model.train()
     t = {}
     for k, x in enumerate(batches, 1):
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = fwd(input_ids=x[:, :-1], use_cache=False).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
-        loss.backward()
+        _, token_loss, _ = fwd(x)
+        token_loss.mean().backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()

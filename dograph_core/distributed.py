@@ -18,6 +18,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     backend: str = ""
+    owned: bool = False  # this module started the process group (and ends it in cleanup)
 
     @property
     def is_main(self) -> bool:
@@ -49,11 +50,14 @@ def init_distributed(device: torch.device) -> DistInfo:
     rank = int(os.environ["RANK"])
     local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = "nccl" if device.type == "cuda" else "gloo"
-    if not dist.is_initialized():
+    owned = not dist.is_initialized()
+    if owned:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local, backend)
+    else:
+        backend = dist.get_backend()
+    return DistInfo(rank, world, local, backend, owned)
 
 
 def make_reduce(info: DistInfo, device: torch.device):
@@ -86,5 +90,5 @@ def barrier(info: DistInfo) -> None:
 
 
 def cleanup(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+    if info.enabled and info.owned and dist.is_initialized():
         dist.destroy_process_group()

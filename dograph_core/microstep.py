@@ -28,18 +28,29 @@ class MicroResult:
     objective: torch.Tensor  # what was back-propagated, before the 1/grad_accum scale (detached)
 
 
-def _forward(fwd_model, x: torch.Tensor, hidden: bool, bf16: bool):
-    inp, tgt = x[:, :-1], x[:, 1:]
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = fwd_model(input_ids=inp, output_hidden_states=hidden, use_cache=False)
-    logits = out.logits
-    token_loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none").view(tgt.shape)
-    h = out.hidden_states[-1] if hidden else None
-    return logits, token_loss, h
+class LMLoss(torch.nn.Module):
+    """The model's forward and the per-token NLL in one module, so ``torch.compile`` fuses the loss too.
+
+    Returns ``(logits, token_loss [B, T], last hidden state or None)`` for a batch ``x`` of
+    ``[B, T + 1]`` tokens (inputs ``x[:, :-1]``, targets ``x[:, 1:]``).
+    """
+
+    def __init__(self, model: torch.nn.Module, bf16: bool = False):
+        super().__init__()
+        self.model = model
+        self.bf16 = bf16
+
+    def forward(self, x: torch.Tensor, hidden: bool = False):
+        inp, tgt = x[:, :-1], x[:, 1:]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(input_ids=inp, output_hidden_states=hidden, use_cache=False)
+        logits = out.logits
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none").view(tgt.shape)
+        return logits, token_loss, (out.hidden_states[-1] if hidden else None)
 
 
 def micro_step(
-    fwd_model: torch.nn.Module,
+    fwd_model: LMLoss,
     model: torch.nn.Module,
     mixer: Mixer,
     x: torch.Tensor,
@@ -47,15 +58,14 @@ def micro_step(
     step: int,
     lr: float,
     scale: float,
-    bf16: bool,
 ) -> MicroResult:
     """Forward and backward for one micro-batch; gradients accumulate in ``model``'s ``.grad``.
 
-    ``fwd_model`` is what runs the forward (the DDP wrapper or compiled module); ``model`` the raw module.
-    ``scale`` is ``1 / grad_accum``.
+    ``fwd_model`` is an :class:`LMLoss` (around the DDP wrapper or the model, maybe compiled);
+    ``model`` the raw module. ``scale`` is ``1 / grad_accum``.
     """
     needs = mixer.needs
-    logits, token_loss, hidden = _forward(fwd_model, x, "hidden" in needs, bf16)
+    logits, token_loss, hidden = fwd_model(x, "hidden" in needs)
     example_loss = token_loss.mean(dim=1)
     stats = BatchStats(
         step=step,

@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,12 +29,14 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from dograph_core.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dograph_core.checkpoint import (
+    from_storable, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
 from dograph_core.config import TrainConfig
 from dograph_core.distributed import DistInfo, barrier, cleanup, init_distributed, make_reduce, mean_scalar, resolve_device
 from dograph_core.evaluate import evaluate_final, evaluate_split, split_metrics
 from dograph_core.io import write_json
-from dograph_core.microstep import micro_step
+from dograph_core.microstep import LMLoss, micro_step
 from dograph_core.mixers import build_mixer
 from dograph_core.mixers.base import MixerContext, write_weights
 from dograph_core.model import build_model, count_params
@@ -108,7 +111,7 @@ def train(
     params = dict(method_params or {})
     mixer_type = str(params.pop("type", method))
     out = Path(out_dir)
-    device = resolve_device(cfg.device, int(__import__("os").environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     info = init_distributed(device)
     try:
         return _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, mixer_ctx_extra, device, info, t_start)
@@ -156,20 +159,17 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         sampler.load_state_dict(ck["sampler"])
-        from dograph_core.checkpoint import from_storable
-
         mixer.load_state_dict(from_storable(ck["mixer"]))
         set_rng_state(ck["rng"])
         start = int(ck["step"])
         del ck
 
     ddp = None
-    fwd: torch.nn.Module = model
     if info.enabled and mixer.apply != "grad":
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        fwd = ddp
+    fwd: torch.nn.Module = LMLoss(ddp if ddp is not None else model, bf16)
     if cfg.compile:
         fwd = torch.compile(fwd)
     reduce = make_reduce(info, device)
@@ -200,7 +200,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
             dom = torch.from_numpy(draw.domain_ids[sl]).to(device)
             sync = ddp.no_sync() if ddp is not None and m < cfg.grad_accum - 1 else contextlib.nullcontext()
             with sync:
-                r = micro_step(fwd, model, mixer, x, dom, step, lr, 1.0 / cfg.grad_accum, bf16)
+                r = micro_step(fwd, model, mixer, x, dom, step, lr, 1.0 / cfg.grad_accum)
             loss_sum += r.loss
             obj_sum += r.objective
         if mixer.apply == "grad" and info.enabled:
@@ -302,7 +302,7 @@ def _checkpoint(ckpt_dir, step, model, opt, sched, sampler, mixer, fp, info: Dis
 
 def main(argv: Optional[list[str]] = None) -> int:
     """``python -m dograph_core.train`` (also under ``torchrun``): train one method from params.yaml."""
-    from dograph_core.config import ConfigError, load_params
+    from dograph_core.config import load_params
     from dograph_core.data.corpus import TokenCorpus
 
     ap = argparse.ArgumentParser(prog="python -m dograph_core.train", description=__doc__.split("\n")[0])

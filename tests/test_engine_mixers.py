@@ -15,7 +15,7 @@ from _engine_fixture import make_corpus  # noqa: E402
 
 from dograph_core.config import TrainConfig  # noqa: E402
 from dograph_core.data.corpus import TokenCorpus  # noqa: E402
-from dograph_core.microstep import micro_step  # noqa: E402
+from dograph_core.microstep import LMLoss, micro_step  # noqa: E402
 from dograph_core.mixers import REGISTRY  # noqa: E402
 from dograph_core.mixers.base import Mixer, MixerContext  # noqa: E402
 from dograph_core.model import build_model  # noqa: E402
@@ -122,7 +122,7 @@ def test_loss_mixer_gradient_is_that_of_the_weighted_loss(corpus):
     model = build_model("nano", corpus.vocab_size, 32, corpus.eot_id)
     mixer = LossMixer(LossMixer.Config(), _ctx(corpus))
     x, dom = _batch(corpus)
-    micro_step(model, model, mixer, x, dom, 1, 1e-3, 1.0, False)
+    micro_step(LMLoss(model), model, mixer, x, dom, 1, 1e-3, 1.0)
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     logits = model(input_ids=x[:, :-1]).logits
@@ -138,7 +138,7 @@ def test_grad_mixer_gets_per_domain_gradients_and_steps_on_their_weighted_sum(co
     model = build_model("nano", corpus.vocab_size, 32, corpus.eot_id)
     mixer = GradMixer(GradMixer.Config(), _ctx(corpus))
     x, dom = _batch(corpus)
-    micro_step(model, model, mixer, x, dom, 1, 1e-3, 0.5, False)
+    micro_step(LMLoss(model), model, mixer, x, dom, 1, 1e-3, 0.5)
     grads, present, _ = SEEN[0]
     n_params = sum(p.numel() for p in model.parameters())
     assert grads.shape == (3, n_params) and present.tolist() == [True, True, False]
@@ -150,7 +150,7 @@ def test_grad_mixer_gets_per_domain_gradients_and_steps_on_their_weighted_sum(co
     assert torch.allclose(grads[0], torch.cat([p.grad.reshape(-1) for p in model.parameters()]), atol=1e-6)
     # and the step's gradient was scale * sum_k w_k g_k
     model.zero_grad()
-    micro_step(model, model, mixer, x, dom, 1, 1e-3, 0.5, False)
+    micro_step(LMLoss(model), model, mixer, x, dom, 1, 1e-3, 0.5)
     expect = 0.5 * (0.5 * grads[0] + 0.25 * grads[1])
     assert torch.allclose(torch.cat([p.grad.reshape(-1) for p in model.parameters()]), expect, atol=1e-6)
 

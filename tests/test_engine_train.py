@@ -114,17 +114,17 @@ def test_checkpoint_from_another_configuration_is_refused(corpus, tmp_path):
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
     import dograph_core.microstep as ms
 
-    real = ms._forward
+    real = ms.LMLoss.forward
 
-    def poisoned(fwd_model, x, hidden, bf16):
-        logits, token_loss, h = real(fwd_model, x, hidden, bf16)
+    def poisoned(self, x, hidden=False):
+        logits, token_loss, h = real(self, x, hidden)
         if poisoned.calls >= 4:
             token_loss = token_loss * float("nan")
         poisoned.calls += 1
         return logits, token_loss, h
 
     poisoned.calls = 0
-    monkeypatch.setattr(ms, "_forward", poisoned)
+    monkeypatch.setattr(ms.LMLoss, "forward", poisoned)
     with pytest.raises(TrainError, match=r"loss became nan at step 5.*step_0000004.pt"):
         train(cfg(steps=8, ckpt_every=2, eval_every=0), corpus, "uniform", {}, tmp_path / "r")
     ckpts = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
