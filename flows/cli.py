@@ -213,7 +213,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_search(a: argparse.Namespace) -> int:
     from dograph_core.data.corpus import TokenCorpus
     from tasks.params import check_params, method_spec
-    from tasks.steps import _search_function
+    from tasks.steps import search_function, call_search
 
     p = _params(a)
     check_params(p, methods=[a.method])
@@ -221,9 +221,11 @@ def cmd_search(a: argparse.Namespace) -> int:
     cfg = p.train.model_copy(update={"scale": a.scale or p.pipeline.proxy_scale, "progress": not a.quiet,
                                      **({"steps": p.pipeline.search_steps} if p.pipeline.search_steps else {})})
     corpus = TokenCorpus(p.tokenize.out_dir)
-    search = _search_function(spec["type"])
+    search = search_function(spec["type"])
     if search is not None:
-        search(cfg, corpus, spec["params"], a.out, resume=a.resume)
+        from dograph_core.tracking import NullTracker
+
+        call_search(search, cfg, corpus, Path(a.out), spec["params"], NullTracker(), lambda stage: NullTracker(), a.resume)
     else:  # any method's training run leaves the weights it used in weights.json
         from dograph_core.train import train
 

@@ -130,10 +130,18 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
     tracker.log_params({"train": cfg.model_dump(), "method": spec, "stage": "search"})
     corpus = TokenCorpus(data["out_dir"])
     t0 = time.time()
+    stage_trackers: list[Any] = []
+
+    def stage_tracker(stage: str) -> Any:  # nested runs for a search made of several trainings
+        t = tracker_for(tracking, f"{method}@{scale}/search/{stage}",
+                        _tags(method, spec["type"], scale, seed, data, f"search/{stage}", Path(run_dir).name))
+        stage_trackers.append(t)
+        return t
+
     try:
-        search_fn = _search_function(spec["type"])
+        search_fn = search_function(spec["type"])
         if search_fn is not None:
-            search_fn(cfg, corpus, spec["params"], out, tracker=tracker, resume=out.exists())
+            call_search(search_fn, cfg, corpus, out, spec["params"], tracker, stage_tracker, resume=out.exists())
         else:
             from dograph_core.train import train
 
@@ -142,8 +150,11 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
             raise RuntimeError(f"search of {method!r} finished without writing {weights}")
         tracker.log_artifact(weights, "weights")
     except BaseException:
-        _end(tracker, "FAILED")
+        for t in (*stage_trackers, tracker):
+            _end(t, "FAILED")
         raise
+    for t in stage_trackers:
+        _end(t, "FINISHED")
     elapsed = time.time() - t0
     tracker.log_metrics({"search_time_s": elapsed})
     _end(tracker, "FINISHED")
@@ -151,7 +162,7 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
     return {"method": method, "weights": str(weights), "time_s": elapsed, "cached": False}
 
 
-def _search_function(mixer_type: str):
+def search_function(mixer_type: str):
     """A method's own search (e.g. ``search_doremi``: reference model, then proxy), if it has one."""
     import importlib
 
@@ -161,6 +172,25 @@ def _search_function(mixer_type: str):
     if not module:
         return None
     return getattr(importlib.import_module(module), f"search_{mixer_type}", None)
+
+
+def call_search(fn: Any, cfg: Any, corpus: Any, out: Path, params: Mapping[str, Any], tracker: Any,
+                stage_tracker: Any, resume: bool) -> Any:
+    """Call a method's search function with the method params it accepts (e.g. DoReMi's eta, smoothing).
+
+    Params it does not take (``update_every``, ``reference``, ...) belong to the mixer run inside it.
+    """
+    import inspect
+
+    sig = inspect.signature(fn).parameters
+    kwargs = {k: v for k, v in params.items() if k in sig and k not in ("cfg", "corpus", "out_dir")}
+    if "tracker_for" in sig:
+        kwargs["tracker_for"] = stage_tracker
+    elif "tracker" in sig:
+        kwargs["tracker"] = tracker
+    if "resume" in sig:
+        kwargs["resume"] = resume
+    return fn(cfg, corpus, out, **kwargs)
 
 
 def unit_name(method: str, scale: str, seed: int) -> str:
