@@ -46,11 +46,11 @@ def kmeans(x: np.ndarray, k: int, init: Optional[np.ndarray] = None, seed: int =
     if np.count_nonzero(np.linalg.norm(x, axis=1) > 0) < k:
         raise ClusteringError(f"fewer than K = {k} non-zero feature rows: no gradient signal to cluster")
     if init is not None and init.shape == (k, x.shape[1]):
-        km = KMeans(k, init=init, n_init=1, random_state=seed)
+        km = KMeans(k, init=init.astype(np.float32), n_init=1, random_state=seed)
     else:
         km = KMeans(k, init="k-means++", n_init=n_init, random_state=seed)
-    labels = km.fit_predict(x)
-    c = km.cluster_centers_
+    labels = km.fit_predict(x.astype(np.float32))
+    c = km.cluster_centers_.astype(np.float64)
     return labels.astype(np.int64), c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
 
 

@@ -88,33 +88,41 @@ def output_features(
     hidden: torch.Tensor,
     logits: torch.Tensor,
     targets: torch.Tensor,
-    proj: Projection,
+    proj: Projection | list[Projection],
     chunk: int = 16,
     tokens: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-) -> torch.Tensor:
+) -> torch.Tensor | list[torch.Tensor]:
     """Cheap forward-only sketch of each sequence's output-layer gradient: ``[B, r1*r2]`` float32.
 
+    ``proj`` may be a list of projections (e.g. the stability check's second seed): the softmax,
+    the costly part, is then computed once and one ``[B, d]`` tensor per projection is returned.
     ``tokens``: if given, use a random subset of that many positions per sequence (an unbiased,
     noisier estimate at a fraction of the cost); None uses every position.
     """
-    _check_shapes(hidden, logits, targets, proj)
+    projs = proj if isinstance(proj, list) else [proj]
+    for p_ in projs:
+        _check_shapes(hidden, logits, targets, p_)
     B, T, _ = hidden.shape
-    R_b = proj.R_b.to(device=logits.device)
-    R_h = proj.R_h.to(device=hidden.device)
+    R_b = torch.cat([p_.R_b for p_ in projs]).to(device=logits.device)  # [n r1, V]
+    R_h = torch.cat([p_.R_h for p_ in projs]).to(device=hidden.device)  # [n r2, H]
     if tokens is not None and tokens < T:
         idx = torch.randperm(T, generator=generator)[:tokens].sort().values.to(hidden.device)
         hidden, logits, targets = hidden[:, idx], logits[:, idx], targets[:, idx]
         T = tokens
-    out = torch.empty(B, proj.dim, dtype=torch.float32, device=hidden.device)
+    outs = [torch.empty(B, p_.dim, dtype=torch.float32, device=hidden.device) for p_ in projs]
+    R_bT = R_b.T.contiguous()
     for s in range(0, B, chunk):
         e = min(B, s + chunk)
-        p = torch.softmax(logits[s:e].float(), dim=-1)               # [b, T, V]
-        pb = p @ R_b.T                                               # [b, T, r1]
-        pb -= R_b.T[targets[s:e]]                                    # minus R_b[:, y_t]
-        hh = hidden[s:e].float() @ R_h.T                             # [b, T, r2]
-        out[s:e] = torch.einsum("btr,bts->brs", pb, hh).reshape(e - s, -1) / T
-    return out
+        pb = torch.softmax(logits[s:e].float(), dim=-1) @ R_bT      # [b, T, n r1]
+        pb -= R_bT[targets[s:e]]                                    # minus R_b[:, y_t]
+        hh = hidden[s:e].float() @ R_h.T                            # [b, T, n r2]
+        o1 = o2 = 0
+        for out, p_ in zip(outs, projs):
+            z = torch.einsum("btr,bts->brs", pb[..., o1: o1 + p_.r1], hh[..., o2: o2 + p_.r2])
+            out[s:e] = z.reshape(e - s, -1) / T
+            o1, o2 = o1 + p_.r1, o2 + p_.r2
+    return outs if isinstance(proj, list) else outs[0]
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -188,8 +196,8 @@ def probe_features(
                 with torch.no_grad():
                     o = model(x, output_hidden_states=True)
                 hidden, logits = o.hidden_states[-1], o.logits
-                for i, p in enumerate(projs):
-                    outs[i].append(output_features(hidden, logits, y, p, chunk=chunk))
+                for i, z in enumerate(output_features(hidden, logits, y, list(projs), chunk=chunk)):
+                    outs[i].append(z)
                 losses.append(sequence_loss(logits, y).detach())
                 continue
             with torch.enable_grad(), _capture(module) as st:
@@ -197,8 +205,8 @@ def probe_features(
                 loss = sequence_loss(o.logits, y)
                 (g,) = torch.autograd.grad(loss.sum(), st["o"])
             hidden, logits = o.hidden_states[-1].detach(), o.logits.detach()
-            for i, p in enumerate(projs):
-                zo = output_features(hidden, logits, y, p, chunk=chunk)
+            zos = output_features(hidden, logits, y, list(projs), chunk=chunk)
+            for i, (p, zo) in enumerate(zip(projs, zos)):
                 zb = block_features(st["a"], g.detach(), block_r[0], block_r[1], p.seed + 7919)
                 outs[i].append(torch.cat([zo, zb], dim=1))
             losses.append(loss.detach())
