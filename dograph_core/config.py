@@ -124,6 +124,7 @@ class PipelineConfig(Section):
     max_parallel: int = Field(1, gt=0)
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster (default: a local cluster)")
+    nproc_per_node: int = Field(1, gt=0, description="processes (GPUs) per training run; > 1 launches each run with torchrun")
     out_dir: str = "runs"
 
 

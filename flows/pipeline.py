@@ -45,8 +45,10 @@ def task_runner(p: Params) -> Any:
 
         if p.pipeline.dask_address:
             return DaskTaskRunner(address=p.pipeline.dask_address)
+        # in-process workers share this process's Prefect API (a temporary server has no address that
+        # other processes know); a cluster elsewhere needs a Prefect server its workers reach (PREFECT_API_URL)
         return DaskTaskRunner(cluster_kwargs={"n_workers": p.pipeline.max_parallel, "threads_per_worker": 1,
-                                              "processes": True, "dashboard_address": None})
+                                              "processes": False, "dashboard_address": None})
     return ThreadPoolTaskRunner(max_workers=p.pipeline.max_parallel)
 
 

@@ -221,8 +221,11 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
                           _tags(method, spec["type"], scale, seed, data, "train", Path(run_dir).name))
     tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
     try:
-        summary = train(cfg, TokenCorpus(data["out_dir"]), method, {"type": mtype, **mparams}, out,
-                        tracker=tracker, resume=out.exists())
+        if p.pipeline.nproc_per_node > 1:
+            summary = train_torchrun(p, cfg, method, {"type": mtype, **mparams}, out, tracker, resume=out.exists())
+        else:
+            summary = train(cfg, TokenCorpus(data["out_dir"]), method, {"type": mtype, **mparams}, out,
+                            tracker=tracker, resume=out.exists())
         if (out / "metrics.jsonl").exists():
             tracker.log_artifact(out / "metrics.jsonl")
         for png in sorted(out.glob("*.png")) + sorted(out.glob("plots/*.png")):
@@ -235,6 +238,55 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
     _end(tracker, "FINISHED")
     mark_done(out, key, {"wall_time_s": (summary or {}).get("wall_time_s")})
     return {**unit, "cached": False}
+
+
+def train_torchrun(p: Params, cfg: Any, method: str, method_params: dict, out: Path, tracker: Any,
+                   resume: bool) -> dict[str, Any]:
+    """One training under ``torchrun --nproc_per_node pipeline.nproc_per_node`` (DDP), then tracked from its files.
+
+    The run's resolved params (this scale and seed, this method's mixer) go to a params file beside
+    ``out`` that ``python -m dograph_core.train`` reads in every process.
+    """
+    import subprocess
+    import sys
+
+    import yaml
+
+    raw = p.model_dump()
+    raw["train"] = cfg.model_dump()
+    raw["methods"][method] = method_params
+    pfile = out.with_name(out.name + ".params.yaml")
+    pfile.parent.mkdir(parents=True, exist_ok=True)
+    pfile.write_text(yaml.safe_dump(raw, sort_keys=False))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p.pipeline.nproc_per_node}",
+           "-m", "dograph_core.train", "--params", str(pfile), "--method", method, "--data", p.tokenize.out_dir,
+           "--out", str(out)] + (["--resume"] if resume else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path.cwd())
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
+        raise RuntimeError(f"torchrun training of {method} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    _track_from_files(out, tracker)
+    return read_json(out / "summary.json")
+
+
+def _track_from_files(out: Path, tracker: Any) -> None:
+    """Send a finished run's step metrics and files to the tracker (for runs in other processes)."""
+    import json
+
+    from dograph_core.outputs import summarize_eval
+
+    if (out / "metrics.jsonl").exists():
+        for line in (out / "metrics.jsonl").read_text().splitlines():
+            rec = json.loads(line)
+            step = rec.pop("step", None)
+            vals = rec.pop("eval", None) or rec
+            tracker.log_metrics({k: v for k, v in vals.items() if isinstance(v, (int, float))}, step=step)
+    if (out / "eval.json").exists():
+        tracker.log_metrics(summarize_eval(read_json(out / "eval.json"), flat=True),
+                            step=read_json(out / "summary.json").get("steps"))
+    for name in ("summary.json", "eval.json", "weights.json"):
+        if (out / name).exists():
+            tracker.log_artifact(out / name)
 
 
 def _end(tracker: Any, status: str) -> None:
