@@ -99,6 +99,9 @@ class DoGraphMixer(Mixer):
         self.cfg = cfg
         self.ctx = ctx
         self.model_mode = cfg.nodes == "model"
+        if self.model_mode and ctx.corpus is None:
+            raise MixerError("dograph with nodes: model draws its clustering probes from the corpus, "
+                             "but the mixer context has none (MixerContext.corpus)")
         # per instance: the class default is "sample"; model-perceived domains act through the loss
         self.apply = "loss" if (self.model_mode and cfg.apply == "loss") else "sample"
         h = len(ctx.domains)
@@ -368,7 +371,7 @@ class DoGraphMixer(Mixer):
 
     # -- analysis -----------------------------------------------------------------------------
     def _maybe_analysis_probe(self, step: int) -> None:
-        if self.ctx.out_dir is None or self.ctx.rank != 0 or not self.cfg.analysis_probes:
+        if self.ctx.out_dir is None or self.ctx.rank != 0 or not self.cfg.analysis_probes or self.ctx.corpus is None:
             return
         total = max(self.ctx.total_steps, 1)
         for f in self.cfg.analysis_probes:
