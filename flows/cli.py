@@ -297,6 +297,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")  # a busy machine starts slowly
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from tasks.params import check_params
 

@@ -9,6 +9,7 @@ import json
 import os
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow on a busy machine
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # quiet; also no log line after pytest closes stderr
 
@@ -94,3 +95,49 @@ def test_rerun_skips_finished_work_and_a_busy_run_dir_is_refused(run):
     # another run id gets its own directory
     other = pipeline(params=PARAMS, preset="nano", overrides=run["ov"] + ["pipeline.methods=[uniform]"], track=False)
     assert other["run_dir"] != again["run_dir"]
+
+
+def test_a_failed_run_is_reported_and_the_rerun_resumes(run, monkeypatch):
+    import dograph_core.train as engine
+    from flows.pipeline import pipeline
+
+    real = engine.train
+
+    def flaky(cfg, corpus, method, *a, **k):
+        if method == "natural":
+            raise RuntimeError("simulated crash in natural")
+        return real(cfg, corpus, method, *a, **k)
+
+    ov = run["ov"] + ["pipeline.methods=[uniform,natural]", "pipeline.max_parallel=2"]
+    monkeypatch.setattr(engine, "train", flaky)
+    with pytest.raises(RuntimeError) as e:
+        pipeline(params=PARAMS, preset="nano", overrides=ov, track=False)
+    msg = str(e.value)
+    assert "natural@nano seed 0" in msg and "simulated crash" in msg and "run the same command again" in msg
+    monkeypatch.setattr(engine, "train", real)
+    res = pipeline(params=PARAMS, preset="nano", overrides=ov, track=False)
+    assert res["failed"] == [] and res["cached"] == 1  # uniform finished before; only natural trains
+    assert {r["method"] for r in res["rows"]} == {"uniform", "natural"}
+
+
+def test_cli_train_resume_evaluate_and_report(run, capsys):
+    from flows.cli import main
+
+    common = ["--params", PARAMS, "--preset", "nano", "--quiet"] + [x for o in run["ov"] for x in ("--set", o)]
+    out = run["tmp"] / "manual" / "odm"
+    assert main(["train", "--method", "odm", "--out", str(out), *common, "--set", "train.ckpt_every=2"]) == 0
+    assert (out / "final" / "config.json").exists()
+    # training into a finished directory again needs --resume, which finds the final checkpoint
+    assert main(["train", "--method", "odm", "--out", str(out), *common]) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert main(["train", "--method", "odm", "--out", str(out), "--resume", *common]) == 0
+    weights = Path(run["res"]["run_dir"]) / "search" / "doge" / "weights.json"
+    static = run["tmp"] / "manual" / "doge_static"
+    assert main(["train", "--method", "doge", "--weights", str(weights), "--out", str(static), *common]) == 0
+    assert json.loads((static / "summary.json").read_text())["mixer"] == "static"
+    capsys.readouterr()
+    assert main(["evaluate", str(out), *common, "--out", str(run["tmp"] / "ev.json")]) == 0
+    shown = capsys.readouterr().out
+    assert "code" in shown and "letters" in shown and "(held out)" in shown and "worst" in shown
+    assert main(["report", "--run-dir", run["res"]["run_dir"], *common]) == 0
+    assert "report:" in capsys.readouterr().out
