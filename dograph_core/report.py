@@ -15,13 +15,15 @@ build one by hand (tests do). Schema (``results.json``)::
                "search_time_s": float,          # optional: the proxy search this run's mixture came from
                "weights": [float, ...],         # the (final / static) mixture over "domains"
                "weights_history": [[step, [float, ...]], ...],
-               "curves": [{"step": int, "val_loss": {domain: float}}, ...]}]}
+               "curves": [{"step": int, "val_loss": {domain: float}}, ...],
+               "plots": [path, ...]}]}           # optional: the method's own figures (linked)
 
 Numbers over several seeds are averaged; the table says how many seeds each row has.
 """
 from __future__ import annotations
 
 import math
+import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -250,6 +252,13 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
     for caption, p in made:
         if p is not None:
             parts += [f"## {caption}", "", f"![{caption}](plots/{p.name})", ""]
+    extra = [(run, Path(f)) for run in results["runs"] for f in run.get("plots") or []]
+    if extra:
+        parts += ["## Method diagnostics", ""]
+        for run, f in extra:
+            rel = os.path.relpath(f, out) if f.is_absolute() else str(f)
+            parts.append(f"- {_label(run)}: [{f.stem}]({rel})")
+        parts.append("")
     write_json(out / "results.json", results)
     report = out / "report.md"
     with atomic_path(report) as tmp:

@@ -62,6 +62,9 @@ def run_record(unit: Mapping[str, Any]) -> dict[str, Any]:
     }
     if rec["val_loss"] and summary.get("steps"):  # the final evaluation ends the curves
         rec["curves"].append({"step": int(summary["steps"]), "val_loss": {**rec["val_loss"], **rec["heldout_loss"]}})
+    from tasks.steps import method_plots
+
+    rec["plots"] = [str(p) for p in method_plots(out)]
     if ev.get("last_word_mean") is not None:
         rec["last_word_accuracy"] = ev["last_word_mean"]
     return rec

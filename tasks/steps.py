@@ -193,6 +193,11 @@ def call_search(fn: Any, cfg: Any, corpus: Any, out: Path, params: Mapping[str, 
     return fn(cfg, corpus, out, **kwargs)
 
 
+def method_plots(out: Path) -> list[Path]:
+    """The PNG figures a training run's mixer wrote (anywhere under its directory but the model)."""
+    return sorted(p for p in out.rglob("*.png") if not {"final", "checkpoints"} & set(p.relative_to(out).parts))
+
+
 def unit_name(method: str, scale: str, seed: int) -> str:
     return f"{method}__{scale}__s{seed}"
 
@@ -228,7 +233,7 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
                             tracker=tracker, resume=out.exists())
         if (out / "metrics.jsonl").exists():
             tracker.log_artifact(out / "metrics.jsonl")
-        for png in sorted(out.glob("*.png")) + sorted(out.glob("plots/*.png")):
+        for png in method_plots(out):  # e.g. DoGraph's gradient graph and gradient PCA figures
             tracker.log_artifact(png, "plots")
         if (out / "final").is_dir():
             tracker.log_artifact(out / "final", "model")

@@ -48,8 +48,11 @@ def test_rows_average_seeds_and_find_the_worst_domain():
 def test_markdown_marks_the_best_per_scale(tmp_path):
     from dograph_core.report import write_report
 
-    path = write_report(results(), tmp_path)
+    res = results()
+    res["runs"][1]["plots"] = [str(tmp_path / "train" / "dograph" / "plots" / "graph.png")]
+    path = write_report(res, tmp_path)
     text = path.read_text()
+    assert "- dograph@nano: [graph](train/dograph/plots/graph.png)" in text  # the method's own figures
     rows = [ln.split("|") for ln in text.splitlines() if ln.startswith("| ") and ln.split("|")[2].strip() in ("nano", "micro")]
     lines = {f"{r[1].strip()}@{r[2].strip()}": "|".join(r) for r in rows}
     assert "**3.867**" in lines["dograph@nano"]          # best mean at nano (uniform: 4.000)
