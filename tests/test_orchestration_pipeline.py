@@ -97,6 +97,7 @@ def test_rerun_skips_finished_work_and_a_busy_run_dir_is_refused(run):
     assert other["run_dir"] != again["run_dir"]
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_reported_and_the_rerun_resumes(run, monkeypatch):
     import dograph_core.train as engine
     from flows.pipeline import pipeline
@@ -120,6 +121,7 @@ def test_a_failed_run_is_reported_and_the_rerun_resumes(run, monkeypatch):
     assert {r["method"] for r in res["rows"]} == {"uniform", "natural"}
 
 
+@pytest.mark.slow
 def test_cli_train_resume_evaluate_and_report(run, capsys):
     from flows.cli import main
 
