@@ -23,10 +23,10 @@ from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from dograph_core.config import Params, load_params
-from tasks.cache import RunLock, stable_hash
+from tasks.cache import DataLock, RunLock, stable_hash
 from tasks.params import check_params, method_spec
 from tasks.prefect_tasks import prepare_task, report_task, search_task, tokenize_task, train_task
-from tasks.steps import code_version, is_offline
+from tasks.steps import code_version, data_up_to_date, data_version, is_offline
 
 
 def default_run_id(p: Params, preset: Optional[str]) -> str:
@@ -86,16 +86,17 @@ def pipeline(params: str = "params.yaml", preset: Optional[str] = None, override
     run_id = run_id or default_run_id(p, preset)
     run_dir = Path(p.pipeline.out_dir) / run_id
     t0 = time.time()
-    with RunLock(run_dir):
+    with RunLock(run_dir), DataLock(p.prepare.out_dir, p.tokenize.out_dir) as data_lock:
         log.info("run %s in %s", run_id, run_dir)
         (run_dir / "search").mkdir(exist_ok=True)  # a declared DVC output, even with no offline method
         if skip_data:
-            from tasks.steps import data_version
-
+            data_lock.acquire(exclusive=False)
             data = {"out_dir": p.tokenize.out_dir, "data_version": data_version(p.tokenize.out_dir)}
-        else:
+        else:  # rewrite the data only when no other run reads it; then read it shared
+            data_lock.acquire(exclusive=not data_up_to_date(p))
             prepared = prepare_task(p)
             data = tokenize_task(p, prepared)
+            data_lock.share()
         data = {**data, "code": code_version("dograph_core")}  # one code version for every unit of this run
         parent = None
         if track:

@@ -105,3 +105,59 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class DataLock:
+    """Shared/exclusive locks on data directories (``<dir>.lock``) that several runs read.
+
+    A pipeline holds them shared while it reads the data and exclusive while it (re)writes it,
+    so a run with other data params cannot replace the corpus under a run that is training on it.
+    """
+
+    def __init__(self, *dirs: str | Path):
+        self.paths = [Path(str(d).rstrip("/") + ".lock") for d in dirs]
+        self._fds: list[int] = []
+
+    def acquire(self, exclusive: bool) -> "DataLock":
+        import fcntl
+
+        self.release()
+        for path in self.paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                self.release()
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    data = path.with_suffix("") if path.suffix == ".lock" else path
+                    raise RunLockedError(
+                        f"{data} is being {'read' if exclusive else 'written'} by another pipeline run, and this run "
+                        f"would {'rewrite' if exclusive else 'read'} it; wait for that run, or give this run its own "
+                        f"data directories (--set prepare.out_dir=... --set tokenize.out_dir=...)"
+                    ) from None
+                raise
+            self._fds.append(fd)
+        return self
+
+    def share(self) -> None:
+        """Turn exclusive locks into shared ones (after writing, while reading)."""
+        import fcntl
+
+        for fd in self._fds:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        import fcntl
+
+        for fd in self._fds:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self._fds = []
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __enter__(self) -> "DataLock":
+        return self

@@ -61,7 +61,7 @@ def prepare_step(p: Params, progress: bool = True, force: bool = False) -> dict[
                 f"prepare.local.path = {src!r}: no such file or directory "
                 f"(give a directory of <domain>/*.txt or a .jsonl/.parquet file)"
             )
-    key = stable_hash({"prepare": p.prepare.model_dump(), "code": code_version("dograph_core/data")})
+    key = data_keys(p)[0]
     if not force and is_done(out, key):
         return {"out_dir": str(out), "key": key, "cached": True}
     from dograph_core.data.prepare import prepare
@@ -69,6 +69,18 @@ def prepare_step(p: Params, progress: bool = True, force: bool = False) -> dict[
     manifest = prepare(p.prepare, progress=progress)
     mark_done(out, key, {"train_domains": manifest.get("train_domains"), "heldout_domains": manifest.get("heldout_domains")})
     return {"out_dir": str(out), "key": key, "cached": False}
+
+
+def data_keys(p: Params) -> tuple[str, str]:
+    """The done-marker keys of the prepare and tokenize outputs for these params."""
+    pkey = stable_hash({"prepare": p.prepare.model_dump(), "code": code_version("dograph_core/data")})
+    tkey = stable_hash({"tokenize": p.tokenize.model_dump(), "prepared": pkey, "code": code_version("dograph_core/data")})
+    return pkey, tkey
+
+
+def data_up_to_date(p: Params) -> bool:
+    pkey, tkey = data_keys(p)
+    return is_done(p.prepare.out_dir, pkey) and is_done(p.tokenize.out_dir, tkey)
 
 
 def tokenize_step(p: Params, prepared: Mapping[str, Any], progress: bool = True, force: bool = False) -> dict[str, Any]:

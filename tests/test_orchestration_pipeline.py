@@ -143,3 +143,15 @@ def test_cli_train_resume_evaluate_and_report(run, capsys):
     assert "code" in shown and "letters" in shown and "(held out)" in shown and "worst" in shown
     assert main(["report", "--run-dir", run["res"]["run_dir"], *common]) == 0
     assert "report:" in capsys.readouterr().out
+
+
+def test_a_run_cannot_rewrite_data_another_run_reads(tmp_path):
+    from flows.pipeline import pipeline
+    from tasks.cache import DataLock, RunLockedError
+
+    corpus = write_local_corpus(tmp_path / "corpus")
+    ov = nano_overrides(tmp_path, corpus)
+    with DataLock(tmp_path / "data" / "prepared", tmp_path / "data" / "tokenized").acquire(exclusive=False):
+        with pytest.raises(RunLockedError, match="being read by another pipeline run.*prepare.out_dir"):
+            pipeline(params=PARAMS, preset="nano", overrides=ov, track=False)
+    assert not (tmp_path / "data" / "prepared").exists()
