@@ -1,0 +1,166 @@
+"""Ablations of DoGraph's choices at nano, as one command and one table.
+
+    .venv/bin/python bench/ablate.py                  # 3 seeds, the cpu preset's nano budget
+    .venv/bin/python bench/ablate.py --seeds 0        # one seed (a first look)
+    .venv/bin/python bench/ablate.py --reuse runs/compare/cpu   # reuse the comparison's finished runs
+
+Each variant changes one setting of a DoGraph default (``params.yaml`` ``methods:``), and is
+compared by seed with that default (paired differences, paired t-test):
+
+* nodes: human sources vs model-perceived domains (the two defaults, also against uniform);
+* K (model nodes): 4 and 16 against 8;
+* feature path (model nodes): the cheap output-layer sketch vs that plus the last MLP block's
+  sketch on the clustering probe (``block``, a partial backward). The exact ``torch.func`` path
+  is not a mixer option (it validates the cheap one on probes, see tests/test_dograph_gradients.py);
+* objective (human nodes): main vs A1 (MMD matching) vs A2 (max-min progress);
+* update frequency (human nodes): every 10 and 50 steps against 20.
+
+Runs are resumable like the comparison's; results go to ``docs/results/ablation/``
+(``ablation.json``, ``ablation.md``, ``logs.tar.gz``). Ends with one line of JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare import ensure_data, load_setup, schedule  # noqa: E402
+from compare_plan import plan  # noqa: E402
+from compare_presets import PRESETS, Preset, tiny  # noqa: E402
+from compare_tables import collect  # noqa: E402
+
+# variant -> (the default it is compared with, the setting changed, the change)
+VARIANTS: dict[str, tuple[str, str, dict]] = {
+    "dograph_model_k4": ("dograph_model", "K", {"k": 4}),
+    "dograph_model_k16": ("dograph_model", "K", {"k": 16}),
+    "dograph_model_block": ("dograph_model", "feature path", {"block": "transformer.h.-1.mlp.c_proj"}),
+    "dograph_human_A1": ("dograph_human", "objective", {"objective": "A1"}),
+    "dograph_human_A2": ("dograph_human", "objective", {"objective": "A2"}),
+    "dograph_human_T10": ("dograph_human", "update frequency", {"update_every": 10}),
+    "dograph_human_T50": ("dograph_human", "update frequency", {"update_every": 50}),
+}
+DEFAULTS = ("uniform", "dograph_human", "dograph_model")
+
+
+def ablation_preset(seeds: list[int], dry_tiny: bool) -> Preset:
+    cpu = PRESETS["cpu"]
+    names = [*DEFAULTS, *VARIANTS]
+    p = replace(cpu, name="ablation", scales={"nano": names}, seeds={"nano": seeds}, yardstick_seeds={},
+                method_overrides={})
+    if dry_tiny:
+        t = tiny(replace(p, scales={"nano": names}))
+        p = replace(t, name="ablation", seeds={"nano": seeds[:1]}, yardstick_seeds={})
+    return p
+
+
+def ablation_methods(methods: dict, preset: Preset) -> dict:
+    out = dict(methods)
+    for name, (parent, _, change) in VARIANTS.items():
+        out[name] = {**methods[parent], **preset.method_overrides.get(parent, {}), **change}
+    return out
+
+
+def reuse(src: Path, work: Path, units) -> int:
+    """Link the finished runs of ``src`` whose unit key and training config match."""
+    n = 0
+    for u in units:
+        s, d = Path(src) / u.key, work / u.key
+        spec = Path(src) / "specs" / (u.key.replace("/", "__") + ".json")
+        if d.exists() or not (s / "summary.json").is_file() or not spec.is_file():
+            continue
+        old = json.loads(spec.read_text())
+        if old.get("train") != u.train or old.get("mixer") != u.mixer:
+            continue
+        d.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(s.resolve(), d)
+        n += 1
+    return n
+
+
+def table(records: list[dict]) -> tuple[str, list[dict]]:
+    from dograph_core.stats import fmt_p, fmt_pm, mean_std, paired
+
+    by = {}
+    for r in records:
+        by.setdefault(r["method"], []).append(r)
+    rows, lines = [], [
+        "| variant | setting | vs | seeds | mean val loss | worst val loss | held-out loss | Δ mean | Δ worst | Δ held-out | train s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = [*DEFAULTS, *VARIANTS]
+    for name in [n for n in order if n in by]:
+        parent, setting, change = VARIANTS.get(name, ("uniform" if name != "uniform" else None, "nodes" if name != "uniform" else "reference", {}))
+        runs = by[name]
+        row = {"variant": name, "setting": setting, "vs": parent, "change": change, "seeds": sorted(r["seed"] for r in runs)}
+        cells = []
+        for k in ("val_mean", "val_worst", "heldout", "train_time_s"):
+            row[k] = mean_std(r[k] for r in runs)
+        for k in ("val_mean", "val_worst", "heldout"):
+            if parent and parent in by:
+                d = paired({r["seed"]: r[k] for r in runs}, {r["seed"]: r[k] for r in by[parent]})
+                row[f"d_{k}"] = d
+                sd = f" ± {d['std']:.3f}" if d["n"] > 1 else ""
+                cells.append(f"{d['mean']:+.3f}{sd} (p {fmt_p(d['p'])})" if d["n"] else "–")
+            else:
+                cells.append("–")
+        rows.append(row)
+        label = ", ".join(f"{k}={v}" for k, v in change.items()) or setting
+        lines.append(f"| {name} | {label} | {parent or '–'} | {len(runs)} | {fmt_pm(row['val_mean'])} | {fmt_pm(row['val_worst'])} | "
+                     f"{fmt_pm(row['heldout'])} | {cells[0]} | {cells[1]} | {cells[2]} | {fmt_pm(row['train_time_s'], 0)} |")
+    return "\n".join(lines), rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--work", default=None)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reuse", default=None, help="a comparison work dir whose identical runs are linked, not re-run")
+    ap.add_argument("--dry-tiny", action="store_true")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    preset = ablation_preset(seeds, args.dry_tiny)
+    suffix = "-tiny" if args.dry_tiny else ""
+    work = Path(args.work or ROOT / "runs" / "compare" / f"ablation{suffix}").resolve()
+    out = Path(args.out or ROOT / "docs" / "results" / f"ablation{suffix}").resolve()
+    methods, base = load_setup(args.params)
+    methods = ablation_methods(methods, preset)
+    units, _ = plan(preset, methods, base, work)
+    if args.reuse:
+        print(f"reused {reuse(Path(args.reuse), work, units)} finished runs from {args.reuse}")
+    if not args.report_only:
+        data = Path(args.data).resolve() if args.data else ensure_data(args.params, ROOT / "runs" / "compare" / "data")
+        schedule(preset, methods, base, work, str(data), args.workers, None)
+    records = collect(work, units, lambda *_: float("nan"))
+    from dograph_core.io import atomic_path, write_json
+
+    text, rows = table(records)
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = " ".join(["python", "bench/ablate.py", *(argv if argv is not None else sys.argv[1:])])
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "ablation.json", {"meta": {"command": command, "date": now, "train": preset.train, "steps": preset.steps},
+                                       "rows": rows, "runs": records})
+    with atomic_path(out / "ablation.md") as tmp:
+        tmp.write_text(f"# DoGraph ablations at nano\n\nCommand: `{command}`  \nDate: {now}; "
+                       f"{len(records)} of {len(units)} runs finished; {preset.steps} steps per run.\n\n"
+                       "Δ columns: paired by seed against the default named under *vs* (negative = lower loss).\n\n"
+                       f"{text}\n")
+    print(f"results in {out}")
+    best = min(rows, key=lambda r: r["val_worst"]["mean"]) if rows else None
+    print(json.dumps({"bench": "ablate", "runs": len(records), "best_worst": best and best["variant"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,223 @@
+"""From finished run directories to the comparison's JSON, markdown tables and plots.
+
+:func:`collect` reads every finished training unit (``summary.json``, ``eval.json``,
+``metrics.jsonl``) into one flat record per run; :func:`aggregate` computes, per scale and
+method, the mean ± sd over seeds and the paired differences (by seed) against uniform and
+against the best baseline, the gain as a fraction of the 2x-budget gain and the steps needed
+to reach uniform's final mean loss; :func:`markdown` renders the tables. All losses are nats per
+token on the validation split (lower is better).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+from dograph_core.stats import fmt_p, fmt_pm, gain_fraction, mean_std, paired, steps_to_reach
+
+from compare_presets import DOGRAPH
+
+METRICS = ("val_mean", "val_worst", "heldout", "last_word")
+NON_BASELINE = set(DOGRAPH) | {"uniform_2x"}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                break
+    return out
+
+
+def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str,
+               search_time_s: float = math.nan, every: int = 10) -> dict[str, Any]:
+    """One finished run as a flat record (see the module doc)."""
+    s = json.loads((run_dir / "summary.json").read_text())
+    ev = json.loads((run_dir / "eval.json").read_text())
+    val = {d: v["loss"] for d, v in ev["val"]["domains"].items()}
+    held = {d: v["loss"] for d, v in ev["val"]["heldout"].items()}
+    domains = list(s.get("final_weights", {}))
+    curves, hist = [], []
+    for rec in _read_jsonl(run_dir / "metrics.jsonl"):
+        if "eval" in rec:
+            e = rec["eval"]
+            curves.append({"step": rec["step"], "val_mean": e.get("val_loss_mean"), "val_worst": e.get("val_loss_worst"),
+                           "val_loss": {k.split("/", 1)[1]: v for k, v in e.items() if k.startswith("val_loss/")},
+                           "heldout_loss": {k.split("/", 1)[1]: v for k, v in e.items() if k.startswith("heldout_loss/")}})
+        elif domains and f"weight/{domains[0]}" in rec and (rec["step"] % every == 0 or not hist):
+            hist.append([rec["step"], [rec[f"weight/{d}"] for d in domains]])
+    curves.append({"step": s["steps"], "val_mean": s["val_loss_mean"], "val_worst": s["val_loss_worst"],
+                   "val_loss": val, "heldout_loss": held})
+    return {
+        "method": method, "scale": scale, "seed": seed, "role": role, "steps": s["steps"], "tokens": s["tokens"],
+        "params": s.get("params"), "dtype": s.get("dtype"), "device": s.get("device"),
+        "val_loss": val, "heldout_loss": held,
+        "val_mean": s["val_loss_mean"], "val_worst": s["val_loss_worst"], "worst_domain": s.get("val_worst_domain"),
+        "heldout": sum(held.values()) / len(held) if held else math.nan,
+        "last_word": s.get("last_word_acc_mean"),
+        "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"], "tokens_per_s": s["tokens_per_s"],
+        "search_time_s": search_time_s, "domains": domains,
+        "weights": [s["final_weights"][d] for d in domains], "weights_history": hist, "curves": curves,
+    }
+
+
+def collect(work: Path, units: list[Any], search_cost) -> list[dict[str, Any]]:
+    """Records of every finished training unit of ``units`` (searches excluded)."""
+    out = []
+    for u in units:
+        d = Path(work) / u.key
+        if u.key.startswith("search/") or not (d / "summary.json").is_file():
+            continue
+        st = search_cost(work, u.method) if u.mixer.get("type") == "static" else math.nan
+        out.append(run_record(d, u.method, u.scale, u.seed, u.role, st))
+    return out
+
+
+def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
+    return {r["seed"]: r[key] for r in runs if r.get(key) is not None}
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per scale: rows per method (mean ± sd), the best baseline, paired differences, yardstick."""
+    out: dict[str, Any] = {}
+    scales = list(dict.fromkeys(r["scale"] for r in records))
+    for scale in scales:
+        rs = [r for r in records if r["scale"] == scale]
+        methods = list(dict.fromkeys(r["method"] for r in rs if r["role"] == "main"))
+        arm = {m: [r for r in rs if r["method"] == m and r["role"] == "main"] for m in methods}
+        yard = [r for r in rs if r["role"] == "yardstick"]
+        rows = {}
+        for m, runs in arm.items():
+            rows[m] = {k: mean_std(r[k] for r in runs) for k in (*METRICS, "wall_time_s", "train_time_s")}
+            rows[m]["seeds"] = sorted(r["seed"] for r in runs)
+            rows[m]["search_time_s"] = next((r["search_time_s"] for r in runs if _ok(r.get("search_time_s"))), math.nan)
+        base = rows.get("uniform")
+        for m in rows:
+            rows[m]["overhead"] = (rows[m]["train_time_s"]["mean"] / base["train_time_s"]["mean"]) if base else math.nan
+        baselines = [m for m in rows if m not in NON_BASELINE]
+        best = min(baselines, key=lambda m: rows[m]["val_worst"]["mean"]) if baselines else None
+        y = {k: mean_std(r[k] for r in yard) for k in METRICS} if yard else None
+        ystick = {k: (y[k]["mean"] - base[k]["mean"]) if (y and base) else math.nan for k in METRICS}
+        target = base["val_mean"]["mean"] if base else math.nan
+        diffs: dict[str, Any] = {}
+        for m in rows:
+            d: dict[str, Any] = {}
+            for ref_name, ref in (("uniform", "uniform"), ("best", best)):
+                if ref is None or ref not in arm or ref == m or (ref_name == "best" and ref == "uniform"):
+                    continue
+                d[ref_name] = {k: paired(_by_seed(arm[m], k), _by_seed(arm[ref], k)) for k in METRICS}
+            d["gain_fraction"] = {k: gain_fraction(d["uniform"][k]["mean"], ystick[k]) if "uniform" in d else math.nan
+                                  for k in ("val_mean", "val_worst", "heldout")}
+            reach = [steps_to_reach([(c["step"], c["val_mean"]) for c in r["curves"]], target) for r in arm[m]]
+            d["steps_to_uniform"] = {"mean": mean_std(x for x in reach if x is not None)["mean"],
+                                     "reached": sum(x is not None for x in reach), "n": len(reach)}
+            diffs[m] = d
+        out[scale] = {"rows": rows, "best_baseline": best, "yardstick": {"delta": ystick, "seeds": [r["seed"] for r in yard]},
+                      "uniform_final_mean": target, "diffs": diffs}
+    return out
+
+
+def _ok(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _num(x: Optional[float], digits: int = 3, sign: bool = False) -> str:
+    if not _ok(x):
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _diff(p: dict[str, Any]) -> str:
+    if not p or not p.get("n"):
+        return "–"
+    sd = f" ± {p['std']:.3f}" if _ok(p["std"]) else ""
+    return f"{p['mean']:+.3f}{sd} (p {fmt_p(p['p'])})"
+
+
+def markdown(agg: dict[str, Any]) -> str:
+    """The tables: per scale, the summary (mean ± sd over seeds) and the paired differences."""
+    parts = []
+    for scale, a in agg.items():
+        rows, diffs = a["rows"], a["diffs"]
+        n_seeds = max((len(r["seeds"]) for r in rows.values()), default=0)
+        parts += [f"### {scale}: per method (mean ± sd over {n_seeds} seeds)", "",
+                  "| method | seeds | mean val loss | worst val loss | held-out loss | last-word acc | wall s | "
+                  "overhead vs uniform | search s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for m, r in rows.items():
+            parts.append(f"| {m} | {len(r['seeds'])} | {fmt_pm(r['val_mean'])} | {fmt_pm(r['val_worst'])} | "
+                         f"{fmt_pm(r['heldout'])} | {fmt_pm(r['last_word'])} | {fmt_pm(r['wall_time_s'], 0)} | "
+                         f"{_num(r['overhead'], 2)}x | {_num(r['search_time_s'], 0)} |")
+        y = a["yardstick"]
+        parts += ["", f"Best baseline (lowest worst-domain loss among non-DoGraph methods): **{a['best_baseline']}**. "
+                  f"Compute yardstick (uniform at 2x tokens, seeds {y['seeds']}) minus uniform: mean "
+                  f"{_num(y['delta']['val_mean'], sign=True)}, worst {_num(y['delta']['val_worst'], sign=True)}, "
+                  f"held-out {_num(y['delta']['heldout'], sign=True)}.", "",
+                  f"### {scale}: paired differences by seed (method − reference; negative = better loss)", "",
+                  "| method | vs | Δ mean | Δ worst | Δ held-out | Δ last-word acc |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for m, d in diffs.items():
+            for ref in ("uniform", "best"):
+                if ref in d:
+                    name = "uniform" if ref == "uniform" else f"best ({a['best_baseline']})"
+                    parts.append(f"| {m} | {name} | {_diff(d[ref]['val_mean'])} | {_diff(d[ref]['val_worst'])} | "
+                                 f"{_diff(d[ref]['heldout'])} | {_diff(d[ref]['last_word'])} |")
+        parts += ["", f"### {scale}: against the compute yardstick, and steps to uniform's final mean loss "
+                  f"({_num(a['uniform_final_mean'])})", "",
+                  "| method | gain / 2x gain (mean) | (worst) | (held-out) | steps to reach | seeds reaching |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for m, d in diffs.items():
+            g, s = d["gain_fraction"], d["steps_to_uniform"]
+            parts.append(f"| {m} | {_num(g['val_mean'], 2, True)} | {_num(g['val_worst'], 2, True)} | "
+                         f"{_num(g['heldout'], 2, True)} | {_num(s['mean'], 0)} | {s['reached']}/{s['n']} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
+    """Seed-mean validation curves per method: mean, worst and held-out loss, one row per scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from dograph_core.io import atomic_path
+
+    scales = list(dict.fromkeys(r["scale"] for r in records))
+    if not scales:
+        return None
+    keys = (("val_mean", "mean val loss"), ("val_worst", "worst val loss"), ("heldout", "held-out loss"))
+    fig, axes = plt.subplots(len(scales), 3, figsize=(13, 3.4 * len(scales)), squeeze=False)
+    for i, scale in enumerate(scales):
+        methods = list(dict.fromkeys(r["method"] for r in records if r["scale"] == scale))
+        for m in methods:
+            runs = [r for r in records if r["scale"] == scale and r["method"] == m]
+            steps = sorted({c["step"] for r in runs for c in r["curves"]})
+            for j, (k, label) in enumerate(keys):
+                ys = []
+                for st in steps:
+                    vals = []
+                    for r in runs:
+                        c = next((c for c in r["curves"] if c["step"] == st), None)
+                        if c is None:
+                            continue
+                        v = (sum(c["heldout_loss"].values()) / len(c["heldout_loss"])) if k == "heldout" and c["heldout_loss"] else c.get(k)
+                        if _ok(v):
+                            vals.append(float(v))
+                    ys.append(sum(vals) / len(vals) if vals else math.nan)
+                axes[i][j].plot(steps, ys, label=m, linestyle="--" if m == "uniform_2x" else "-")
+                axes[i][j].set_title(f"{scale}: {label}", fontsize=9)
+                axes[i][j].set_xlabel("step")
+        axes[i][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
