@@ -152,7 +152,9 @@ from dograph_core.train import train
 cfg = TrainConfig(scale="nano", steps=int(sys.argv[3]), batch_size=16, seq_len=128, eval_every=0, eval_windows=8,
                   threads=1, progress=False, warmup_steps=1)
 train(cfg, TokenCorpus(sys.argv[1]), "natural", {}, sys.argv[2])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork + exec.
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")]
+print(int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
