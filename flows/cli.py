@@ -309,6 +309,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from dograph_core.report import rich_table
     from flows.pipeline import pipeline
 
+    _second_interrupt_exits()
     overrides = list(a.overrides) + (["train.progress=false"] if a.quiet else [])
     res = pipeline(params=a.params, preset=a.preset, overrides=overrides, run_id=a.run_id,
                    skip_data=a.skip_data, track=not a.no_track)
@@ -323,6 +324,27 @@ def cmd_run(a: argparse.Namespace) -> int:
         con.print(f"  [yellow]MLflow tracking failed: {res['tracking_error']} (results above are complete)[/yellow]")
     con.print(f"  rerun:    the same command resumes run {res['run_id']} and skips finished work")
     return 0
+
+
+def _second_interrupt_exits() -> None:
+    """Ctrl-C stops the flow; training threads may finish their step first, so a second Ctrl-C exits at once.
+
+    Either way nothing finished is lost: done markers and checkpoints are written atomically.
+    """
+    import os
+    import signal
+
+    count = {"n": 0}
+
+    def handler(signum: int, frame: Any) -> None:
+        count["n"] += 1
+        if count["n"] > 1:
+            print("\nstopped; run the same command again to resume", file=sys.stderr)
+            os._exit(130)
+        print("\ninterrupted: stopping (Ctrl-C again to stop at once)", file=sys.stderr)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, handler)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
