@@ -37,6 +37,7 @@ class Unit:
     mixer: dict[str, Any]          # {"type": ..., **params}
     needs: list[str] = field(default_factory=list)
     priority: tuple = ()
+    cleanup: bool = False          # delete checkpoints/ and final/ once finished (big models)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -117,11 +118,11 @@ def plan(preset: Preset, methods: dict[str, dict[str, Any]], base_train: dict[st
                     mixer = method_mixer(methods, preset, name)
                 tr = train_fields(base_train, preset, scale, seed, steps)
                 units.append(Unit(f"{scale}/{name}/s{seed}", "train", name, scale, seed, "main", tr, mixer,
-                                  needs, priority=(1, si, ki, mi)))
+                                  needs, priority=(1, si, ki, mi), cleanup=preset.cleanup))
         for ki, seed in enumerate(preset.yardstick_seeds.get(scale, [])):
             tr = train_fields(base_train, preset, scale, seed, 2 * steps)
             units.append(Unit(f"{scale}/uniform_2x/s{seed}", "train", "uniform_2x", scale, seed, "yardstick", tr,
-                              {"type": "uniform"}, priority=(1, si, ki + 0.5, 99)))
+                              {"type": "uniform"}, priority=(1, si, ki + 0.5, 99), cleanup=preset.cleanup))
     return units, unresolved
 
 
@@ -143,6 +144,9 @@ def run_unit(unit: Unit, data: str, work: Path) -> None:
     params = dict(unit.mixer)
     if unit.kind == "train":
         train(cfg, corpus, unit.method, params, out, resume=True)
+        if unit.cleanup:
+            for sub in ("checkpoints", "final"):
+                shutil.rmtree(out / sub, ignore_errors=True)
         return
     if unit.kind == "search_doremi":
         from dograph_core.mixers.doremi import search_doremi

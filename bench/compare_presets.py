@@ -9,8 +9,10 @@ Why these numbers (``docs/results/README.md`` has the measurements):
 
 * ``cpu``: the full comparison on the 2-core CPU machines. nano (2 layers, 128 wide) with every
   method, 3 seeds; micro (6 layers, 192 wide) with uniform, natural, the best nano baseline and
-  both DoGraph modes. 300 steps x 16 x 128 = 614k tokens per run: under uniform weights the
-  scarcest domain (tech_docs, 53k training tokens) is seen about 1.5 times, so it repeats.
+  both DoGraph modes. 250 steps x 16 x 128 = 512k tokens per run: under uniform weights the
+  scarcest domain (tech_docs, 53k training tokens) is seen about 1.2 times, so it repeats.
+  (Sized for a shared, loaded 2-core machine, where a nano run took ~1.7 s per step; the
+  offline searches ran 300 steps.)
 * ``quick``: a first look in minutes: nano, one seed, 120 steps.
 * ``gpu``: one H200; GPT-2 small (124M shape) and medium (355M shape) at one equal budget, the
   offline methods' weights transferred from the nano search; ``deadline_s`` stops launching
@@ -42,6 +44,7 @@ class Preset:
     deadline_s: Optional[float] = None               # stop launching new runs after this
     scale_train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-scale overrides (e.g. steps)
     search_train: Optional[dict[str, Any]] = None    # TrainConfig overrides of the search (default: train)
+    cleanup: bool = False                            # delete checkpoints/ and final/ of finished runs (big models)
 
     def steps_for(self, scale: str) -> int:
         return int(self.scale_train.get(scale, {}).get("steps", self.steps))
@@ -57,10 +60,11 @@ PRESETS: dict[str, Preset] = {
         name="cpu",
         scales={"nano": list(ALL_METHODS), "micro": ["uniform", "natural", BEST, *DOGRAPH]},
         seeds={"nano": [0, 1, 2], "micro": [0, 1, 2]},
-        steps=300,
+        steps=250,
+        search_steps=300,
         train=dict(_CPU_TRAIN),
         yardstick_seeds={"nano": [0], "micro": [0]},
-        workers=2,
+        workers=3,
     ),
     "quick": Preset(
         name="quick",
@@ -74,7 +78,7 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         name="gpu",
         scales={"small": ["uniform", "dograph_human", "natural", "dograph_model", "doremi", "odm", "doge"],
-                "medium": ["uniform", "dograph_human", "dograph_model", "natural", "doremi"]},
+                "medium": ["uniform", "dograph_human", "dograph_model", "doremi"]},
         seeds={"small": [0], "medium": [0]},
         steps=200,
         train={"dtype": "bf16", "device": "auto", "seq_len": 256, "batch_size": 64, "lr": 6e-4,
@@ -82,12 +86,12 @@ PRESETS: dict[str, Preset] = {
                "progress": False, "log_every": 10},
         search_steps=300,
         search_train={**_CPU_TRAIN, "threads": None, "device": "auto"},
-        scale_train={"medium": {"steps": 200}},
         yardstick_seeds={"small": [0]},
         # no Pyomo on the GPU machine: the numpy mirror-ascent solver of the same problem
         method_overrides={"dograph_human": {"solver": "numpy"}, "dograph_model": {"solver": "numpy"}},
         workers=1,
         deadline_s=330,
+        cleanup=True,
     ),
 }
 
@@ -108,4 +112,4 @@ def tiny(preset: Preset) -> Preset:
     overrides.setdefault("doge", {})
     return Preset(name=preset.name, scales=scales, seeds=seeds, steps=6, train=tr, search_steps=4, search_train=tr,
                   yardstick_seeds={"nano": [seeds["nano"][0]]}, method_overrides=overrides, workers=1,
-                  deadline_s=preset.deadline_s)
+                  deadline_s=preset.deadline_s, cleanup=preset.cleanup)
