@@ -8,6 +8,7 @@ Every training run is a separate process (``--workers`` at a time). Runs live in
 (default ``runs/compare/<preset>``); a re-run skips finished runs and resumes unfinished ones.
 Results go to ``--out`` (default ``docs/results/<preset>``): ``runs.json`` (every run),
 ``tables.md``, ``summary.json`` (the aggregated numbers), ``loss_curves.png``, ``weights.png``,
+``domain_deltas.png`` (per-domain loss against uniform),
 ``pca_by_source.png`` (DoGraph's gradient PCA on this corpus) and ``logs.tar.gz``.
 ``--report-only`` rewrites the results from what has finished. The last line printed is one
 line of JSON with the headline ratio (DoGraph's worst-domain loss over the best baseline's).
@@ -144,7 +145,7 @@ def schedule(preset: Preset, methods: dict, base: dict, work: Path, data: str, w
 
 def write_results(preset: Preset, methods: dict, base: dict, work: Path, out: Path, command: str) -> dict:
     """runs.json, tables.md, summary.json and the plots under ``out`` (at most 8 files)."""
-    from compare_tables import aggregate, collect, markdown, plot_curves
+    from compare_tables import aggregate, collect, markdown, plot_curves, plot_domain_deltas
 
     from dograph_core import report
     from dograph_core.io import atomic_path, write_json
@@ -175,6 +176,7 @@ def write_results(preset: Preset, methods: dict, base: dict, work: Path, out: Pa
     with atomic_path(out / "tables.md") as tmp:
         tmp.write_text(text)
     plot_curves(records, out / "loss_curves.png")
+    plot_domain_deltas(records, out / "domain_deltas.png")
     firsts = [r for r in records if r["seed"] == min(x["seed"] for x in records if x["scale"] == r["scale"])]
     report.plot_weights({"domains": records[0]["domains"], "runs": firsts}, out / "weights.png")
     pca = sorted(work.glob("*/dograph_human/s*/mixer/plots/pca_by_source.png"))

@@ -50,6 +50,8 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str,
                            "heldout_loss": {k.split("/", 1)[1]: v for k, v in e.items() if k.startswith("heldout_loss/")}})
         elif domains and f"weight/{domains[0]}" in rec and (rec["step"] % every == 0 or not hist):
             hist.append([rec["step"], [rec[f"weight/{d}"] for d in domains]])
+    if hist and hist[0][0] > 0:  # the mixture in force from the first step
+        hist.insert(0, [0, hist[0][1]])
     curves.append({"step": s["steps"], "val_mean": s["val_loss_mean"], "val_worst": s["val_loss_worst"],
                    "val_loss": val, "heldout_loss": held})
     return {
@@ -216,6 +218,49 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
                 axes[i][j].set_title(f"{scale}: {label}", fontsize=9)
                 axes[i][j].set_xlabel("step")
         axes[i][0].legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path
+
+
+def plot_domain_deltas(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
+    """Per-domain final validation loss minus uniform's (seed means), one panel per scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from dograph_core.io import atomic_path
+
+    scales = [s for s in dict.fromkeys(r["scale"] for r in records)
+              if any(r["method"] == "uniform" and r["scale"] == s for r in records)]
+    if not scales:
+        return None
+    fig, axes = plt.subplots(len(scales), 1, figsize=(12, 3.6 * len(scales)), squeeze=False)
+    for ax, scale in zip(axes[:, 0], scales):
+        rs = [r for r in records if r["scale"] == scale and r["role"] == "main"]
+        held = sorted({d for r in rs for d in r["heldout_loss"]})
+        domains = list(rs[0]["val_loss"]) + held
+
+        def mean_loss(runs, d):
+            vals = [(r["val_loss"].get(d, r["heldout_loss"].get(d))) for r in runs]
+            vals = [v for v in vals if _ok(v)]
+            return sum(vals) / len(vals) if vals else math.nan
+
+        uni = [r for r in rs if r["method"] == "uniform"]
+        methods = [m for m in dict.fromkeys(r["method"] for r in rs) if m != "uniform"]
+        width = 0.8 / max(len(methods), 1)
+        for i, m in enumerate(methods):
+            runs = [r for r in rs if r["method"] == m]
+            ys = [mean_loss(runs, d) - mean_loss(uni, d) for d in domains]
+            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(domains))], ys, width=width, label=m)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set_xticks(range(len(domains)), [d + (" (held out)" if d in held else "") for d in domains], fontsize=8)
+        ax.set_ylabel("loss − uniform (nats)")
+        ax.set_title(f"{scale}: final validation loss per domain against uniform (seed means; below 0 = better)", fontsize=9)
+        ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
