@@ -80,7 +80,8 @@ def bench_training(args, corpus: TokenCorpus, work: Path) -> dict:
                       warmup_steps=2, eval_every=0, eval_windows=1, threads=args.threads, progress=False, log_every=1)
     tps = args.batch * args.seq_len
     defaults = DoGraphConfig()
-    params = {"type": "dograph", "nodes": args.nodes, "plots": False, "analysis_probes": []}
+    # update every 10 steps so that a short run times a graph update too (amortised over the default T_w)
+    params = {"type": "dograph", "nodes": args.nodes, "plots": False, "analysis_probes": [], "update_every": 10}
     uni, dg, probe_s, update_s = [], [], [], []
     for rep in range(args.repeats):
         for name in ("uniform", "dograph"):
