@@ -3,15 +3,19 @@ solve time of the graph-constrained optimisation as the number of nodes grows.
 
 Part 1 runs the real training loop (``dograph_core.train.train``) at one scale (``mini`` by
 default) on CPU, alternating uniform and DoGraph runs (``--repeats`` each), and reads every step's
-time from ``metrics.jsonl``. DoGraph's cost has two parts:
+time from ``metrics.jsonl``. DoGraph's cost has two parts, both timed inside the mixer:
 
 * per step (the sketch of every sequence's output-layer gradient, node statistics, the cluster
-  assignment): the ratio of the median step times, DoGraph over uniform, on steps without events;
+  assignment, the loss weights): seconds spent in ``example_weights`` + ``observe`` per step;
 * per event (the graph update every ``update_every`` steps, the clustering probe every
-  ``recluster_every`` steps): timed inside the mixer (its ``dograph_log.jsonl``) and amortised over
-  the default schedule, because a short benchmark run cannot cover a whole re-clustering period.
+  ``recluster_every`` steps): timed in the mixer's ``dograph_log.jsonl`` and amortised over the
+  default schedule, because a short benchmark run cannot cover a whole re-clustering period.
 
-``overhead = (median_dograph / median_uniform - 1) + (probe_s / T_c + update_s / T_w) / median_uniform``.
+``overhead = (online_s_per_step + probe_s / T_c + update_s / T_w) / median_uniform_step``.
+
+The wall-clock check ``overhead_wall`` replaces the timed per-step part by the ratio of median step
+times (DoGraph over uniform, steps without events). On a shared machine whose load changes between
+runs it moves by +-20 %, far more than the quantity measured, so it is reported, not headlined.
 
 Part 2 solves random instances with K = 8, 64, 512 nodes (k-NN graph with 10 neighbours above 64
 nodes, the sparse Pyomo formulation) with the Pyomo solver and with the numpy reference.
@@ -82,7 +86,7 @@ def bench_training(args, corpus: TokenCorpus, work: Path) -> dict:
     defaults = DoGraphConfig()
     # update every 10 steps so that a short run times a graph update too (amortised over the default T_w)
     params = {"type": "dograph", "nodes": args.nodes, "plots": False, "analysis_probes": [], "update_every": 10}
-    uni, dg, probe_s, update_s = [], [], [], []
+    uni, dg, probe_s, update_s, online = [], [], [], [], []
     for rep in range(args.repeats):
         for name in ("uniform", "dograph"):
             out = work / f"{name}_{rep}"
@@ -95,6 +99,10 @@ def bench_training(args, corpus: TokenCorpus, work: Path) -> dict:
             events = {e["step"] for e in log}
             dg += [t for s, t in times.items() if s not in events]
             probe_s += [e["probe_s"] for e in log if e.get("event") == "cluster"]
+            timed = [e for e in log if "online_s_total" in e]
+            if len(timed) >= 2:  # online work per step between the last two events (clusters exist)
+                a, b = timed[-2], timed[-1]
+                online += [(b["online_s_total"] - a["online_s_total"]) / (b["step"] - a["step"])]
             update_s += [e["update_s"] for e in log if e.get("event") == "update"]
             print(f"rep {rep}: uniform median {statistics.median(uni):.3f} s/step, dograph {statistics.median(dg):.3f}",
                   file=sys.stderr)
@@ -102,10 +110,15 @@ def bench_training(args, corpus: TokenCorpus, work: Path) -> dict:
     p = statistics.median(probe_s) if probe_s else 0.0
     u = statistics.median(update_s) if update_s else 0.0
     amort = (p / defaults.recluster_every if args.nodes == "model" else 0.0) + u / defaults.update_every
+    on = statistics.median(online) if online else float("nan")
     return {"scale": args.scale, "nodes": args.nodes, "batch": args.batch, "seq_len": args.seq_len,
             "uniform_step_s": mu, "dograph_step_s": mg, "per_step_overhead": mg / mu - 1,
             "probe_s": p, "update_s": u, "amortised_event_overhead": amort / mu,
-            "overhead": mg / mu - 1 + amort / mu,
+            "online_s_per_step": on, "timed_online_overhead": on / mu,
+            # the mixer's own timed work per step (online + amortised events) over the uniform step:
+            # robust to the machine's load, unlike the wall-clock ratio below
+            "overhead": (on + amort) / mu,
+            "overhead_wall": mg / mu - 1 + amort / mu,
             "T_c": defaults.recluster_every, "T_w": defaults.update_every, "d": defaults.r1 * defaults.r2,
             "probe_size": defaults.probe_size}
 

@@ -133,7 +133,8 @@ class DoGraphMixer(Mixer):
         self._model: Optional[torch.nn.Module] = None
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._diag: dict[str, float] = {}
-        self.feature_time = 0.0
+        self.feature_time = 0.0   # seconds in the online sketch (diagnostics, benchmark)
+        self.online_time = 0.0    # seconds in example_weights + observe
         self.events = EventLog(ctx.out_dir, ctx.rank == 0)
         self._analysis_done: set[int] = set()
         self._last_try: Optional[int] = None
@@ -184,6 +185,13 @@ class DoGraphMixer(Mixer):
 
     # -- hooks ------------------------------------------------------------------------------
     def example_weights(self, stats: BatchStats) -> Optional[torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            return self._example_weights(stats)
+        finally:
+            self.online_time += time.perf_counter() - t0
+
+    def _example_weights(self, stats: BatchStats) -> Optional[torch.Tensor]:
         self._pending = None
         if not self.model_mode or self.clustering is None:
             return None
@@ -198,6 +206,13 @@ class DoGraphMixer(Mixer):
         return w
 
     def observe(self, stats: BatchStats) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._observe(stats)
+        finally:
+            self.online_time += time.perf_counter() - t0
+
+    def _observe(self, stats: BatchStats) -> None:
         self._model = stats.model if stats.model is not None else self._model
         if self._pending is not None:
             z, labels, w = self._pending
@@ -312,7 +327,8 @@ class DoGraphMixer(Mixer):
                            "W": self._graph, "node_loss": self.nodes.mean_loss().numpy(),
                            "node_total": self.nodes.total.numpy(), "skipped_nodes": skipped,
                            "solver": info.get("solver"), "pi": self.pi if self.model_mode else None,
-                           "update_s": time.perf_counter() - t0, "feature_s_total": self.feature_time})
+                           "update_s": time.perf_counter() - t0, "feature_s_total": self.feature_time,
+                           "online_s_total": self.online_time})
 
     # -- model-perceived domains --------------------------------------------------------------
     def _probe(self, step: int, n: int, check: bool = True) -> tuple[list[torch.Tensor], np.ndarray]:
@@ -359,7 +375,8 @@ class DoGraphMixer(Mixer):
                 self.pi = np.maximum(self.pi, 1e-3)
                 self.pi /= self.pi.sum()
         self.events.write({"step": step, "event": "cluster", "accepted": accepted, "ari": ari,
-                           "contingency": table, "domains": self.ctx.domains, "probe_s": time.perf_counter() - t0})
+                           "contingency": table, "domains": self.ctx.domains, "probe_s": time.perf_counter() - t0,
+                           "online_s_total": self.online_time})
         self._save_probe(step, z, src, new.labels if accepted else None)
 
     def _cluster_to_sources(self) -> np.ndarray:
