@@ -272,7 +272,7 @@ def rich_table(rows: list[dict[str, Any]]) -> Any:
 
     t = Table(title="method x scale (validation loss per token, lower is better)")
     for c in ("method", "scale", "seeds", "mean val", "worst val (domain)", "held-out", "train s", "search s"):
-        t.add_column(c, justify="left" if c in ("method", "scale") else "right")
+        t.add_column(c, justify="left" if c in ("method", "scale") else "right", no_wrap=True)
     for r in rows:
         t.add_row(
             r["method"], r["scale"], str(r["seeds"]), _fmt(r["val_mean"]),

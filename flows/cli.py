@@ -281,7 +281,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{run_dir}: no finished training runs (train/<method>__<scale>__s<seed>/ with a done marker)")
     results = collect_results(run_dir.name, units, p.tokenize.out_dir, p.model_dump())
     report = write_report(results, run_dir, title=f"dograph comparison, run {run_dir.name}")
-    Console().print(rich_table(comparison_rows(results)))
+    Console(width=None if sys.stdout.isatty() else 132).print(rich_table(comparison_rows(results)))
     print(f"report: {report}")
     return 0
 
@@ -313,7 +313,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     overrides = list(a.overrides) + (["train.progress=false"] if a.quiet else [])
     res = pipeline(params=a.params, preset=a.preset, overrides=overrides, run_id=a.run_id,
                    skip_data=a.skip_data, track=not a.no_track)
-    con = Console()
+    con = Console(width=None if sys.stdout.isatty() else 132)  # a log file gets the whole table
     con.print(rich_table(res["rows"]))
     con.print(f"run {res['run_id']} in {res['time_s']:.0f} s ({res['cached']} of {len(res['rows'])} runs reused from before)")
     con.print("where to look next:")
