@@ -166,7 +166,7 @@ def write_results(preset: Preset, methods: dict, base: dict, work: Path, out: Pa
     write_json(out / "runs.json", {"meta": meta, "runs": records})
     write_json(out / "summary.json", {"meta": meta, "scales": agg})
     search_lines = [f"- {m}: searched at {s['scale']} for {s['steps']} steps ({s['tokens']:,} tokens over "
-                    f"{len(s['runs'])} run(s)), {s['wall_time_s']:.0f} s wall" for m, s in searches.items()]
+                    f"{len(s['runs'])} run(s)), {s['wall_time_s']:.0f} s wall on {s.get('device', '?')}" for m, s in searches.items()]
     text = "\n".join([
         f"# Method comparison: preset `{preset.name}`", "",
         f"Command: `{command}`  ", f"Date: {now}; {meta['runs_finished']} of {meta['runs_planned']} training runs finished.", "",

@@ -157,11 +157,12 @@ def run_unit(unit: Unit, data: str, work: Path) -> None:
     else:
         train(cfg, corpus, unit.method, params, out, resume=True)
         runs = [out]
-    walls = [json.loads((r / "summary.json").read_text())["wall_time_s"] for r in runs]
+    sums = [json.loads((r / "summary.json").read_text()) for r in runs]
+    walls = [x["wall_time_s"] for x in sums]
     write_json(out / "search_cost.json", {
         "method": unit.method, "scale": unit.scale, "steps": cfg.steps, "runs": [str(r.relative_to(out)) for r in runs],
         "wall_time_s": float(sum(walls)), "this_process_s": time.time() - t0,
-        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len * len(runs),
+        "tokens": cfg.steps * cfg.batch_size * cfg.seq_len * len(runs), "device": sums[-1].get("device"),
     })
 
 
