@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--deadline-s", type=float, default=None, help="stop starting new runs after this many seconds")
     ap.add_argument("--search-from", default=None, help="a work dir whose search/<method>/ results are reused (transfer)")
+    ap.add_argument("--scales", default=None, help="comma-separated subset of the preset's scales (e.g. nano)")
     ap.add_argument("--dry-tiny", action="store_true", help="the preset's plan on nano and a few CPU steps (a logic check)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--run-unit", default=None, help=argparse.SUPPRESS)
@@ -229,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if args.dry_tiny:
         preset = tiny(preset)
+    if args.scales:
+        from dataclasses import replace
+
+        wanted = [x.strip() for x in args.scales.split(",") if x.strip()]
+        unknown = [x for x in wanted if x not in preset.scales]
+        if unknown:
+            ap.error(f"--scales {unknown}: not in preset {preset.name!r} (its scales: {list(preset.scales)})")
+        preset = replace(preset, scales={k: v for k, v in preset.scales.items() if k in wanted})
     suffix = "-tiny" if args.dry_tiny else ""
     work = Path(args.work or ROOT / "runs" / "compare" / f"{preset.name}{suffix}").resolve()
     out = Path(args.out or ROOT / "docs" / "results" / f"{preset.name}{suffix}").resolve()
