@@ -206,3 +206,14 @@ def test_progress_targets_favour_lagging_nodes():
     assert beta.argmax() == 2 and beta.argmin() == 0 and abs(beta.sum() - 1) < 1e-12
     beta0, _ = progress_targets(loss, None, None, np.ones(3, bool), "relative", 1.0, True)
     assert np.allclose(beta0, 1 / 3)
+
+
+@pytest.mark.parametrize("extra", [{"objective": "A1"}, {"objective": "A2"}, {"knn": 1, "graph": "gram"},
+                                   {"progress": "ratio", "tau_kl": 0.0, "solver": "highs"}])
+def test_objective_variants_give_weights_on_the_simplex(corpus, extra):
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "floor": 0.05, "cap": 0.8, **extra}, ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 10)
+    w = m.weights
+    assert abs(w.sum() - 1) < 1e-9 and np.all(w >= 0.05 - 1e-9) and np.all(w <= 0.8 + 1e-9)
+    assert len(m.history) == 3

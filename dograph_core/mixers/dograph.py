@@ -280,20 +280,20 @@ class DoGraphMixer(Mixer):
         cfg = self.cfg
         means = self.nodes.mean_matrix().numpy()
         g = gr.gram(means)
-        W = gr.cosine_affinity(g) if cfg.graph == "cosine" else g
-        if cfg.knn:
-            W = gr.knn_sparsify(W, cfg.knn)
-        scale = float(np.max(np.diag(W))) if np.max(np.diag(W)) > 0 else 1.0
-        W = W / scale
+        b = None
+        if cfg.objective == "A1":  # MMD matching to the mean gradient of a uniform mix of the sources
+            scale = max(float(np.max(np.diag(g))), 1e-30)
+            src = self.sources.mean_matrix().numpy()[self.sources.seen.numpy()]
+            target = src.mean(0) if src.size else np.zeros(self.dim)
+            W, b = g / scale, means @ target / scale
+        else:
+            W = gr.cosine_affinity(g) if cfg.graph == "cosine" else g
+            if cfg.knn:
+                W = gr.knn_sparsify(W, cfg.knn)
+            W = gr.normalise_by_diag(W)
         loss = self.nodes.mean_loss().numpy()
         seen = self.nodes.seen.numpy()
         beta, u = progress_targets(loss, self.loss_prev, self.loss_first, seen, cfg.progress, cfg.tau, cfg.standardize)
-        b = None
-        if cfg.objective == "A1":
-            W = gr.gram(means) / max(float(np.max(np.diag(gr.gram(means)))), 1e-30)
-            src = self.sources.mean_matrix().numpy()[self.sources.seen.numpy()]
-            target = src.mean(0) if src.size else np.zeros(self.dim)
-            b = means @ target / max(float(np.max(np.diag(gr.gram(means)))), 1e-30)
         self._graph = W
         self._beta, self._u = beta, u
         if self.loss_first is None and seen.all():
