@@ -13,7 +13,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DO_NOT_TRACK ?= true
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 
-.PHONY: install run test repro clean
+.PHONY: install run test repro clean apt-lists
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,7 +25,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-run: $(STAMP)
+# The default corpus fetches some domains with `apt-get download`, which needs Debian's package
+# lists; a fresh machine has none. Without apt the pipeline runs on the domains it can fetch.
+apt-lists:
+	@if command -v apt-get >/dev/null 2>&1 && ! ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq || echo "note: apt-get update failed; Debian-sourced domains will be skipped"; \
+	  else echo "note: run 'sudo apt-get update' once so the Debian-sourced domains can be fetched"; fi; fi
+
+run: $(STAMP) apt-lists
 	$(BIN)/dograph run --preset $(PRESET)
 
 test: $(STAMP)
