@@ -77,7 +77,8 @@ def reuse(src: Path, work: Path, units) -> int:
         if d.exists() or not (s / "summary.json").is_file() or not spec.is_file():
             continue
         old = json.loads(spec.read_text())
-        if old.get("train") != u.train or old.get("mixer") != u.mixer:
+        new = json.loads(u.to_json())  # the same JSON round trip (tuples become lists)
+        if old.get("train") != new["train"] or old.get("mixer") != new["mixer"]:
             continue
         d.parent.mkdir(parents=True, exist_ok=True)
         os.symlink(s.resolve(), d)

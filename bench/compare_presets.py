@@ -58,7 +58,7 @@ _CPU_TRAIN = {
 PRESETS: dict[str, Preset] = {
     "cpu": Preset(
         name="cpu",
-        scales={"nano": list(ALL_METHODS), "micro": ["uniform", "natural", BEST, *DOGRAPH]},
+        scales={"nano": list(ALL_METHODS), "micro": ["uniform", *DOGRAPH, BEST, "natural"]},
         seeds={"nano": [0, 1, 2], "micro": [0, 1, 2]},
         steps=250,
         search_steps=300,
