@@ -2,23 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 
 import numpy as np
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from _engine_fixture import make_corpus  # noqa: E402
+from _engine_fixture import make_corpus
 
-from dograph_core.config import TrainConfig  # noqa: E402
-from dograph_core.data.corpus import TokenCorpus  # noqa: E402
-from dograph_core.mixers import build_mixer  # noqa: E402
-from dograph_core.mixers.base import MixerContext, MixerError, read_weights  # noqa: E402
-from dograph_core.mixers.doremi import search_doremi  # noqa: E402
-from dograph_core.train import train  # noqa: E402
+from dograph_core.config import TrainConfig
+from dograph_core.data.corpus import TokenCorpus
+from dograph_core.mixers import build_mixer
+from dograph_core.mixers.base import MixerContext, MixerError, read_weights
+from dograph_core.mixers.doremi import search_doremi
+from dograph_core.train import train
 
 
 @pytest.fixture(scope="module")

@@ -3,21 +3,18 @@ that the static mixer can read back, plus the analysis plots; a resumed run matc
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from _dograph_fixture import make_corpus  # noqa: E402
+from _dograph_fixture import make_corpus
 
-from dograph_core.config import TrainConfig  # noqa: E402
-from dograph_core.data.corpus import TokenCorpus  # noqa: E402
-from dograph_core.mixers.base import read_weights  # noqa: E402
-from dograph_core.train import train  # noqa: E402
+from dograph_core.config import TrainConfig
+from dograph_core.data.corpus import TokenCorpus
+from dograph_core.mixers.base import read_weights
+from dograph_core.train import train
 
 PARAMS = {"k": 3, "update_every": 3, "recluster_every": 6, "probe_size": 24, "r1": 8, "r2": 16, "min_ari": 0.0}
 

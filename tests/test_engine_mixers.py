@@ -1,25 +1,22 @@
 """The mixer protocol inside the loop: apply = sample | loss | grad, needs, update_every, state."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from _engine_fixture import make_corpus  # noqa: E402
+from _engine_fixture import make_corpus
 
-from dograph_core.config import TrainConfig  # noqa: E402
-from dograph_core.data.corpus import TokenCorpus  # noqa: E402
-from dograph_core.microstep import LMLoss, micro_step  # noqa: E402
-from dograph_core.mixers import REGISTRY  # noqa: E402
-from dograph_core.mixers.base import Mixer, MixerContext  # noqa: E402
-from dograph_core.model import build_model  # noqa: E402
-from dograph_core.train import train  # noqa: E402
+from dograph_core.config import TrainConfig
+from dograph_core.data.corpus import TokenCorpus
+from dograph_core.microstep import LMLoss, micro_step
+from dograph_core.mixers import REGISTRY
+from dograph_core.mixers.base import Mixer, MixerContext
+from dograph_core.model import build_model
+from dograph_core.train import train
 
 SEEN: list = []
 

@@ -2,26 +2,23 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from _engine_fixture import make_corpus  # noqa: E402
+from _engine_fixture import make_corpus
 
-from dograph_core.checkpoint import CheckpointError  # noqa: E402
-from dograph_core.config import TrainConfig  # noqa: E402
-from dograph_core.data.corpus import TokenCorpus  # noqa: E402
-from dograph_core.evaluate import evaluate_split, fixed_windows, last_word_items  # noqa: E402
-from dograph_core.mixers.base import MixerError  # noqa: E402
-from dograph_core.model import ScaleError, build_model  # noqa: E402
-from dograph_core.sampling import SamplerError  # noqa: E402
-from dograph_core.tracking import MemoryTracker  # noqa: E402
-from dograph_core.train import TrainError, train  # noqa: E402
+from dograph_core.checkpoint import CheckpointError
+from dograph_core.config import TrainConfig
+from dograph_core.data.corpus import TokenCorpus
+from dograph_core.evaluate import evaluate_split, fixed_windows, last_word_items
+from dograph_core.mixers.base import MixerError
+from dograph_core.model import ScaleError, build_model
+from dograph_core.sampling import SamplerError
+from dograph_core.tracking import MemoryTracker
+from dograph_core.train import TrainError, train
 
 
 @pytest.fixture(scope="module")

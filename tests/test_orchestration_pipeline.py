@@ -6,12 +6,7 @@ the tests of this module; it tracks to a SQLite MLflow store under the test's di
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow on a busy machine
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # quiet; also no log line after pytest closes stderr
 
 from pathlib import Path
 

@@ -2,12 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow on a busy machine
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from pathlib import Path
 

@@ -15,11 +15,6 @@ import pytest
 
 from _orch_fixture import ROOT, VENV_BIN, free_port, nano_overrides, service_env, write_local_corpus
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")  # slow on a busy machine
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-
 pytestmark = pytest.mark.slow
 PARAMS = str(ROOT / "params.yaml")
 
