@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [x for x in wanted if x not in preset.scales]
         if unknown:
             ap.error(f"--scales {unknown}: not in preset {preset.name!r} (its scales: {list(preset.scales)})")
-        preset = replace(preset, scales={k: v for k, v in preset.scales.items() if k in wanted})
+        preset = replace(preset, scales={k: v for k, v in preset.scales.items() if k in wanted},
+                         best_from=preset.best_from or next(iter(preset.scales)))
     suffix = "-tiny" if args.dry_tiny else ""
     work = Path(args.work or ROOT / "runs" / "compare" / f"{preset.name}{suffix}").resolve()
     out = Path(args.out or ROOT / "docs" / "results" / f"{preset.name}{suffix}").resolve()

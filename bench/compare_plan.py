@@ -63,13 +63,18 @@ def method_mixer(methods: dict[str, dict[str, Any]], preset: Preset, name: str) 
 
 def best_baseline(work: Path, preset: Preset, scale: str) -> Optional[str]:
     """The candidate baseline with the lowest seed-mean worst-domain loss at ``scale``; None until all finished."""
-    cands = [m for m in preset.scales.get(scale, []) if m in BEST_CANDIDATES]
+    if scale in preset.scales:
+        cands = [m for m in preset.scales[scale] if m in BEST_CANDIDATES]
+        seeds = preset.seeds[scale]
+    else:  # a scale left out of this run (--scales): its finished runs on disk decide
+        cands = [m for m in BEST_CANDIDATES if (Path(work) / scale / m).is_dir()]
+        seeds = sorted({int(d.name[1:]) for m in cands for d in (Path(work) / scale / m).glob("s*")})
     if not cands:
         return None
     scores = {}
     for m in cands:
         vals = []
-        for s in preset.seeds[scale]:
+        for s in seeds:
             f = Path(work) / scale / m / f"s{s}" / "summary.json"
             if not f.is_file():
                 return None
@@ -88,7 +93,7 @@ def plan(preset: Preset, methods: dict[str, dict[str, Any]], base_train: dict[st
     offline = sorted({m for ms in preset.scales.values() for m in ms if m in OFFLINE})
     unresolved = 0
     if any(BEST in ms for ms in preset.scales.values()):
-        best = best_baseline(work, preset, first)
+        best = best_baseline(work, preset, preset.best_from or first)
         if best is None:
             unresolved = 1
         elif best in OFFLINE and best not in offline:

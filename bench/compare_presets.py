@@ -45,6 +45,7 @@ class Preset:
     scale_train: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-scale overrides (e.g. steps)
     search_train: Optional[dict[str, Any]] = None    # TrainConfig overrides of the search (default: train)
     cleanup: bool = False                            # delete checkpoints/ and final/ of finished runs (big models)
+    best_from: Optional[str] = None                  # scale whose baselines pick @best (default: the first scale)
 
     def steps_for(self, scale: str) -> int:
         return int(self.scale_train.get(scale, {}).get("steps", self.steps))
