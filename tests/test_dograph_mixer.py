@@ -217,3 +217,10 @@ def test_objective_variants_give_weights_on_the_simplex(corpus, extra):
     w = m.weights
     assert abs(w.sum() - 1) < 1e-9 and np.all(w >= 0.05 - 1e-9) and np.all(w <= 0.8 + 1e-9)
     assert len(m.history) == 3
+
+
+def test_analysis_probes_land_on_update_steps_even_at_the_run_end(corpus):
+    # 250 steps, updates every 20: the last update is step 240, so the final probe must be there
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "update_every": 20}, ctx_for(corpus, steps=250))
+    assert m.analysis_steps() == [20, 120, 240]
+    assert all(s % 20 == 0 for s in m.analysis_steps())

@@ -387,12 +387,20 @@ class DoGraphMixer(Mixer):
         return w / w.sum()
 
     # -- analysis -----------------------------------------------------------------------------
+    def analysis_steps(self) -> list[int]:
+        """The steps of the analysis probes: each fraction of the run, moved down to an update step.
+
+        Probes are taken inside ``update()``, which runs only every ``update_every`` steps, so a
+        target between two updates (the run's last step, say) would otherwise never be reached.
+        """
+        every = self.cfg.update_every
+        total = max(self.ctx.total_steps, every)
+        return sorted({max(every, int(round(f * total)) // every * every) for f in self.cfg.analysis_probes})
+
     def _maybe_analysis_probe(self, step: int) -> None:
         if self.ctx.out_dir is None or self.ctx.rank != 0 or not self.cfg.analysis_probes or self.ctx.corpus is None:
             return
-        total = max(self.ctx.total_steps, 1)
-        for f in self.cfg.analysis_probes:
-            target = max(int(round(f * total)), self.cfg.update_every)
+        for target in self.analysis_steps():
             if target not in self._analysis_done and step >= target:
                 self._analysis_done.add(target)
                 try:
