@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dograph_core.config import TrainConfig  # noqa: E402
-from dograph_core.data.corpus import TokenCorpus  # noqa: E402
+from dograph_core.data.corpus import TokenCorpus, write_corpus_json  # noqa: E402
 from dograph_core.data.shards import write_shard  # noqa: E402
 from dograph_core.microstep import LMLoss  # noqa: E402
 from dograph_core.model import build_model, flops_per_token  # noqa: E402
@@ -61,12 +61,7 @@ def synth_corpus(root: Path, vocab: int, train_tokens: int, n_domains: int = 6, 
             h = write_shard(root / split / f"{d}.bin", docs, eot, "synthetic")
             row["docs"][split], row["tokens"][split] = h.n_docs, h.n_tokens
         table.append(row)
-    total = sum(r["tokens"]["train"] for r in table)
-    for r in table:
-        r["share"] = r["tokens"]["train"] / total
-    meta = {"tokenizer_hash": "synthetic", "vocab_size": vocab, "eot_id": eot, "dtype": "uint16",
-            "train_domains": domains, "heldout_domains": [], "table": table}
-    (root / "corpus.json").write_text(json.dumps(meta))
+    write_corpus_json(root, table, vocab_size=vocab, eot_id=eot, tokenizer_hash="synthetic")
     return root
 
 

@@ -6,7 +6,6 @@ id 256 = end of text), so no tokenizer has to be trained.
 """
 from __future__ import annotations
 
-import json
 import random
 import sysconfig
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from dograph_core.data.corpus import write_corpus_json
 from dograph_core.data.shards import write_shard
 
 DOMAINS = ["code", "numbers", "prose"]
@@ -49,12 +49,7 @@ def make_corpus(root: Path, seed: int = 0, chars: int = 60_000, sizes: dict[str,
             h = write_shard(root / split / f"{d}.bin", [list(b)] if b else [], EOT, "fixture")
             row["docs"][split], row["tokens"][split] = h.n_docs, h.n_tokens
         table.append(row)
-    total = sum(r["tokens"]["train"] for r in table)
-    for r in table:
-        r["share"] = r["tokens"]["train"] / total
-    meta = {"tokenizer_hash": "fixture", "vocab_size": VOCAB, "eot_id": EOT, "dtype": "uint16",
-            "train_domains": DOMAINS, "heldout_domains": [], "table": table}
-    (root / "corpus.json").write_text(json.dumps(meta))
+    write_corpus_json(root, table, vocab_size=VOCAB, eot_id=EOT, tokenizer_hash="fixture")
     return root
 
 

@@ -6,11 +6,11 @@ written with ``write_shard`` and a ``corpus.json`` like the tokenize stage's.
 """
 from __future__ import annotations
 
-import json
 import random
 import sysconfig
 from pathlib import Path
 
+from dograph_core.data.corpus import write_corpus_json
 from dograph_core.data.shards import write_shard
 from dograph_core.data.tokenizer import load_tokenizer, train_tokenizer
 
@@ -68,12 +68,5 @@ def make_corpus(root: Path, seed: int = 0, scale: int = 1) -> Path:
             row["docs"][split] = h.n_docs
             row["tokens"][split] = h.n_tokens
         table.append(row)
-    total = sum(r["tokens"]["train"] for r in table if not r["heldout"])
-    for r in table:
-        r["share"] = 0.0 if r["heldout"] else r["tokens"]["train"] / total
-    meta = {
-        "tokenizer_hash": "fixture", "vocab_size": len(tok), "eot_id": int(eot), "dtype": "uint16",
-        "train_domains": sorted(VOCABS), "heldout_domains": ["code"], "table": table,
-    }
-    (root / "corpus.json").write_text(json.dumps(meta, indent=1))
+    write_corpus_json(root, table, vocab_size=len(tok), eot_id=eot, tokenizer_hash="fixture")
     return root

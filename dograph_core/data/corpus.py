@@ -98,3 +98,23 @@ class TokenCorpus:
         if sizes.sum() <= 0:
             raise CorpusError(f"{self.root}: the training split holds no tokens")
         return sizes / sizes.sum()
+
+
+def write_corpus_json(root: str | Path, table: list[dict], *, vocab_size: int, eot_id: int,
+                      tokenizer_hash: str, dtype: str = "uint16") -> Path:
+    """Write ``root/corpus.json`` for shards already written (tests, benchmarks, synthetic corpora).
+
+    ``table`` rows need ``domain``, ``heldout``, ``docs`` and ``tokens``; each row's ``share`` of the
+    training tokens is filled in here (0 for held-out domains).
+    """
+    from dograph_core.io import write_json
+
+    total = sum(r["tokens"]["train"] for r in table if not r["heldout"])
+    for r in table:
+        r["share"] = 0.0 if r["heldout"] else r["tokens"]["train"] / total
+    meta = {"tokenizer_hash": tokenizer_hash, "vocab_size": int(vocab_size), "eot_id": int(eot_id), "dtype": dtype,
+            "train_domains": sorted(r["domain"] for r in table if not r["heldout"]),
+            "heldout_domains": sorted(r["domain"] for r in table if r["heldout"]), "table": table}
+    path = Path(root) / "corpus.json"
+    write_json(path, meta)
+    return path
