@@ -9,11 +9,15 @@ compared by seed with that default (paired differences, paired t-test):
 
 * nodes: human sources vs model-perceived domains (the two defaults, also against uniform);
 * K (model nodes): 4 and 16 against 8;
-* feature path (model nodes): the cheap output-layer sketch vs that plus the last MLP block's
-  sketch on the clustering probe (``block``, a partial backward). The exact ``torch.func`` path
-  is not a mixer option (it validates the cheap one on probes, see tests/test_dograph_gradients.py);
+* feature path: the cheap output-layer sketch vs that plus the last MLP block's sketch on the
+  clustering probe (``block``, a partial backward; model nodes), and vs exact per-example
+  gradients of the output layer and the last block by ``torch.func`` (``features: exact``, online
+  and on probes; both node modes);
+* how model-perceived domains act: per-sequence loss weights (default) vs sampling through the
+  cluster x source table (``apply: sample``);
 * objective (human nodes): main vs A1 (MMD matching) vs A2 (max-min progress);
-* update frequency (human nodes): every 10 and 50 steps against 20.
+* update frequency (human nodes): every 10 and 50 steps against 20;
+* schedule smoothness (human nodes): the KL anchor ``tau_kl`` 0.01 against 0.1.
 
 Runs are resumable like the comparison's; results go to ``docs/results/ablation/``
 (``ablation.json``, ``ablation.md``, ``logs.tar.gz``). Ends with one line of JSON.
@@ -42,10 +46,14 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "dograph_model_k4": ("dograph_model", "K", {"k": 4}),
     "dograph_model_k16": ("dograph_model", "K", {"k": 16}),
     "dograph_model_block": ("dograph_model", "feature path", {"block": "transformer.h.-1.mlp.c_proj"}),
+    "dograph_model_exact": ("dograph_model", "feature path", {"features": "exact"}),
+    "dograph_model_sample": ("dograph_model", "how clusters act", {"apply": "sample"}),
+    "dograph_human_exact": ("dograph_human", "feature path", {"features": "exact"}),
     "dograph_human_A1": ("dograph_human", "objective", {"objective": "A1"}),
     "dograph_human_A2": ("dograph_human", "objective", {"objective": "A2"}),
     "dograph_human_T10": ("dograph_human", "update frequency", {"update_every": 10}),
     "dograph_human_T50": ("dograph_human", "update frequency", {"update_every": 50}),
+    "dograph_human_kl001": ("dograph_human", "schedule smoothness", {"tau_kl": 0.01}),
 }
 DEFAULTS = ("uniform", "dograph_human", "dograph_model")
 

@@ -13,6 +13,9 @@ Why these numbers (``docs/results/README.md`` has the measurements):
   scarcest domain (tech_docs, 53k training tokens) is seen about 1.2 times, so it repeats.
   (Sized for a shared, loaded 2-core machine, where a nano run took ~1.7 s per step; the
   offline searches ran 300 steps.)
+* ``long``: nano only, every method, 3 seeds, at 4x the ``cpu`` budget (1000 steps x 16 x 128 =
+  2M tokens; tech_docs is seen about 5 times under uniform weights), with the offline searches
+  at the same 1000 steps. About 50 minutes on a quiet 2-core machine (2 runs at a time).
 * ``quick``: a first look in minutes: nano, one seed, 120 steps.
 * ``gpu``: one H200; GPT-2 small (124M shape) and medium (355M shape) at one equal budget, the
   offline methods' weights transferred from the nano search; ``deadline_s`` stops launching
@@ -66,6 +69,15 @@ PRESETS: dict[str, Preset] = {
         train=dict(_CPU_TRAIN),
         yardstick_seeds={"nano": [0], "micro": [0]},
         workers=3,
+    ),
+    "long": Preset(
+        name="long",
+        scales={"nano": list(ALL_METHODS)},
+        seeds={"nano": [0, 1, 2]},
+        steps=1000,
+        train={**_CPU_TRAIN, "eval_every": 200, "ckpt_every": 250},
+        yardstick_seeds={"nano": [0]},
+        workers=2,
     ),
     "quick": Preset(
         name="quick",

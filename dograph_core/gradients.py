@@ -280,7 +280,22 @@ def exact_features(
             gen = torch.Generator().manual_seed(int(seed))
             P = torch.randn(r1 * r2, g[0].numel(), generator=gen).to(g.device) / (r1 * r2) ** 0.5
             blocks.append(g.reshape(g.shape[0], -1) @ P.T)
-    return torch.cat(blocks, dim=1)
+    return torch.cat(blocks, dim=1).detach()
+
+
+def resolve_param_names(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """Full parameter names for dotted names that may index from the end (``transformer.h.-1.mlp.c_fc.weight``)."""
+    full = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    out = []
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        mod = resolve_module(model, path) if path else model
+        p = getattr(mod, attr, None)
+        if not isinstance(p, torch.nn.Parameter):
+            raise FeatureError(f"parameter {name!r}: {type(mod).__name__} has no parameter {attr!r}")
+        prefix = full.get(id(mod), "")
+        out.append(f"{prefix}.{attr}" if prefix else attr)
+    return out
 
 
 def check_features(z: torch.Tensor, what: str = "gradient features") -> torch.Tensor:

@@ -99,6 +99,46 @@ def test_model_nodes_resampling_mode_maps_clusters_to_sources(corpus):
     assert np.allclose(m.sampling_weights(), m.weights)
 
 
+def test_exact_feature_path_clusters_on_per_example_gradients(corpus, tmp_path):
+    """features: exact: torch.func gradients of the output layer + the last block, online and on probes."""
+    from dograph_core.gradients import exact_features, resolve_param_names
+
+    torch.manual_seed(0)
+    params = {**SMALL, "nodes": "model", "min_ari": 0.0, "features": "exact", "exact_r": (4, 8)}
+    m = build_mixer("dograph", params, ctx_for(corpus, tmp_path))
+    model = nano_model(seq_len=T)
+    assert m.dim == 5 * 32
+    run(m, model, 30)
+    assert m.clustering is not None and m.clustering.centroids.shape == (3, m.dim)
+    names = resolve_param_names(model, m.cfg.exact_params)
+    assert names[0] == "lm_head.weight" and names[-1] == f"transformer.h.{model.config.n_layer - 1}.mlp.c_proj.weight"
+    ids, _ = draw_probe(corpus, corpus.train_domains, 4, T, seed=5)
+    o = model(ids[:, :-1], output_hidden_states=True)
+    st = BatchStats(step=31, domain_ids=torch.arange(4) % 3, example_loss=torch.ones(4), input_ids=ids,
+                    hidden=o.hidden_states[-1].detach(), logits=o.logits.detach(), model=model)
+    z = m._features(st)
+    # the last block's slice is that parameter's exact per-example gradient, sketched
+    spec = {names[-1]: (4, 8, m._seed * 131 + 4)}
+    assert torch.allclose(z[:, -32:], exact_features(model, ids, spec), atol=1e-5)
+    w = m.example_weights(st)
+    assert w.shape == (4,) and torch.all(w > 0)
+
+
+@pytest.mark.parametrize("bad, match", [({"features": "exact", "exact_params": []}, "at least one parameter"),
+                                        ({"features": "exact", "nodes": "model", "block": "transformer.h.-1.mlp.c_proj"},
+                                         "exact_params")])
+def test_exact_feature_path_rejects_bad_settings(corpus, bad, match):
+    with pytest.raises(Exception, match=match):
+        build_mixer("dograph", {**SMALL, **bad}, ctx_for(corpus))
+
+
+def test_exact_feature_path_names_a_missing_parameter(corpus):
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "features": "exact",
+                                "exact_params": ["transformer.h.-1.mlp.nonexistent.weight"]}, ctx_for(corpus))
+    with pytest.raises(Exception, match="nonexistent"):
+        run(m, nano_model(seq_len=T), 1)
+
+
 @pytest.mark.parametrize("nodes", ["human", "model"])
 def test_state_survives_weights_only_checkpoint_and_resume_is_exact(corpus, nodes):
     params = {**SMALL, "nodes": nodes, "min_ari": 0.0}

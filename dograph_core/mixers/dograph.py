@@ -31,7 +31,8 @@ from pydantic import Field, model_validator
 from dograph_core import clustering as cl
 from dograph_core import graph as gr
 from dograph_core import optimize as opt
-from dograph_core.gradients import FeatureError, Projection, check_features, output_features, probe_features
+from dograph_core.gradients import (FeatureError, Projection, check_features, exact_features, output_features,
+                                    probe_features, resolve_param_names)
 from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
 from dograph_core.mixers.dograph_parts import EventLog, ProbeError, draw_probe, progress_targets, time_average
 
@@ -72,6 +73,14 @@ class DoGraphConfig(MixerConfig):
     fallback: Literal["numpy", "keep"] = Field("numpy", description="on a solver failure: the numpy reference solver, or keep the weights")
     block: Optional[str] = Field(None, description="also sketch this linear layer on probes, e.g. transformer.h.-1.mlp.c_proj")
     block_r: tuple[int, int] = (32, 64)
+    features: Literal["sketch", "exact"] = Field(
+        "sketch", description="sketch: the forward-only output-layer sketch; exact: torch.func per-example gradients "
+                              "of exact_params (online and on probes; an ablation, about one extra backward per step)")
+    exact_params: list[str] = Field(
+        default_factory=lambda: ["lm_head.weight", *(f"transformer.h.-1.{m}.weight" for m in
+                                                     ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))],
+        description="features: exact: the parameters whose per-example gradients are used (negative block indices count from the end)")
+    exact_r: tuple[int, int] = Field((16, 32), description="features: exact: Kronecker sketch size of each parameter's gradient")
     analysis_probes: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0],
                                          description="fractions of the run at which probe features are saved for the PCA (nodes: human)")
     plots: bool = Field(True, description="write the analysis PNGs at the end of the run")
@@ -84,6 +93,10 @@ class DoGraphConfig(MixerConfig):
             raise ValueError(f"clip must be (low, high) with 0 < low <= high, got {self.clip}")
         if self.block is not None and self.nodes == "human":
             raise ValueError("block is used by the clustering probe; set nodes: model (the human-node graph uses the online sketch)")
+        if self.block is not None and self.features == "exact":
+            raise ValueError("block adds a sketched layer to the sketch features; with features: exact list it in exact_params")
+        if self.features == "exact" and not self.exact_params:
+            raise ValueError("features: exact needs at least one parameter in exact_params")
         return self
 
 
@@ -117,7 +130,7 @@ class DoGraphMixer(Mixer):
         seed = int(ctx.seed) * 7919 + cfg.proj_seed
         self.proj: Optional[Projection] = None
         self._seed = seed
-        d = cfg.r1 * cfg.r2
+        d = cfg.r1 * cfg.r2 if cfg.features == "sketch" else len(cfg.exact_params) * cfg.exact_r[0] * cfg.exact_r[1]
         self.dim = d
         self.nodes = gr.NodeMeans(self.n_nodes, d, cfg.ema, cfg.min_node_samples)
         self.sources = gr.NodeMeans(h, d, cfg.ema, 1)        # per-source means: A1 target, analysis
@@ -138,6 +151,7 @@ class DoGraphMixer(Mixer):
         self.events = EventLog(ctx.out_dir, ctx.rank == 0)
         self._analysis_done: set[int] = set()
         self._last_try: Optional[int] = None
+        self._exact_names: Optional[list[str]] = None
         super().__init__(cfg, ctx)
 
     # -- weights over human sources (what the loop samples and logs) --------------------------
@@ -163,10 +177,16 @@ class DoGraphMixer(Mixer):
         if stats.hidden is None or stats.logits is None:
             raise MixerError("dograph needs hidden states and logits (needs = {'hidden'}); the loop did not pass them")
         t0 = time.perf_counter()
-        proj = self._projection(stats.logits.shape[-1], stats.hidden.shape[-1])
-        gen = torch.Generator().manual_seed(self._seed * 100003 + stats.step) if self.cfg.feature_tokens else None
-        z = output_features(stats.hidden, stats.logits, stats.input_ids[:, 1:], proj,
-                            tokens=self.cfg.feature_tokens, generator=gen)
+        if self.cfg.features == "exact":
+            self._model = stats.model if stats.model is not None else self._model
+            if self._model is None:
+                raise MixerError("dograph with features: exact needs the model in BatchStats.model")
+            z = self._exact(stats.input_ids, self._seed)
+        else:
+            proj = self._projection(stats.logits.shape[-1], stats.hidden.shape[-1])
+            gen = torch.Generator().manual_seed(self._seed * 100003 + stats.step) if self.cfg.feature_tokens else None
+            z = output_features(stats.hidden, stats.logits, stats.input_ids[:, 1:], proj,
+                                tokens=self.cfg.feature_tokens, generator=gen)
         self.feature_time += time.perf_counter() - t0
         try:
             check_features(z, f"step {stats.step} training batch features")
@@ -176,6 +196,21 @@ class DoGraphMixer(Mixer):
             self.bad_window = str(e)
             return None
         return z
+
+    def _exact_param_names(self) -> list[str]:
+        if self._exact_names is None:
+            try:
+                self._exact_names = resolve_param_names(self._model, self.cfg.exact_params)
+            except FeatureError as e:
+                raise MixerError(f"dograph exact_params: {e}") from None
+        return self._exact_names
+
+    def _exact(self, ids: torch.Tensor, seed: int) -> torch.Tensor:
+        """``features: exact``: per-example gradients of ``exact_params`` (torch.func), each Kronecker-sketched."""
+        r1, r2 = self.cfg.exact_r
+        spec = {n: (r1, r2, seed * 131 + i) for i, n in enumerate(self._exact_param_names())}
+        chunk = self.cfg.probe_batch
+        return torch.cat([exact_features(self._model, ids[s:s + chunk], spec) for s in range(0, ids.shape[0], chunk)])
 
     def _assign(self, z: torch.Tensor) -> torch.Tensor:
         c = self.clustering
@@ -214,6 +249,8 @@ class DoGraphMixer(Mixer):
 
     def _observe(self, stats: BatchStats) -> None:
         self._model = stats.model if stats.model is not None else self._model
+        if self.cfg.features == "exact" and self._model is not None:
+            self._exact_param_names()  # a misspelt parameter fails the run at its first step, not at every probe
         if self._pending is not None:
             z, labels, w = self._pending
             self._pending = None
@@ -339,6 +376,9 @@ class DoGraphMixer(Mixer):
         cfg = self.cfg
         vocab = self._model.get_output_embeddings().weight.shape[0]
         hidden = self._model.get_output_embeddings().weight.shape[1]
+        if cfg.features == "exact":  # the same seeds as the online features, + 1 for the stability check
+            zs = [self._exact(ids.to(dev), self._seed + i) for i in range(2 if check else 1)]
+            return [z.cpu() for z in zs], src
         projs = [self._projection(vocab, hidden)]
         if check:  # the second projection seed of the stability check
             projs.append(Projection(vocab, hidden, cfg.r1, cfg.r2, self._seed + 1))
