@@ -48,6 +48,16 @@ def test_cpu_plan_every_method_three_seeds_offline_searched_once(tmp_path, setup
     assert all(u.train["dtype"] == "bf16" for u in main)
 
 
+def test_long_plan_searches_at_the_same_budget_it_trains(tmp_path, setup):
+    methods, base = setup
+    units, unresolved = plan(PRESETS["long"], methods, base, tmp_path)
+    by = {u.key: u for u in units}
+    assert unresolved == 0 and {u.scale for u in units} == {"nano"}
+    assert {by[f"nano/{m}/s2"].train["steps"] for m in ("uniform", "doge", "dograph_model")} == {1000}
+    assert by["search/doremi"].train["steps"] == by["search/doge"].train["steps"] == 1000
+    assert by["nano/uniform_2x/s0"].train["steps"] == 2000
+
+
 def test_best_baseline_resolves_from_nano_worst_domain_loss(tmp_path, setup):
     methods, base = setup
     p = PRESETS["cpu"]
