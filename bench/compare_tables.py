@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any, Optional
 
@@ -87,6 +88,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Per scale: rows per method (mean ± sd), the best baseline, paired differences, yardstick."""
     out: dict[str, Any] = {}
     scales = list(dict.fromkeys(r["scale"] for r in records))
+    first_best: Optional[str] = None  # the first scale's best baseline: the one transferred to the other scales
     for scale in scales:
         rs = [r for r in records if r["scale"] == scale]
         methods = list(dict.fromkeys(r["method"] for r in rs if r["role"] == "main"))
@@ -98,17 +100,22 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             rows[m]["seeds"] = sorted(r["seed"] for r in runs)
             rows[m]["search_time_s"] = next((r["search_time_s"] for r in runs if _ok(r.get("search_time_s"))), math.nan)
         base = rows.get("uniform")
-        for m in rows:
-            rows[m]["overhead"] = (rows[m]["train_time_s"]["mean"] / base["train_time_s"]["mean"]) if base else math.nan
+        for m in rows:  # paired by seed, the median ratio: robust to a run that shared the machine with more work
+            rows[m]["overhead"] = _median_ratio(_by_seed(arm[m], "train_time_s"), _by_seed(arm["uniform"], "train_time_s")) \
+                if base else math.nan
         baselines = [m for m in rows if m not in NON_BASELINE]
         best = min(baselines, key=lambda m: rows[m]["val_worst"]["mean"]) if baselines else None
+        first_best = best if scale == scales[0] else first_best
+        refs = [("uniform", "uniform"), ("best", best)]
+        if first_best not in (None, best, "uniform"):
+            refs.append(("first_best", first_best))
         y = {k: mean_std(r[k] for r in yard) for k in METRICS} if yard else None
         ystick = {k: (y[k]["mean"] - base[k]["mean"]) if (y and base) else math.nan for k in METRICS}
         target = base["val_mean"]["mean"] if base else math.nan
         diffs: dict[str, Any] = {}
         for m in rows:
             d: dict[str, Any] = {}
-            for ref_name, ref in (("uniform", "uniform"), ("best", best)):
+            for ref_name, ref in refs:
                 if ref is None or ref not in arm or ref == m or (ref_name == "best" and ref == "uniform"):
                     continue
                 d[ref_name] = {k: paired(_by_seed(arm[m], k), _by_seed(arm[ref], k)) for k in METRICS}
@@ -118,9 +125,14 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             d["steps_to_uniform"] = {"mean": mean_std(x for x in reach if x is not None)["mean"],
                                      "reached": sum(x is not None for x in reach), "n": len(reach)}
             diffs[m] = d
-        out[scale] = {"rows": rows, "best_baseline": best, "yardstick": {"delta": ystick, "seeds": [r["seed"] for r in yard]},
+        out[scale] = {"rows": rows, "best_baseline": best, "first_scale_best": first_best, "yardstick": {"delta": ystick, "seeds": [r["seed"] for r in yard]},
                       "uniform_final_mean": target, "diffs": diffs}
     return out
+
+
+def _median_ratio(num: dict[int, float], den: dict[int, float]) -> float:
+    r = [num[s] / den[s] for s in num if s in den and den[s] > 0]
+    return float(statistics.median(r)) if r else math.nan
 
 
 def _ok(x: Any) -> bool:
@@ -151,7 +163,7 @@ def markdown(agg: dict[str, Any]) -> str:
         n_seeds = max((len(r["seeds"]) for r in rows.values()), default=0)
         parts += [f"### {scale}: per method (mean ± sd over {n_seeds} seeds)", "",
                   "| method | seeds | mean val loss | worst val loss | held-out loss | last-word acc | wall s | "
-                  "overhead vs uniform | search s |",
+                  "overhead vs uniform (median of per-seed ratios) | search s |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, r in rows.items():
             parts.append(f"| {m} | {len(r['seeds'])} | {fmt_pm(r['val_mean'])} | {fmt_pm(r['val_worst'])} | "
@@ -166,9 +178,10 @@ def markdown(agg: dict[str, Any]) -> str:
                   "| method | vs | Δ mean | Δ worst | Δ held-out | Δ last-word acc |",
                   "|---|---|---:|---:|---:|---:|"]
         for m, d in diffs.items():
-            for ref in ("uniform", "best"):
+            for ref in ("uniform", "best", "first_best"):
                 if ref in d:
-                    name = "uniform" if ref == "uniform" else f"best ({a['best_baseline']})"
+                    name = {"uniform": "uniform", "best": f"best ({a['best_baseline']})",
+                            "first_best": f"{next(iter(agg))}'s best ({a['first_scale_best']})"}[ref]
                     parts.append(f"| {m} | {name} | {_diff(d[ref]['val_mean'])} | {_diff(d[ref]['val_worst'])} | "
                                  f"{_diff(d[ref]['heldout'])} | {_diff(d[ref]['last_word'])} |")
         parts += ["", f"### {scale}: against the compute yardstick, and steps to uniform's final mean loss "

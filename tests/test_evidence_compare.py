@@ -231,6 +231,24 @@ def test_aggregate_by_hand():
     assert "best (natural)" in text and "| dograph_human | 2 | 5.010 ± 0.014 |" in text
 
 
+def test_second_scale_is_also_compared_with_the_first_scales_best_and_overhead_is_a_median_ratio():
+    def at(scale, *a, **k):
+        return {**_rec(*a, **k), "scale": scale}
+
+    recs = [at("nano", "uniform", s, 5.0, 5.5, 6.0) for s in (0, 1, 2)]
+    recs += [at("nano", "odm", s, 5.0, 5.4, 6.0) for s in (0, 1, 2)]
+    recs += [at("micro", "uniform", s, 4.0, 4.5, 5.0) for s in (0, 1, 2)]
+    recs += [at("micro", "odm", s, 4.1, 4.6, 5.1) for s in (0, 1, 2)]
+    recs += [at("micro", "dograph_human", s, 4.0, 4.4, 5.0) for s in (0, 1, 2)]
+    recs[-3]["train_time_s"] = 800.0  # seed 0 shared the machine: the median ratio ignores it
+    agg = aggregate(recs)
+    micro = agg["micro"]
+    assert micro["best_baseline"] == "uniform" and micro["first_scale_best"] == "odm"
+    assert micro["diffs"]["dograph_human"]["first_best"]["val_worst"]["mean"] == pytest.approx(-0.2)
+    assert micro["rows"]["dograph_human"]["overhead"] == pytest.approx(1.5)
+    assert "nano's best (odm)" in markdown(agg)
+
+
 def test_dry_tiny_keeps_the_plan_and_the_gpu_solver_choice():
     t = tiny(PRESETS["gpu"])
     assert list(t.scales) == ["nano", "micro"] and t.steps == 6 and t.train["device"] == "cpu"
