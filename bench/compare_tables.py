@@ -196,6 +196,15 @@ def markdown(agg: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def method_color(method: str) -> str:
+    """One colour per method in every panel and plot (tab10, in the order of ALL_METHODS)."""
+    from compare_presets import ALL_METHODS
+
+    names = [*ALL_METHODS, "uniform_2x"]
+    i = names.index(method) if method in names else len(names) + sum(map(ord, method))
+    return f"C{i % 10}"
+
+
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
     """Seed-mean validation curves per method: mean, worst and held-out loss, one row per scale."""
     import matplotlib
@@ -227,7 +236,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
                         if _ok(v):
                             vals.append(float(v))
                     ys.append(sum(vals) / len(vals) if vals else math.nan)
-                axes[i][j].plot(steps, ys, label=m, linestyle="--" if m == "uniform_2x" else "-")
+                axes[i][j].plot(steps, ys, label=m, color=method_color(m), linestyle="--" if m == "uniform_2x" else "-")
                 axes[i][j].set_title(f"{scale}: {label}", fontsize=9)
                 axes[i][j].set_xlabel("step")
         axes[i][0].legend(fontsize=7)
@@ -268,7 +277,8 @@ def plot_domain_deltas(records: list[dict[str, Any]], path: Path) -> Optional[Pa
         for i, m in enumerate(methods):
             runs = [r for r in rs if r["method"] == m]
             ys = [mean_loss(runs, d) - mean_loss(uni, d) for d in domains]
-            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(domains))], ys, width=width, label=m)
+            ax.bar([j + (i - (len(methods) - 1) / 2) * width for j in range(len(domains))], ys, width=width, label=m,
+                   color=method_color(m))
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set_xticks(range(len(domains)), [d + (" (held out)" if d in held else "") for d in domains], fontsize=8)
         ax.set_ylabel("loss − uniform (nats)")
