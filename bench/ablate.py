@@ -20,7 +20,7 @@ compared by seed with that default (paired differences, paired t-test):
 * schedule smoothness (human nodes): the KL anchor ``tau_kl`` 0.01 against 0.1.
 
 Runs are resumable like the comparison's; results go to ``docs/results/ablation/``
-(``ablation.json``, ``ablation.md``, ``logs.tar.gz``). Ends with one line of JSON.
+(``ablation.json`` with every run, ``ablation.md``). Ends with one line of JSON.
 """
 from __future__ import annotations
 
