@@ -3,6 +3,8 @@
     .venv/bin/python bench/ablate.py                  # 3 seeds, the cpu preset's nano budget
     .venv/bin/python bench/ablate.py --seeds 0        # one seed (a first look)
     .venv/bin/python bench/ablate.py --reuse runs/compare/cpu   # reuse the comparison's finished runs
+    .venv/bin/python bench/ablate.py --preset long --variants dograph_model_sample --reuse runs/compare/long
+                                                      # chosen rows at the long preset's 4x budget
 
 Each variant changes one setting of a DoGraph default (``params.yaml`` ``methods:``), and is
 compared by seed with that default (paired differences, paired t-test):
@@ -31,6 +33,7 @@ import os
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -58,11 +61,15 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
 DEFAULTS = ("uniform", "dograph_human", "dograph_model")
 
 
-def ablation_preset(seeds: list[int], dry_tiny: bool) -> Preset:
-    cpu = PRESETS["cpu"]
-    names = [*DEFAULTS, *VARIANTS]
-    p = replace(cpu, name="ablation", scales={"nano": names}, seeds={"nano": seeds}, yardstick_seeds={},
-                method_overrides={})
+def ablation_preset(seeds: list[int], dry_tiny: bool, budget: str = "cpu", variants: Optional[list[str]] = None) -> Preset:
+    """The ablation's runs at nano with the budget (steps, train settings) of the comparison preset ``budget``."""
+    base = PRESETS[budget]
+    unknown = sorted(set(variants or []) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {sorted(VARIANTS)}")
+    names = [*DEFAULTS, *(variants or VARIANTS)]
+    p = replace(base, name="ablation", scales={"nano": names}, seeds={"nano": seeds}, yardstick_seeds={},
+                method_overrides={}, search_steps=None, scale_train={})
     if dry_tiny:
         t = tiny(replace(p, scales={"nano": names}))
         p = replace(t, name="ablation", seeds={"nano": seeds[:1]}, yardstick_seeds={})
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--preset", default="cpu", choices=["cpu", "long"], help="the comparison preset whose budget the runs use")
+    ap.add_argument("--variants", default=None, help="comma-separated subset of the variants (default: all)")
     ap.add_argument("--data", default=None)
     ap.add_argument("--work", default=None)
     ap.add_argument("--out", default=None)
@@ -139,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    preset = ablation_preset(seeds, args.dry_tiny)
-    suffix = "-tiny" if args.dry_tiny else ""
+    variants = [v for v in args.variants.split(",") if v.strip()] if args.variants else None
+    preset = ablation_preset(seeds, args.dry_tiny, args.preset, variants)
+    suffix = ("-tiny" if args.dry_tiny else "") + ("" if args.preset == "cpu" else f"-{args.preset}")
     work = Path(args.work or ROOT / "runs" / "compare" / f"ablation{suffix}").resolve()
     out = Path(args.out or ROOT / "docs" / "results" / f"ablation{suffix}").resolve()
     methods, base = load_setup(args.params)

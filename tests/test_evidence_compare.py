@@ -265,3 +265,14 @@ def test_gpu_import_path_needs_no_pyomo_prefect_mlflow_or_datasets():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_ablation_takes_a_budget_preset_and_a_subset_of_variants():
+    import ablate
+
+    p = ablate.ablation_preset([0, 1], False, "long", ["dograph_model_sample"])
+    assert p.steps == 1000 and p.scales == {"nano": [*ablate.DEFAULTS, "dograph_model_sample"]}
+    assert p.seeds == {"nano": [0, 1]} and not p.yardstick_seeds
+    assert len(ablate.ablation_preset([0], False).scales["nano"]) == len(ablate.DEFAULTS) + len(ablate.VARIANTS)
+    with pytest.raises(SystemExit, match="unknown variants"):
+        ablate.ablation_preset([0], False, "cpu", ["dograph_model_k5"])
