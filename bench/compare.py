@@ -193,6 +193,26 @@ def write_results(preset: Preset, methods: dict, base: dict, work: Path, out: Pa
     return {"meta": meta, "scales": agg}
 
 
+def narrow(preset: Preset, seeds: str | None, methods: str | None, error) -> Preset:
+    """The preset with other seeds at every scale and/or a subset of its methods (``--seeds``, ``--methods``)."""
+    from dataclasses import replace
+
+    if seeds:
+        try:
+            ss = [int(x) for x in seeds.split(",") if x.strip()]
+        except ValueError:
+            error(f"--seeds {seeds!r}: expected comma-separated integers")
+        preset = replace(preset, seeds={k: ss for k in preset.scales})
+    if methods:
+        wanted = [x.strip() for x in methods.split(",") if x.strip()]
+        known = {m for ms in preset.scales.values() for m in ms}
+        unknown = [m for m in wanted if m not in known]
+        if unknown:
+            error(f"--methods {unknown}: not in preset {preset.name!r} (its methods: {sorted(known)})")
+        preset = replace(preset, scales={k: [m for m in v if m in wanted] for k, v in preset.scales.items()})
+    return preset
+
+
 def headline(agg: dict) -> dict:
     """DoGraph's best mode vs the best baseline on worst-domain loss, at the first scale."""
     if not agg:
@@ -219,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--deadline-s", type=float, default=None, help="stop starting new runs after this many seconds")
     ap.add_argument("--search-from", default=None, help="a work dir whose search/<method>/ results are reused (transfer)")
     ap.add_argument("--scales", default=None, help="comma-separated subset of the preset's scales (e.g. nano)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds for every scale (default: the preset's)")
+    ap.add_argument("--methods", default=None, help="comma-separated subset of the preset's methods (e.g. more seeds for a few)")
     ap.add_argument("--dry-tiny", action="store_true", help="the preset's plan on nano and a few CPU steps (a logic check)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--run-unit", default=None, help=argparse.SUPPRESS)
@@ -239,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--scales {unknown}: not in preset {preset.name!r} (its scales: {list(preset.scales)})")
         preset = replace(preset, scales={k: v for k, v in preset.scales.items() if k in wanted},
                          best_from=preset.best_from or next(iter(preset.scales)))
+    if args.seeds or args.methods:
+        preset = narrow(preset, args.seeds, args.methods, ap.error)
     suffix = "-tiny" if args.dry_tiny else ""
     work = Path(args.work or ROOT / "runs" / "compare" / f"{preset.name}{suffix}").resolve()
     out = Path(args.out or ROOT / "docs" / "results" / f"{preset.name}{suffix}").resolve()

@@ -276,3 +276,19 @@ def test_ablation_takes_a_budget_preset_and_a_subset_of_variants():
     assert len(ablate.ablation_preset([0], False).scales["nano"]) == len(ablate.DEFAULTS) + len(ablate.VARIANTS)
     with pytest.raises(SystemExit, match="unknown variants"):
         ablate.ablation_preset([0], False, "cpu", ["dograph_model_k5"])
+
+
+def test_narrow_gives_more_seeds_to_a_subset_of_methods_and_names_bad_input():
+    errors = []
+
+    def error(msg):
+        errors.append(msg)
+        raise SystemExit(2)
+
+    p = compare.narrow(PRESETS["long"], "0,1,2,3,4", "uniform,odm,dograph_human", error)
+    assert p.scales == {"nano": ["uniform", "odm", "dograph_human"]} and p.seeds == {"nano": [0, 1, 2, 3, 4]}
+    assert p.yardstick_seeds == PRESETS["long"].yardstick_seeds
+    for seeds, methods, match in (("0,x", None, "comma-separated integers"), (None, "uniform,dograph", "dograph")):
+        with pytest.raises(SystemExit):
+            compare.narrow(PRESETS["long"], seeds, methods, error)
+        assert match in errors[-1]
