@@ -3,6 +3,8 @@
     .venv/bin/python bench/compare.py --preset quick      # a first look (nano, 1 seed)
     .venv/bin/python bench/compare.py --preset cpu        # nano (7 methods) + micro (5), 3 seeds
     .venv/bin/python bench/compare.py --preset gpu --data DIR --out $OUT   # one GPU: small, medium
+    .venv/bin/python bench/compare.py --preset long --seeds 0,1,2,3,4 --methods uniform,odm,dograph_human \
+        --out docs/results/long-5seeds                                    # more seeds for a few methods
 
 Every training run is a separate process (``--workers`` at a time). Runs live in ``--work``
 (default ``runs/compare/<preset>``); a re-run skips finished runs and resumes unfinished ones.
