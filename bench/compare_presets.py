@@ -15,7 +15,7 @@ Why these numbers (``docs/results/README.md`` has the measurements):
   offline searches ran 300 steps.)
 * ``long``: nano only, every method, 3 seeds, at 4x the ``cpu`` budget (1000 steps x 16 x 128 =
   2M tokens; tech_docs is seen about 5 times under uniform weights), with the offline searches
-  at the same 1000 steps. About 50 minutes on a quiet 2-core machine (2 runs at a time).
+  at the same 1000 steps. 61 minutes on a quiet 2-core machine (2 runs at a time).
 * ``quick``: a first look in minutes: nano, one seed, 120 steps.
 * ``gpu``: one H200; GPT-2 small (124M shape) and medium (355M shape) at one equal budget, the
   offline methods' weights transferred from the nano search; ``deadline_s`` stops launching
