@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 
-
 from _engine_fixture import make_corpus
 
 from dograph_core.config import TrainConfig

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-
 from _dograph_fixture import make_corpus
 
 from dograph_core.config import TrainConfig

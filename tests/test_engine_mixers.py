@@ -1,12 +1,10 @@
 """The mixer protocol inside the loop: apply = sample | loss | grad, needs, update_every, state."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 
 from _engine_fixture import make_corpus
 

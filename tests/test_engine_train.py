@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-
 from _engine_fixture import make_corpus
 
 from dograph_core.checkpoint import CheckpointError

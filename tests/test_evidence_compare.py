@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
 import compare  # noqa: E402
-from compare_plan import Unit, best_baseline, is_done, method_mixer, plan, run_unit  # noqa: E402
+from compare_plan import best_baseline, is_done, method_mixer, plan, run_unit  # noqa: E402
 from compare_presets import PRESETS, Preset, tiny  # noqa: E402
 from compare_tables import aggregate, collect, markdown  # noqa: E402
 

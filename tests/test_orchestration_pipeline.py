@@ -6,8 +6,6 @@ the tests of this module; it tracks to a SQLite MLflow store under the test's di
 from __future__ import annotations
 
 import json
-
-
 from pathlib import Path
 
 import pytest

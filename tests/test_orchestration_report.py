@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 DOMAINS = ["code", "docs", "math"]
 
 
