@@ -71,7 +71,7 @@ def ablation_preset(seeds: list[int], dry_tiny: bool, budget: str = "cpu", varia
     p = replace(base, name="ablation", scales={"nano": names}, seeds={"nano": seeds}, yardstick_seeds={},
                 method_overrides={}, search_steps=None, scale_train={})
     if dry_tiny:
-        t = tiny(replace(p, scales={"nano": names}))
+        t = tiny(p)
         p = replace(t, name="ablation", seeds={"nano": seeds[:1]}, yardstick_seeds={})
     return p
 

@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,8 +198,6 @@ def write_results(preset: Preset, methods: dict, base: dict, work: Path, out: Pa
 
 def narrow(preset: Preset, seeds: str | None, methods: str | None, error) -> Preset:
     """The preset with other seeds at every scale and/or a subset of its methods (``--seeds``, ``--methods``)."""
-    from dataclasses import replace
-
     if seeds:
         try:
             ss = [int(x) for x in seeds.split(",") if x.strip()]
@@ -255,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_tiny:
         preset = tiny(preset)
     if args.scales:
-        from dataclasses import replace
-
         wanted = [x.strip() for x in args.scales.split(",") if x.strip()]
         unknown = [x for x in wanted if x not in preset.scales]
         if unknown:

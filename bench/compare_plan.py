@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from compare_presets import BEST, DOGRAPH, OFFLINE, Preset
+from compare_presets import BEST, OFFLINE, Preset
 
 BEST_CANDIDATES = ("doremi", "doge", "odm")  # uniform and natural always run at every scale
 

@@ -243,13 +243,19 @@ def exact_features(
     output-side gradient only). ``project=False`` returns the raw flattened gradients (tiny models).
     ``method``: ``"vmap"`` (torch.func) or ``"loop"`` (one autograd call per example).
     """
+    return project_grads(per_example_grads(model, input_ids, list(params), method), params, project)
+
+
+def per_example_grads(model: torch.nn.Module, input_ids: torch.Tensor, names: list[str],
+                      method: str = "vmap") -> dict[str, torch.Tensor]:
+    """``{name: [N, *shape]}``: each sequence's gradient of its mean token NLL (see :func:`exact_features`)."""
     from torch.func import functional_call, grad, vmap
 
     named = dict(model.named_parameters(remove_duplicate=False))
-    missing = [n for n in params if n not in named]
+    missing = [n for n in names if n not in named]
     if missing:
         raise FeatureError(f"no parameters {missing} in {type(model).__name__}")
-    sel = {n: named[n].detach() for n in params}
+    sel = {n: named[n].detach() for n in names}
 
     def loss_fn(p, ids):
         ids = ids.unsqueeze(0)
@@ -268,9 +274,15 @@ def exact_features(
             raise FeatureError(f"method must be 'vmap' or 'loop', got {method!r}")
     finally:
         model.train(was_training)
+    return {n: g.detach().float() for n, g in grads.items()}
+
+
+def project_grads(grads: dict[str, torch.Tensor], params: dict[str, tuple[int, int, int]],
+                  project: bool = True) -> torch.Tensor:
+    """Per-example gradients (from :func:`per_example_grads`) sketched per parameter as ``params`` says, concatenated."""
     blocks = []
     for n, (r1, r2, seed) in params.items():
-        g = grads[n].float()
+        g = grads[n]
         if not project:
             blocks.append(g.reshape(g.shape[0], -1))
         elif g.ndim == 3:
@@ -280,7 +292,7 @@ def exact_features(
             gen = torch.Generator().manual_seed(int(seed))
             P = torch.randn(r1 * r2, g[0].numel(), generator=gen).to(g.device) / (r1 * r2) ** 0.5
             blocks.append(g.reshape(g.shape[0], -1) @ P.T)
-    return torch.cat(blocks, dim=1).detach()
+    return torch.cat(blocks, dim=1)
 
 
 def resolve_param_names(model: torch.nn.Module, names: list[str]) -> list[str]:

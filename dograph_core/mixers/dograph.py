@@ -31,8 +31,8 @@ from pydantic import Field, model_validator
 from dograph_core import clustering as cl
 from dograph_core import graph as gr
 from dograph_core import optimize as opt
-from dograph_core.gradients import (FeatureError, Projection, check_features, exact_features, output_features,
-                                    probe_features, resolve_param_names)
+from dograph_core.gradients import (FeatureError, Projection, check_features, output_features, per_example_grads,
+                                    probe_features, project_grads, resolve_param_names)
 from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
 from dograph_core.mixers.dograph_parts import EventLog, ProbeError, draw_probe, progress_targets, time_average
 
@@ -178,10 +178,10 @@ class DoGraphMixer(Mixer):
             raise MixerError("dograph needs hidden states and logits (needs = {'hidden'}); the loop did not pass them")
         t0 = time.perf_counter()
         if self.cfg.features == "exact":
-            self._model = stats.model if stats.model is not None else self._model
+            self._see_model(stats)
             if self._model is None:
                 raise MixerError("dograph with features: exact needs the model in BatchStats.model")
-            z = self._exact(stats.input_ids, self._seed)
+            (z,) = self._exact(stats.input_ids, [self._seed])
         else:
             proj = self._projection(stats.logits.shape[-1], stats.hidden.shape[-1])
             gen = torch.Generator().manual_seed(self._seed * 100003 + stats.step) if self.cfg.feature_tokens else None
@@ -205,12 +205,19 @@ class DoGraphMixer(Mixer):
                 raise MixerError(f"dograph exact_params: {e}") from None
         return self._exact_names
 
-    def _exact(self, ids: torch.Tensor, seed: int) -> torch.Tensor:
-        """``features: exact``: per-example gradients of ``exact_params`` (torch.func), each Kronecker-sketched."""
+    def _exact(self, ids: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
+        """``features: exact``: per-example gradients of ``exact_params`` (torch.func), computed once per
+        chunk and Kronecker-sketched under each projection seed."""
         r1, r2 = self.cfg.exact_r
-        spec = {n: (r1, r2, seed * 131 + i) for i, n in enumerate(self._exact_param_names())}
+        names = self._exact_param_names()
+        specs = [{n: (r1, r2, seed * 131 + i) for i, n in enumerate(names)} for seed in seeds]
         chunk = self.cfg.probe_batch
-        return torch.cat([exact_features(self._model, ids[s:s + chunk], spec) for s in range(0, ids.shape[0], chunk)])
+        outs: list[list[torch.Tensor]] = [[] for _ in seeds]
+        for s in range(0, ids.shape[0], chunk):
+            grads = per_example_grads(self._model, ids[s:s + chunk], names)
+            for out, spec in zip(outs, specs):
+                out.append(project_grads(grads, spec))
+        return [torch.cat(o) for o in outs]
 
     def _assign(self, z: torch.Tensor) -> torch.Tensor:
         c = self.clustering
@@ -247,8 +254,11 @@ class DoGraphMixer(Mixer):
         finally:
             self.online_time += time.perf_counter() - t0
 
-    def _observe(self, stats: BatchStats) -> None:
+    def _see_model(self, stats: BatchStats) -> None:
         self._model = stats.model if stats.model is not None else self._model
+
+    def _observe(self, stats: BatchStats) -> None:
+        self._see_model(stats)
         if self.cfg.features == "exact" and self._model is not None:
             self._exact_param_names()  # a misspelt parameter fails the run at its first step, not at every probe
         if self._pending is not None:
@@ -377,7 +387,7 @@ class DoGraphMixer(Mixer):
         vocab = self._model.get_output_embeddings().weight.shape[0]
         hidden = self._model.get_output_embeddings().weight.shape[1]
         if cfg.features == "exact":  # the same seeds as the online features, + 1 for the stability check
-            zs = [self._exact(ids.to(dev), self._seed + i) for i in range(2 if check else 1)]
+            zs = self._exact(ids.to(dev), [self._seed + i for i in range(2 if check else 1)])
             return [z.cpu() for z in zs], src
         projs = [self._projection(vocab, hidden)]
         if check:  # the second projection seed of the stability check
