@@ -7,19 +7,20 @@
                                                       # chosen rows at the long preset's 4x budget
 
 Each variant changes one setting of a DoGraph default (``params.yaml`` ``methods:``), and is
-compared by seed with that default (paired differences, paired t-test):
+compared by seed with that default (paired differences, paired t-test). Every part of the method has
+a row that removes it:
 
 * nodes: human sources vs model-perceived domains (the two defaults, also against uniform);
-* K (model nodes): 4 and 16 against 8;
-* feature path: the cheap output-layer sketch vs that plus the last MLP block's sketch on the
-  clustering probe (``block``, a partial backward; model nodes), and vs exact per-example
-  gradients of the output layer and the last block by ``torch.func`` (``features: exact``, online
-  and on probes; both node modes);
-* how model-perceived domains act: per-sequence loss weights (default) vs sampling through the
-  cluster x source table (``apply: sample``);
-* objective (human nodes): main vs A1 (MMD matching) vs A2 (max-min progress);
-* update frequency (human nodes): every 10 and 50 steps against 20;
-* schedule smoothness (human nodes): the KL anchor ``tau_kl`` 0.01 against 0.1.
+* the graph: off (the transfer matrix is the identity and the F3 constraint is dropped), for both
+  node modes; the F3 Laplacian constraint alone off (``rho: null``); F2 (weighted max-min) for F1;
+* the progress signal: no noise shrinkage (``shrink: false``); model-node progress from the training
+  windows instead of the fixed probe (``progress_from: batch``);
+* model-perceived domains: frozen between re-clusterings (``live: false``) vs live; no occupancy guard
+  (``balance: 0``); K = 4; exact per-example gradients (``features: exact``);
+* how model-perceived domains act: tempered loss weights (default) vs sampling through the cluster x
+  source table (``apply: sample``);
+* A1 with an explicit target: the held-out domain (``target: email``; that row's held-out loss is no
+  longer held out: the method saw the domain's training text).
 
 Runs are resumable like the comparison's; results go to ``docs/results/ablation/``
 (``ablation.json`` with every run, ``ablation.md``). Ends with one line of JSON.
@@ -46,17 +47,18 @@ from compare_tables import collect  # noqa: E402
 
 # variant -> (the default it is compared with, the setting changed, the change)
 VARIANTS: dict[str, tuple[str, str, dict]] = {
+    "dograph_human_graph_off": ("dograph_human", "graph", {"graph": "off"}),
+    "dograph_model_graph_off": ("dograph_model", "graph", {"graph": "off"}),
+    "dograph_human_no_F3": ("dograph_human", "F3 constraint", {"rho": None}),
+    "dograph_human_F2": ("dograph_human", "objective", {"objective": "F2"}),
+    "dograph_human_no_shrink": ("dograph_human", "progress noise", {"shrink": False}),
+    "dograph_model_batch_progress": ("dograph_model", "progress source", {"progress_from": "batch"}),
+    "dograph_model_fixed": ("dograph_model", "live clusters", {"live": False}),
+    "dograph_model_no_balance": ("dograph_model", "occupancy guard", {"balance": 0.0}),
     "dograph_model_k4": ("dograph_model", "K", {"k": 4}),
-    "dograph_model_k16": ("dograph_model", "K", {"k": 16}),
-    "dograph_model_block": ("dograph_model", "feature path", {"block": "transformer.h.-1.mlp.c_proj"}),
-    "dograph_model_exact": ("dograph_model", "feature path", {"features": "exact"}),
     "dograph_model_sample": ("dograph_model", "how clusters act", {"apply": "sample"}),
-    "dograph_human_exact": ("dograph_human", "feature path", {"features": "exact"}),
-    "dograph_human_A1": ("dograph_human", "objective", {"objective": "A1"}),
-    "dograph_human_A2": ("dograph_human", "objective", {"objective": "A2"}),
-    "dograph_human_T10": ("dograph_human", "update frequency", {"update_every": 10}),
-    "dograph_human_T50": ("dograph_human", "update frequency", {"update_every": 50}),
-    "dograph_human_kl001": ("dograph_human", "schedule smoothness", {"tau_kl": 0.01}),
+    "dograph_model_exact": ("dograph_model", "feature path", {"features": "exact"}),
+    "dograph_human_A1_email": ("dograph_human", "objective (targeted)", {"objective": "A1", "target": "email"}),
 }
 DEFAULTS = ("uniform", "dograph_human", "dograph_model")
 
@@ -108,16 +110,17 @@ def table(records: list[dict]) -> tuple[str, list[dict]]:
     for r in records:
         by.setdefault(r["method"], []).append(r)
     rows, lines = [], [
-        "| variant | setting | vs | seeds | mean val loss | worst val loss | held-out loss | Δ mean | Δ worst | Δ held-out | train s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        "| variant | setting | vs | seeds | mean val loss | worst val loss | held-out loss | Δ mean | Δ worst | Δ held-out "
+        "| model nodes in force | end ARI (clusters vs sources) | graph effect ‖α−α_off‖₁ | train s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     order = [*DEFAULTS, *VARIANTS]
     for name in [n for n in order if n in by]:
         parent, setting, change = VARIANTS.get(name, ("uniform" if name != "uniform" else None, "nodes" if name != "uniform" else "reference", {}))
         runs = by[name]
         row = {"variant": name, "setting": setting, "vs": parent, "change": change, "seeds": sorted(r["seed"] for r in runs)}
         cells = []
-        for k in ("val_mean", "val_worst", "heldout", "train_time_s"):
-            row[k] = mean_std(r[k] for r in runs)
+        for k in ("val_mean", "val_worst", "heldout", "train_time_s", "in_force", "end_ari", "graph_effect"):
+            row[k] = mean_std(r.get(k, float("nan")) for r in runs)
         for k in ("val_mean", "val_worst", "heldout"):
             if parent and parent in by:
                 d = paired({r["seed"]: r[k] for r in runs}, {r["seed"]: r[k] for r in by[parent]})
@@ -128,8 +131,10 @@ def table(records: list[dict]) -> tuple[str, list[dict]]:
                 cells.append("–")
         rows.append(row)
         label = ", ".join(f"{k}={v}" for k, v in change.items()) or setting
+        held = fmt_pm(row['heldout']) + (" (not held out)" if change.get("target") == "email" else "")
         lines.append(f"| {name} | {label} | {parent or '–'} | {len(runs)} | {fmt_pm(row['val_mean'])} | {fmt_pm(row['val_worst'])} | "
-                     f"{fmt_pm(row['heldout'])} | {cells[0]} | {cells[1]} | {cells[2]} | {fmt_pm(row['train_time_s'], 0)} |")
+                     f"{held} | {cells[0]} | {cells[1]} | {cells[2]} | {fmt_pm(row['in_force'], 2)} | "
+                     f"{fmt_pm(row['end_ari'], 2)} | {fmt_pm(row['graph_effect'], 3)} | {fmt_pm(row['train_time_s'], 0)} |")
     return "\n".join(lines), rows
 
 

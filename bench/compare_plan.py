@@ -156,7 +156,7 @@ def run_unit(unit: Unit, data: str, work: Path) -> None:
     if unit.kind == "search_doremi":
         from dograph_core.mixers.doremi import search_doremi
 
-        search_doremi(cfg, corpus, out, eta=float(params.get("eta", 1.0)), smoothing=float(params.get("smoothing", 1e-4)),
+        search_doremi(cfg, corpus, out, eta=float(params.get("eta", 1.0)), smoothing=float(params.get("smoothing", 1e-3)),
                       resume=True)
         runs = [out / "round1" / "reference", out / "round1" / "proxy"]
     else:

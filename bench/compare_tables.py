@@ -65,7 +65,40 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str,
         "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"], "tokens_per_s": s["tokens_per_s"],
         "search_time_s": search_time_s, "domains": domains,
         "weights": [s["final_weights"][d] for d in domains], "weights_history": hist, "curves": curves,
+        **dograph_record(run_dir),
     }
+
+
+def dograph_record(run_dir: Path) -> dict[str, Any]:
+    """DoGraph's own evidence of a run (empty for other methods): the share of updates in which model nodes
+    were in force, the mean graph effect ||a - a_graph-off||_1 of the nodes in force, the mean effective
+    sample size of the loss weights, and the cluster-source agreement of the last analysis probe."""
+    w = run_dir / "weights.json"
+    if not w.is_file():
+        return {}
+    meta = json.loads(w.read_text()).get("meta", {})
+    if "nodes" not in meta:
+        return {}
+    effects, ess = [], []
+    for rec in _read_jsonl(run_dir / "mixer" / "dograph_log.jsonl"):
+        if rec.get("event") != "update":
+            continue
+        who = "model" if rec.get("nodes_in_force") == "model" else "human"
+        e = (rec.get(who) or {}).get("graph_effect_l1")
+        if e is not None:
+            effects.append(e)
+        if rec.get("ess_mean") is not None and who == "model":
+            ess.append(rec["ess_mean"])
+    ari = math.nan
+    align = run_dir / "mixer" / "plots" / "alignment.csv"
+    if align.is_file():
+        rows = [r.split(",") for r in align.read_text().splitlines()]
+        if len(rows) > 1 and "kmeans_ari" in rows[0] and rows[-1][rows[0].index("kmeans_ari")]:
+            ari = float(rows[-1][rows[0].index("kmeans_ari")])
+    share = meta.get("model_nodes_in_force_share")
+    return {"in_force": math.nan if share is None else float(share), "end_ari": ari,
+            "graph_effect": sum(effects) / len(effects) if effects else math.nan,
+            "ess": sum(ess) / len(ess) if ess else math.nan}
 
 
 def collect(work: Path, units: list[Any], search_cost) -> list[dict[str, Any]]:

@@ -4,14 +4,22 @@
   coloured by human source, one panel per saved probe checkpoint (the paper's Figure 1);
 * ``contingency.png``: the cluster x source table at each re-clustering (model-perceived domains);
 * ``weights.png``: the weights a(t) over the graph's nodes, and the source weights the loop used;
-* ``graph.png``: the last gradient graph W as a heatmap.
+* ``graph.png``: the last gradient graph W as a heatmap;
+* ``alignment.csv`` / ``alignment.md`` / ``alignment.png``: the Figure 1 question in numbers, per saved
+  probe (a true step-0 one included): agreement (ARI, NMI) between k-means clusters of the gradient
+  features and the human sources, and the within/between-source separation (:func:`alignment_table`).
 
 Inputs are what the DoGraph mixer leaves in its output directory (``probes/step_*.npz``,
 ``dograph_log.jsonl``) and its weights document. :func:`render` writes whatever the inputs allow.
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
+import math
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,19 +47,26 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def centred_unit(z: np.ndarray) -> np.ndarray:
+    """Rows of ``z`` minus their mean, each scaled to unit norm (a row equal to the mean stays 0)."""
+    x = np.asarray(z, dtype=np.float64)
+    x = x - x.mean(0)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def pca_2d(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """First two principal components of centred, unit-normalised rows; returns (coords, explained ratio)."""
-    x = z - z.mean(0)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    x = centred_unit(z)
     x = x - x.mean(0)
     u, s, _ = np.linalg.svd(x, full_matrices=False)
     var = s**2 / max(float((s**2).sum()), 1e-30)
     return u[:, :2] * s[:2], var[:2]
 
 
-def load_probes(probe_dir: Path, max_panels: int = 6) -> list[dict[str, Any]]:
+def load_probes(probe_dir: Path, max_panels: Optional[int] = 6) -> list[dict[str, Any]]:
+    """The probe files in ``probe_dir`` in step order; at most ``max_panels`` of them (``None``: all)."""
     files = sorted(Path(probe_dir).glob("step_*.npz"))
-    if len(files) > max_panels:  # keep first, last and evenly spaced ones
+    if max_panels is not None and len(files) > max_panels:  # keep first, last and evenly spaced ones
         idx = np.unique(np.linspace(0, len(files) - 1, max_panels).round().astype(int))
         files = [files[i] for i in idx]
     out = []
@@ -122,7 +137,7 @@ def plot_weights(doc: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_graph(W: np.ndarray, names: list[str], path: Path, title: str = "gradient graph W") -> Path:
+def plot_graph(W: np.ndarray, names: list[str], path: Path, title: str = "transfer matrix T") -> Path:
     plt = _plt()
     W = np.asarray(W, dtype=float)
     lim = max(float(np.abs(W - np.diag(np.diag(W))).max()), 1e-6)
@@ -137,23 +152,266 @@ def plot_graph(W: np.ndarray, names: list[str], path: Path, title: str = "gradie
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
 
+# -- Figure 1 in numbers: are gradient domains and human sources aligned? ----------------------
+ALIGNMENT_COLUMNS = ("step", "n", "k", "n_sources", "kmeans_ari", "kmeans_nmi", "labels_ari", "labels_nmi",
+                     "cos_within", "cos_between", "separation", "silhouette")
+
+ALIGNMENT_HEADER = (
+    "Are the model's gradient domains the human sources? One row per saved probe (a fixed sample of "
+    "training sequences, stratified over the sources), in step order; step 0 is the model at initialisation. "
+    "Each sequence's projected gradient feature is centred (the probe mean removed) and scaled to unit length. "
+    "`n` is the number of sequences, `k` the number of k-means clusters, `n_sources` the number of human sources. "
+    "`kmeans_ari` and `kmeans_nmi` compare k-means clusters of the features with the sources: adjusted Rand "
+    "index, ARI (1 = the same partition, about 0 = no better than chance) and normalised mutual information, "
+    "NMI (1 = the same partition, 0 = independent; small samples sit a little above 0 by chance). "
+    "`labels_ari` and `labels_nmi` do the same for the clustering the run itself used at that step, where the "
+    "probe carries one (blank otherwise). `cos_within` is the mean cosine similarity of two different sequences "
+    "from the same source, `cos_between` that of two sequences from different sources, and `separation` their "
+    "difference (above 0: a source's gradients point more alike than those of different sources). "
+    "`silhouette` is the silhouette score with the sources as labels under the cosine distance "
+    "(-1 to 1; above 0 means sequences sit closer to their own source than to the nearest other one)."
+)
+
+
+def _sources_and_labels(probe: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray], int]:
+    z = np.asarray(probe["z"], dtype=np.float64)
+    step = int(np.asarray(probe.get("step", -1)))
+    if z.ndim != 2:
+        raise ValueError(f"probe at step {step}: z must be 2-D [N, d], got shape {z.shape}")
+    src = np.asarray(probe["sources"]).astype(np.int64).reshape(-1)
+    if len(src) != len(z):
+        raise ValueError(f"probe at step {step}: {len(z)} feature rows but {len(src)} source indices")
+    if not np.isfinite(z).all():
+        raise ValueError(f"probe at step {step}: z holds non-finite values")
+    labels = probe.get("labels")
+    labels = None if labels is None else np.asarray(labels).astype(np.int64).reshape(-1)
+    if labels is not None and len(labels) != len(z):
+        raise ValueError(f"probe at step {step}: {len(z)} feature rows but {len(labels)} labels")
+    return z, src, labels, step
+
+
+def source_cosines(x: np.ndarray, sources: np.ndarray) -> tuple[float, float]:
+    """Mean cosine of pairs (i != j) of rows from the same source and from different sources.
+
+    ``x`` holds unit (or zero) rows, so a dot product is a cosine; O(N d) via per-source sums.
+    """
+    sq = float((x * x).sum())                       # the i == j terms
+    total = x.sum(0)
+    all_sum = float(total @ total) - sq
+    within_sum, within_n = 0.0, 0
+    for s in np.unique(sources):
+        xs = x[sources == s]
+        t = xs.sum(0)
+        within_sum += float(t @ t) - float((xs * xs).sum())
+        within_n += len(xs) * (len(xs) - 1)
+    n = len(x)
+    between_n = n * (n - 1) - within_n
+    within = within_sum / within_n if within_n else math.nan
+    between = (all_sum - within_sum) / between_n if between_n else math.nan
+    return within, between
+
+
+def alignment_row(probe: dict[str, Any], k: int, seed: int = 0) -> dict[str, Any]:
+    """Agreement between the gradient geometry of one probe and its human sources.
+
+    ``probe`` holds ``z`` [N, d], ``sources`` [N], optionally ``labels`` [N] (-1: none) and ``step``.
+    Rows are centred and unit-normalised (as :func:`pca_2d` does), then clustered by k-means (``k``
+    clusters, ``n_init=4``, ``random_state=seed``). Returns one row with the keys ``ALIGNMENT_COLUMNS``
+    (NaN where a value is undefined, e.g. the silhouette of a probe with one source).
+    Raises ``ValueError`` for a probe that cannot be clustered into ``k`` clusters.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score, silhouette_score
+
+    z, src, labels, step = _sources_and_labels(probe)
+    n = len(z)
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if n < k:
+        raise ValueError(f"probe at step {step} has {n} rows, fewer than k={k} clusters: "
+                         f"save larger probes or ask for fewer clusters")
+    x = centred_unit(z)
+    with warnings.catch_warnings():  # identical rows (e.g. a tiny probe) only warn about fewer distinct points
+        warnings.simplefilter("ignore")
+        pred = KMeans(n_clusters=k, n_init=4, random_state=seed).fit_predict(x)
+    n_sources = len(np.unique(src))
+    row: dict[str, Any] = {
+        "step": step, "n": n, "k": k, "n_sources": n_sources,
+        "kmeans_ari": float(adjusted_rand_score(src, pred)),
+        "kmeans_nmi": float(normalized_mutual_info_score(src, pred)),
+        "labels_ari": math.nan, "labels_nmi": math.nan,
+    }
+    if labels is not None:
+        m = labels >= 0
+        if m.sum() >= 2:
+            row["labels_ari"] = float(adjusted_rand_score(src[m], labels[m]))
+            row["labels_nmi"] = float(normalized_mutual_info_score(src[m], labels[m]))
+    within, between = source_cosines(x, src)
+    row["cos_within"], row["cos_between"] = within, between
+    row["separation"] = within - between
+    row["silhouette"] = math.nan
+    if 2 <= n_sources <= n - 1:
+        try:
+            row["silhouette"] = float(silhouette_score(x, src, metric="cosine"))
+        except ValueError:  # e.g. all-zero rows under the cosine metric
+            pass
+    return row
+
+
+def alignment_table(probes: list[dict[str, Any]], k: int, seed: int = 0) -> list[dict[str, Any]]:
+    """:func:`alignment_row` for every probe, sorted by step."""
+    rows = [alignment_row(p, k, seed) for p in probes]
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def _cell(v: Any, digits: int = 4) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "" if not math.isfinite(float(v)) else f"{float(v):.{digits}f}"
+    return str(v)
+
+
+def write_alignment(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
+    """Write ``alignment.csv``, ``alignment.md`` and ``alignment.png`` into ``out_dir`` (each atomically)."""
+    out_dir = Path(out_dir)
+    cols = list(ALIGNMENT_COLUMNS) + [c for r in rows for c in r if c not in ALIGNMENT_COLUMNS]
+    cols = list(dict.fromkeys(cols))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([_cell(r.get(c, ""), 6) for c in cols])
+    csv_path = out_dir / "alignment.csv"
+    with atomic_path(csv_path) as tmp:
+        tmp.write_text(buf.getvalue())
+    md = [ALIGNMENT_HEADER, "", "| " + " | ".join(cols) + " |", "|" + "|".join("---:" for _ in cols) + "|"]
+    md += ["| " + " | ".join(_cell(r.get(c, ""), 3) or "–" for c in cols) + " |" for r in rows]
+    md_path = out_dir / "alignment.md"
+    with atomic_path(md_path) as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    return [csv_path, md_path, plot_alignment(rows, out_dir / "alignment.png")]
+
+
+def plot_alignment(rows: list[dict[str, Any]], path: Path) -> Path:
+    """Line plot over steps: k-means ARI and NMI vs sources, the separation, and the run's own labels' ARI."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    steps = np.asarray([r["step"] for r in rows], dtype=float)
+    series = [("kmeans_ari", "ARI (k-means vs sources)", "-o"),
+              ("kmeans_nmi", "NMI (k-means vs sources)", "-s"),
+              ("separation", "cos within - between source", "-^"),
+              ("labels_ari", "ARI (run's clusters vs sources)", ":x")]
+    for key, label, style in series:
+        y = np.asarray([r.get(key, math.nan) for r in rows], dtype=float)
+        if np.isfinite(y).any():
+            m = np.isfinite(y)
+            ax.plot(steps[m], y[m], style, label=label, markersize=4)
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_xlabel("step")
+    ax.set_ylabel("agreement / separation")
+    if len(rows):
+        k = sorted({int(r["k"]) for r in rows})
+        ax.set_title(f"Gradient clusters vs human sources (k={','.join(map(str, k))})", fontsize=10)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _probe_dir(run_dir: Path) -> Path:
+    for p in (run_dir / "probes", run_dir / "mixer" / "probes", run_dir):
+        if any(p.glob("step_*.npz")):
+            return p
+    raise FileNotFoundError(f"no probe files (probes/step_*.npz) under {run_dir}")
+
+
+def _default_k(run_dir: Path, probes: list[dict[str, Any]]) -> int:
+    """The run's k for model nodes (from its weights.json), else the number of human domains."""
+    for f in (run_dir / "weights.json", run_dir.parent / "weights.json"):
+        if f.is_file():
+            try:
+                meta = json.loads(f.read_text()).get("meta") or {}
+            except (OSError, ValueError):
+                continue
+            if meta.get("nodes") == "model" and meta.get("k"):
+                return int(meta["k"])
+            break
+    return len(probes[-1]["domains"])
+
+
+def alignment_from_dir(run_dir: str | Path, k: Optional[int] = None, seed: int = 0,
+                       out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+    """The alignment table of a finished run directory (the run's root, its ``mixer/`` or ``probes/`` folder).
+
+    ``k`` defaults to the run's cluster count for model nodes (its ``weights.json``), else the number of
+    domains. With ``out_dir`` the three ``alignment.*`` files are written there as well.
+    """
+    run_dir = Path(run_dir)
+    pdir = _probe_dir(run_dir)
+    probes = load_probes(pdir, max_panels=None)
+    if k is None:
+        k = _default_k(run_dir if pdir != run_dir else run_dir.parent, probes)
+    rows = alignment_table(probes, k, seed)
+    if out_dir is not None:
+        write_alignment(rows, out_dir)
+    return rows
+
+
+def _render_k(doc: dict[str, Any], probes: list[dict[str, Any]]) -> int:
+    meta = doc.get("meta") or {}
+    if meta.get("nodes") == "model" and meta.get("k"):
+        return int(meta["k"])
+    return len(doc.get("domains") or probes[-1]["domains"])
+
 
 def render(out_dir: str | Path, doc: dict[str, Any]) -> list[Path]:
-    """Write every plot the mixer's outputs in ``out_dir`` allow; returns the PNG paths."""
+    """Write every plot the mixer's outputs in ``out_dir`` allow; returns the PNG paths.
+
+    The alignment table (``plots/alignment.{csv,md,png}``) covers every probe file; its k is the run's
+    cluster count for model nodes, else the number of domains.
+    """
     out_dir = Path(out_dir)
     plots = out_dir / "plots"
     written: list[Path] = []
     probes = load_probes(out_dir / "probes")
     if probes:
         written.append(plot_pca(probes, plots / "pca_by_source.png"))
+        try:  # every probe, not only the panels; a failure here must not cost the other plots
+            every = load_probes(out_dir / "probes", max_panels=None)
+            written.append(write_alignment(alignment_table(every, _render_k(doc, every)), plots)[-1])
+        except Exception as e:
+            log.warning("dograph: alignment table failed: %s: %s", type(e).__name__, e)
     events = read_log(out_dir / "dograph_log.jsonl")
     p = plot_contingency(events, plots / "contingency.png")
     if p:
         written.append(p)
     written.append(plot_weights(doc, plots / "weights.png"))
-    updates = [e for e in events if e.get("event") == "update" and e.get("W")]
-    if updates:
-        W = np.asarray(updates[-1]["W"])
-        names = doc["domains"] if doc.get("meta", {}).get("nodes") != "model" else [f"c{i}" for i in range(len(W))]
-        written.append(plot_graph(W, names, plots / "graph.png", f"gradient graph W at step {updates[-1]['step']}"))
+    # the last transfer matrix T of the nodes in force (model clusters if they ever were, else the sources)
+    for tag in ("model", "human"):
+        updates = [e for e in events if e.get("event") == "update" and (e.get(tag) or {}).get("T")]
+        if updates:
+            T = np.asarray(updates[-1][tag]["T"])
+            names = doc["domains"] if tag == "human" else [f"c{i}" for i in range(len(T))]
+            written.append(plot_graph(T, names, plots / "graph.png",
+                                      f"transfer matrix T ({tag} nodes) at step {updates[-1]['step']}"))
+            break
     return written
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m dograph_core.analysis RUN_DIR [--k K] [--out DIR]``: print (and write) the alignment table."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("run_dir")
+    ap.add_argument("--k", type=int, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="write alignment.{csv,md,png} here")
+    a = ap.parse_args(argv)
+    rows = alignment_from_dir(a.run_dir, a.k, a.seed, a.out)
+    print(" ".join(ALIGNMENT_COLUMNS))
+    for r in rows:
+        print(" ".join(_cell(r[c], 3) or "nan" for c in ALIGNMENT_COLUMNS))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

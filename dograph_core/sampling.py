@@ -13,6 +13,14 @@ How a step's global batch (``batch_size`` sequences over all ranks and accumulat
    windows of ``seq_len + 1`` tokens (neighbours share one token) on a grid with a random offset,
    visited in a seeded random order; when all are read, the next epoch starts with a fresh order.
 
+With ``stratified=True`` point 1 is a stratified draw instead (:func:`stratified_counts`): every
+domain with positive weight gets ``floor(B * w_d)`` sequences, at least one each when the batch has
+room for all of them, the remaining few sequences go to distinct domains drawn from the fractional
+parts of ``B * w`` with the same seeded generator, and the batch order is shuffled by that generator
+so every micro-batch and rank slice mixes domains. Each domain's count is then within one of
+``B * w_d`` (unless the at-least-one rule moves a sequence), and its expected count is ``B * w_d``.
+This is the DoReMi maintainer's advice for small batches (every domain in every batch).
+
 So the stream is a deterministic function of (seed, step, weights history), and the whole state
 is a few integers per domain (:meth:`MixtureSampler.state_dict`), stored in every checkpoint: a
 run killed and resumed reads exactly what an uninterrupted run reads, and the weights may change
@@ -50,6 +58,34 @@ class Draw:
         return zlib.crc32(self.domain_ids.astype(np.int64).tobytes() + self.starts.astype(np.int64).tobytes())
 
 
+def stratified_counts(p: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Sequences per domain for a stratified draw of ``n`` sequences from probabilities ``p``.
+
+    ``floor(n * p_d)`` each; the ``r`` left over go to ``r`` distinct domains drawn by systematic
+    sampling on the fractional parts (one uniform from ``rng``), so domain ``d`` gets an extra one
+    with probability exactly ``frac(n * p_d)``: counts are within one of ``n * p`` and unbiased.
+    If ``n`` is at least the number of domains with positive ``p``, each of them gets at least one,
+    taken from the largest allocation (ties: lowest index).
+    """
+    k = len(p)
+    target = n * np.asarray(p, dtype=np.float64)
+    counts = np.floor(target + 1e-9).astype(np.int64)  # 1e-9: 0.3 * 10 is 3, not 2.999...
+    r = n - int(counts.sum())
+    if r > 0:
+        frac = np.clip(target - counts, 0.0, None)
+        frac = frac * (r / frac.sum())
+        cum = np.minimum(np.cumsum(frac), r)
+        cum[int(np.flatnonzero(frac > 0)[-1]):] = r
+        points = rng.random() + np.arange(r)
+        counts += np.bincount(np.searchsorted(cum, points, side="right"), minlength=k)
+    positive = np.flatnonzero(np.asarray(p) > 0)
+    if n >= positive.size:
+        for d in positive[counts[positive] == 0]:
+            counts[int(np.argmax(counts))] -= 1
+            counts[d] = 1
+    return counts
+
+
 def rank_slice(batch_size: int, rank: int, world_size: int, micro: int = 0, grad_accum: int = 1) -> slice:
     """Indices of the global batch that ``rank`` reads in micro-batch ``micro``; disjoint across ranks."""
     parts = world_size * grad_accum
@@ -76,6 +112,7 @@ class MixtureSampler:
         weights: Any,
         seed: int = 0,
         max_epochs: Optional[float] = None,
+        stratified: bool = False,
     ):
         if seq_len < 1:
             raise SamplerError(f"seq_len must be positive, got {seq_len}")
@@ -88,6 +125,7 @@ class MixtureSampler:
         self.batch_size = batch_size
         self.seed = seed
         self.max_epochs = max_epochs
+        self.stratified = bool(stratified)
         self._tokens = [tokens[d] for d in self.domains]
         self.sizes = np.array([len(t) for t in self._tokens], dtype=np.int64)
         short = [f"{d} ({n} tokens)" for d, n in zip(self.domains, self.sizes) if n < seq_len + 1]
@@ -163,7 +201,11 @@ class MixtureSampler:
             for d in np.flatnonzero((remaining <= 0) & (self.weights > 0)):
                 if not self.capped_at[d]:
                     self.capped_at[d] = step
-            ids[todo] = rng.choice(k, size=todo.size, p=w / w.sum())
+            if self.stratified:
+                # Blocks by domain here; the whole batch is shuffled once every sequence has its domain.
+                ids[todo] = np.repeat(np.arange(k), stratified_counts(w / w.sum(), todo.size, rng))
+            else:
+                ids[todo] = rng.choice(k, size=todo.size, p=w / w.sum())
             # Keep, per domain, only as many sequences as its cap allows; redraw the rest.
             over = []
             for d in range(k):
@@ -172,6 +214,8 @@ class MixtureSampler:
                     over.append(pos[remaining[d]:])
                 remaining[d] -= min(pos.size, remaining[d])
             todo = np.sort(np.concatenate(over)) if over else np.empty(0, dtype=np.int64)
+        if self.stratified:
+            ids = ids[rng.permutation(self.batch_size)]
         starts = np.array([self._next_window(int(d)) for d in ids], dtype=np.int64)
         self.next_step = step + 1
         return Draw(step, ids, starts)
@@ -219,6 +263,7 @@ class MixtureSampler:
             "seq_len": self.seq_len,
             "batch_size": self.batch_size,
             "sizes": self.sizes.tolist(),
+            "stratified": self.stratified,
             "next_step": self.next_step,
             "weights": self.weights.tolist(),
             "epoch": self.epoch.tolist(),
@@ -229,10 +274,11 @@ class MixtureSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key in ("domains", "seed", "seq_len", "batch_size", "sizes"):
+        for key in ("domains", "seed", "seq_len", "batch_size", "sizes", "stratified"):
             mine = self.state_dict()[key]
-            if state[key] != mine:
-                raise SamplerError(f"sampler state does not match this run: {key} was {state[key]}, now {mine}")
+            theirs = state.get(key, False) if key == "stratified" else state[key]  # older checkpoints: iid
+            if theirs != mine:
+                raise SamplerError(f"sampler state does not match this run: {key} was {theirs}, now {mine}")
         self.next_step = int(state["next_step"])
         self.weights = check_weights(state["weights"], self.domains, "sampler weights in checkpoint")
         self.epoch = np.asarray(state["epoch"], dtype=np.int64)

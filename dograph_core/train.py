@@ -148,6 +148,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
     sampler = MixtureSampler(
         {d: corpus.tokens("train", d) for d in domains}, domains, cfg.seq_len, cfg.batch_size,
         mixer.sampling_weights(), seed=cfg.seed, max_epochs=cfg.max_epochs,
+        stratified=getattr(mixer, "stratified_batches", False),  # DoReMi's batch: stratified
     )
     opt, sched = make_optimizer(model, cfg, device)
     fp = fingerprint(cfg, mixer_type, params, corpus)
@@ -218,7 +219,9 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
                 f"(method {method}, lr {lr:.3g}); training stopped, {where}. Lower train.lr, raise "
                 "train.warmup_steps or use train.dtype=fp32"
             )
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)) if cfg.grad_clip > 0 else None
+        clip = getattr(mixer, "total_grad_clip", None)  # a mixer may own the total clip (DoGE: its max_grad_norm)
+        clip = cfg.grad_clip if clip is None else clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) if clip > 0 else None
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)

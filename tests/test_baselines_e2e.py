@@ -57,9 +57,11 @@ def test_doge_universal_runs_and_writes_its_weights(corpus, tmp_path):
     s = train(cfg(), corpus, "doge", {"type": "doge"}, tmp_path / "doge")
     assert np.isfinite(s["final_loss"])
     doc = check_run(corpus, tmp_path / "doge", "doge")
-    assert doc["meta"]["mode"] == "universal" and doc["meta"]["updates"] == 3
-    assert doc["meta"]["timing"] == "same_step"
-    assert len(doc["schedule"]) == 4  # initial + one change per step
+    # the published universal form: a separate mix batch from the training domains' train split
+    assert doc["meta"]["mode"] == "mix" and doc["meta"]["updates"] == 3
+    assert doc["meta"]["target_split"] == {d: "train" for d in corpus.train_domains}
+    assert doc["meta"]["timing"] == "same_step" and doc["meta"]["total_grad_clip"] == 5.0
+    assert [r["step"] for r in doc["schedule"]] == [0, 1, 2, 3]  # initial + one row per step, none twice
 
 
 def test_doge_out_of_domain_target_is_a_heldout_domain(corpus, tmp_path):
@@ -82,6 +84,7 @@ def test_doremi_search_two_rounds_reference_proxy_average(corpus, tmp_path):
     assert final["method"] == "doremi" and len(final["meta"]["rounds"]) == 2
     np.testing.assert_allclose(final["weights"], [res["weights"][d] for d in corpus.train_domains])
     assert final["meta"]["updates"] == 3
+    assert [r["step"] for r in final["schedule"]] == sorted({r["step"] for r in final["schedule"]})
     # resuming a finished search trains nothing and gives the same answer
     again = search_doremi(cfg(), corpus, tmp_path / "s", rounds=2, eta=0.5, resume=True)
     assert again["weights"] == pytest.approx(res["weights"])

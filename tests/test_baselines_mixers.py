@@ -198,8 +198,11 @@ def grad_stats(step, grads, present=None, lr=0.1):
     )
 
 
+LOO = {"target": "train"}  # the leave-one-out variant: targets are the training gradients themselves
+
+
 def test_doge_orthogonal_gradients_leave_weights_unchanged():
-    m = build_mixer("doge", {}, ctx())
+    m = build_mixer("doge", LOO, ctx())
     s = grad_stats(1, [[1.0, 0.0], [0.0, 1.0]])
     m.observe(s)
     np.testing.assert_allclose(m.weights, [0.5, 0.5])  # updated inside the step, before the loop combines
@@ -208,7 +211,7 @@ def test_doge_orthogonal_gradients_leave_weights_unchanged():
 
 
 def test_doge_one_step_by_hand_and_in_place_clipping():
-    m = build_mixer("doge", {"max_grad_norm": 1.0}, ctx(("a", "b", "c")))
+    m = build_mixer("doge", {**LOO, "max_grad_norm": 1.0}, ctx(("a", "b", "c")))
     g = [[2.0, 0.0], [0.0, 3.0], [4.0, 4.0]]  # clipped to norm ~1: e1, e2, (e1 + e2) / sqrt 2
     s = grad_stats(1, g, lr=0.01)
     m.observe(s)
@@ -222,7 +225,7 @@ def test_doge_one_step_by_hand_and_in_place_clipping():
 
 
 def test_doge_absent_domain_keeps_last_gradient_and_weights_stay_finite():
-    m = build_mixer("doge", {}, ctx(("a", "b", "c")))
+    m = build_mixer("doge", LOO, ctx(("a", "b", "c")))
     m.observe(grad_stats(1, [[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]))
     m.update(1)
     kept = m.grads[1].clone()
@@ -236,7 +239,7 @@ def test_doge_absent_domain_keeps_last_gradient_and_weights_stay_finite():
 
 
 def test_doge_gradient_accumulation_switches_to_next_step_updates():
-    m = build_mixer("doge", {}, ctx())
+    m = build_mixer("doge", LOO, ctx())
     m.observe(grad_stats(1, [[1.0, 0.0], [1.0, 0.0]], present=[True, True]))
     assert m.n_updates == 1  # first micro-batch: updated inside the step
     m.observe(grad_stats(1, [[3.0, 0.0], [1.0, 0.0]], present=[True, True]))
@@ -247,11 +250,11 @@ def test_doge_gradient_accumulation_switches_to_next_step_updates():
 
 
 def test_doge_state_roundtrip_weights_only():
-    m = build_mixer("doge", {}, ctx())
+    m = build_mixer("doge", LOO, ctx())
     for step in (1, 2):
         m.observe(grad_stats(step, [[1.0, 0.5], [0.2, 1.0]]))
         m.update(step)
-    m2 = build_mixer("doge", {}, ctx())
+    m2 = build_mixer("doge", LOO, ctx())
     m2.load_state_dict(roundtrip(m.state_dict()))
     for mm in (m, m2):
         mm.observe(grad_stats(3, [[1.0, 0.1], [0.0, 0.0]], present=[True, False]))
@@ -261,14 +264,17 @@ def test_doge_state_roundtrip_weights_only():
 
 
 def test_doge_bad_parameters():
-    for bad in ({"mu": 0}, {"mu": -0.1}, {"dw_min": 2, "dw_max": 1}, {"target": []}, {"max_grad_norm": -1}):
+    for bad in ({"mu": 0}, {"mu": -0.1}, {"dw_min": 2, "dw_max": 1}, {"target": []}, {"max_grad_norm": -1},
+                {"target": "universal"}, {"total_grad_clip": -1.0}, {"target_batch_size": 0}):
         with pytest.raises(MixerError):
             validate_mixer_config("doge", bad)
     with pytest.raises(MixerError, match="not in the corpus"):
         build_mixer("doge", {"target": ["nope"]}, ctx())
     with pytest.raises(MixerError, match="no corpus"):
         build_mixer("doge", {"target": ["held"]}, ctx(heldout_domains=["held"]))
-    m = build_mixer("doge", {}, ctx())
+    with pytest.raises(MixerError, match="needs the corpus"):
+        build_mixer("doge", {}, ctx())  # target 'mix' (the default) draws its batch from the corpus
+    m = build_mixer("doge", LOO, ctx())
     with pytest.raises(MixerError, match="per-domain gradients"):
         m.observe(stats_for(1, [0]))
     with pytest.raises(MixerError, match="non-finite"):
@@ -283,8 +289,11 @@ def loss_stats(step, domain_ids, losses):
     )
 
 
-def test_odm_steps_by_hand():
-    m = build_mixer("odm", {}, ctx())
+EMA_IW = {"updater": "ema_importance"}  # the project's earlier form (DataFlex port)
+
+
+def test_odm_ema_importance_steps_by_hand():
+    m = build_mixer("odm", EMA_IW, ctx())
     m.observe(loss_stats(1, [0, 0, 1], [4.0, 4.0, 2.0]))
     w1 = m.update(1)
     # rewards 4 and 2 sampled at 1/2 each: R = 0.1 * [8, 4]; eps_1 = min(1/2, sqrt(ln2/2)) = 1/2 -> uniform
@@ -301,18 +310,19 @@ def test_odm_steps_by_hand():
 
 
 def test_odm_reward_scale_and_no_importance_weighting():
-    m = build_mixer("odm", {"reward_scale": 0.1}, ctx())
+    m = build_mixer("odm", {**EMA_IW, "reward_scale": 0.1}, ctx())
     m.observe(loss_stats(1, [0, 1], [4.0, 2.0]))
     m.update(1)
     np.testing.assert_allclose(m.estimate, [0.1 * 0.4 / 0.5, 0.1 * 0.2 / 0.5])
-    m = build_mixer("odm", {"importance_weighting": False}, ctx())
+    m = build_mixer("odm", {**EMA_IW, "importance_weighting": False}, ctx())
     m.observe(loss_stats(1, [0, 1], [4.0, 2.0]))
     m.update(1)
     np.testing.assert_allclose(m.estimate, [0.4, 0.2])
 
 
-def test_odm_probabilities_sum_to_one_exploration_decays_missing_domain():
-    m = build_mixer("odm", {}, ctx(("a", "b", "c", "d")))
+@pytest.mark.parametrize("updater", ["smoothed_mean", "exp3", "ema_importance"])
+def test_odm_probabilities_sum_to_one_exploration_decays_missing_domain(updater):
+    m = build_mixer("odm", {"updater": updater}, ctx(("a", "b", "c", "d")))
     eps = []
     rng = np.random.default_rng(0)
     for step in range(1, 300):  # domain d never drawn
@@ -324,6 +334,8 @@ def test_odm_probabilities_sum_to_one_exploration_decays_missing_domain():
         eps.append(m.eps)
     assert all(a >= b for a, b in zip(eps, eps[1:])) and eps[-1] < eps[0]
     assert m.estimate[3] == 0.0 and m.weights[3] > 0
+    steps = [s for s, _ in m.history]
+    assert steps == sorted(set(steps))  # one history row per changed step, never two
 
 
 def test_odm_warmup_keeps_initial_weights_and_state_roundtrip():
@@ -351,7 +363,7 @@ def test_odm_warmup_keeps_initial_weights_and_state_roundtrip():
 @pytest.mark.parametrize("name", ["odm", "doge"])
 def test_result_is_a_weights_file_the_static_mixer_reads(name, tmp_path):
     doms = ("a", "b", "c")  # (with two domains DoGE's universal scores are symmetric: weights stay equal)
-    m = build_mixer(name, {}, ctx(doms))
+    m = build_mixer(name, LOO if name == "doge" else {}, ctx(doms))
     for step in range(1, 7):  # ODM explores uniformly while sqrt(ln K / (K t)) >= 1/K (t <= 3 here)
         if name == "odm":
             m.observe(loss_stats(step, [0, 1, 2], [3.0 + step, 1.0, 2.0]))

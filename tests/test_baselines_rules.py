@@ -148,3 +148,19 @@ def test_odm_reward_estimate_importance_weighted_moving_average():
     np.testing.assert_allclose(r2, [0.9 * 0.8 + 0.1 * 12.0, 0.9 * 1.0 + 0.1 * 2.0 / 0.75])
     r3 = rules.odm_rewards([0.0, 0.0], [4.0, 2.0], [True, True], [0.5, 0.5], alpha=0.9, importance=False)
     np.testing.assert_allclose(r3, [0.4, 0.2])
+
+
+def test_odm_official_reward_updates_by_hand():
+    # SmoothedMeanWeightUpdater: alpha R + (1 - alpha) exp(loss); losses ln 2 and ln 3, domain 1 not drawn
+    r = rules.odm_smoothed_mean_rewards([0.0, 1.0], [math.log(2), math.log(3)], [True, False], alpha=0.5)
+    np.testing.assert_allclose(r, [0.5 * 0.0 + 0.5 * 2.0, 1.0])
+    # Exp3WeightUpdater: R + r / pi, cumulative
+    r = rules.odm_exp3_rewards([1.0, 1.0], [0.2, 0.4], [True, True], probs=[0.5, 0.25])
+    np.testing.assert_allclose(r, [1.0 + 0.4, 1.0 + 1.6])
+
+
+def test_odm_linear_policy_by_hand():
+    # (1 - 2 * 0.1) * [3, 1] / 4 + 0.1 = [0.7, 0.3]
+    np.testing.assert_allclose(rules.odm_linear_policy([3.0, 1.0], 0.1), [0.7, 0.3])
+    np.testing.assert_allclose(rules.odm_linear_policy([0.0, 0.0, 0.0], 0.2), [1 / 3] * 3)
+    np.testing.assert_allclose(rules.odm_linear_policy([5.0, 1.0, 2.0], 1 / 3), [1 / 3] * 3)  # eps = 1/K: uniform

@@ -13,7 +13,7 @@ from _dograph_fixture import make_corpus, nano_model
 from dograph_core.data.corpus import TokenCorpus
 from dograph_core.mixers import build_mixer
 from dograph_core.mixers.base import BatchStats, MixerContext, MixerError
-from dograph_core.mixers.dograph_parts import draw_probe, progress_targets, time_average
+from dograph_core.mixers.dograph_parts import draw_probe, read_log, time_average
 
 T = 32
 
@@ -31,9 +31,9 @@ def ctx_for(corpus, out=None, steps=30):
 SMALL = {"k": 3, "update_every": 5, "recluster_every": 10, "probe_size": 36, "r1": 8, "r2": 16, "plots": False}
 
 
-def run(mixer, model, steps, start=1, batch=12, poison=None):
+def run(mixer, model, steps, start=1, batch=12, poison=None, lr=0.05):
     """The loop's protocol by hand: sample, forward, example weights, backward, observe, update."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
     for step in range(start, start + steps):
         ids, _ = draw_probe(mixer.ctx.corpus, mixer.ctx.domains, batch, T, seed=step)
         dom = torch.arange(batch) % len(mixer.ctx.domains)
@@ -65,28 +65,80 @@ def test_human_nodes_sample_and_give_valid_weights_and_time_average(corpus, tmp_
     doc = m.result()
     assert np.allclose(doc["weights"], time_average(m.history, 30))
     assert doc["meta"]["nodes"] == "human" and len(doc["schedule"]) == 5
-    assert not np.allclose(m.alpha, 1 / 3)  # the graph and progress moved the weights
-    assert (tmp_path / "dograph_log.jsonl").exists()
+    ups = [r for r in read_log(tmp_path / "dograph_log.jsonl") if r["event"] == "update"]
+    assert len(ups) == 4 and all(r["nodes_in_force"] == "human" for r in ups)
+    # the graph's effect is logged at every update: ||a - a_graph-off||_1
+    assert all(r["human"]["graph_effect_l1"] is not None and r["human"]["graph_effect_l1"] >= 0 for r in ups)
+    assert (tmp_path / "probes" / "step_0000000.npz").exists()   # the true step-0 panel
 
 
-def test_model_nodes_weight_losses_and_export_source_weights(corpus, tmp_path):
+def batch_stats(model, corpus, n=12, seed=99, step=31):
+    ids, _ = draw_probe(corpus, corpus.train_domains, n, T, seed=seed)
+    o = model(ids[:, :-1], output_hidden_states=True)
+    return BatchStats(step=step, domain_ids=torch.arange(n) % 3, example_loss=torch.ones(n), input_ids=ids,
+                      hidden=o.hidden_states[-1].detach(), logits=o.logits.detach(), model=model)
+
+
+def test_model_nodes_weight_losses_by_the_stated_formula(corpus, tmp_path):
     torch.manual_seed(0)
     m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0}, ctx_for(corpus, tmp_path))
     assert m.apply == "loss" and type(m).apply == "sample"  # per instance; the class default is untouched
     model = nano_model(seq_len=T)
     run(m, model, 30)
-    assert m.clustering is not None and m.table.sum() == 36 and m.table.shape == (3, 3)
+    assert m.in_force and m.clustering is not None and m.table.sum() == 36 and m.table.shape == (3, 3)
     assert np.allclose(m.sampling_weights(), 1 / 3)  # the loop samples uniformly, the loss carries the mixture
-    ids, _ = draw_probe(corpus, corpus.train_domains, 12, T, seed=99)
-    o = model(ids[:, :-1], output_hidden_states=True)
-    st = BatchStats(step=31, domain_ids=torch.arange(12) % 3, example_loss=torch.ones(12), input_ids=ids,
-                    hidden=o.hidden_states[-1].detach(), logits=o.logits.detach(), model=model)
-    w = m.example_weights(st)
-    assert w.shape == (12,) and abs(w.mean().item() - 1) < 1e-5 and torch.all(w > 0)
+    m.mnodes.alpha = np.array([0.7, 0.2, 0.1])       # a rough target, to see the clip and the temper act
+    m.pi = np.array([0.01, 0.49, 0.5])
+    st = batch_stats(model, corpus)
+    w = m.example_weights(st).double()
+    labels = m.clusters.assign(m._features(st).double().numpy())
+    # by hand: pi floored at 0.02 and renormalised; (alpha/pi)^0.5 clipped to [0.5, 2]; over its mean under pi
+    pi = np.array([0.02, 0.49, 0.5]) / 1.01
+    wc = np.clip(np.sqrt(np.array([0.7, 0.2, 0.1]) / pi), 0.5, 2.0)
+    wc = wc / (pi @ wc)
+    assert np.allclose(w.numpy(), wc[labels], atol=1e-6)
+    assert wc.max() / wc.min() <= 4 + 1e-9                          # at most 4:1, never 100:1
+    ess = float(w.sum() ** 2 / (len(w) * (w ** 2).sum()))
+    assert ess >= 0.64 - 1e-9                                       # 4ab/(a+b)^2 for weights in [a, b]
     doc = m.result()
-    assert doc["meta"]["contingency"] == m.table.tolist()
+    assert doc["meta"]["contingency"] == m.table.tolist() and doc["meta"]["model_nodes_in_force_share"] > 0.5
     assert len(doc["weights"]) == 3 and abs(sum(doc["weights"]) - 1) < 1e-9  # effective source weights
-    assert len(doc["meta"]["node_weights"]) == 3
+    ups = [r for r in read_log(tmp_path / "dograph_log.jsonl") if r["event"] == "update" and "model" in r]
+    assert ups and all(0.5 <= r["ess_mean"] <= 1 for r in ups if r.get("ess_mean") is not None)
+    live = [r for r in ups if "realised" in r]          # all but the update that made the clusters
+    assert len(live) >= len(ups) - 1 and all(len(r["realised"]) == 3 for r in live)
+
+
+def test_model_node_progress_is_measured_on_a_fixed_probe(corpus):
+    """A model that does not learn (lr 0): re-scoring the same probe sequences shows no change at all,
+    so beta stays uniform; the training windows' losses (other sequences each window) would not."""
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "min_windows": 2,
+                                "min_node_samples": 1}, ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 30, lr=0.0)
+    d = np.stack(list(m.mnodes.progress.changes))
+    assert len(d) >= 2 and np.allclose(np.nan_to_num(d), 0.0, atol=1e-9)
+    beta, u, _ = m.mnodes.progress.targets(1.0)
+    assert np.allclose(beta, 1 / 3)
+    h = np.stack(list(m.human.progress.changes))          # the batch path sees different sequences
+    assert np.abs(np.nan_to_num(h)).max() > 1e-4
+
+
+def test_unstable_clustering_falls_back_to_human_nodes(corpus, caplog, monkeypatch, tmp_path):
+    from dograph_core import clustering
+
+    monkeypatch.setattr(clustering, "adjusted_rand_score", lambda a, b: 0.0)  # the two projections disagree
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model"}, ctx_for(corpus, tmp_path))
+    with caplog.at_level(logging.INFO):
+        run(m, nano_model(seq_len=T), 20)
+    assert not m.in_force and m.clusters is None
+    assert "falling back to human nodes" in caplog.text
+    assert m.example_weights(batch_stats(m._model, corpus)) is None          # no loss weights
+    assert np.allclose(m.sampling_weights(), m.human.alpha)                   # the human-node mixture samples
+    ups = [r for r in read_log(tmp_path / "dograph_log.jsonl") if r["event"] == "update"]
+    assert {r["nodes_in_force"] for r in ups} == {"human"}
+    assert m.result()["meta"]["model_nodes_in_force_share"] == 0.0
 
 
 def test_model_nodes_resampling_mode_maps_clusters_to_sources(corpus):
@@ -109,7 +161,7 @@ def test_exact_feature_path_clusters_on_per_example_gradients(corpus, tmp_path):
     model = nano_model(seq_len=T)
     assert m.dim == 5 * 32
     run(m, model, 30)
-    assert m.clustering is not None and m.clustering.centroids.shape == (3, m.dim)
+    assert m.in_force and m.clustering.centroids.shape == (3, m.dim)
     names = resolve_param_names(model, m.cfg.exact_params)
     assert names[0] == "lm_head.weight" and names[-1] == f"transformer.h.{model.config.n_layer - 1}.mlp.c_proj.weight"
     ids, _ = draw_probe(corpus, corpus.train_domains, 4, T, seed=5)
@@ -125,8 +177,10 @@ def test_exact_feature_path_clusters_on_per_example_gradients(corpus, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [({"features": "exact", "exact_params": []}, "at least one parameter"),
-                                        ({"features": "exact", "nodes": "model", "block": "transformer.h.-1.mlp.c_proj"},
-                                         "exact_params")])
+                                        ({"objective": "A1"}, "needs a target"),
+                                        ({"objective": "A1", "target": "nowhere"}, "unknown"),
+                                        ({"target": "code"}, "A1 only"),
+                                        ({"horizon": 2, "min_windows": 3}, "min_windows")])
 def test_exact_feature_path_rejects_bad_settings(corpus, bad, match):
     with pytest.raises(Exception, match=match):
         build_mixer("dograph", {**SMALL, **bad}, ctx_for(corpus))
@@ -188,24 +242,25 @@ def test_nan_features_skip_the_window_and_keep_weights(corpus, caplog):
     assert not np.array_equal(m.weights, before) and np.all(np.isfinite(m.weights))
 
 
-def test_domain_without_samples_keeps_its_mean_and_weights_stay_finite(corpus):
+def test_domain_without_samples_is_neutral_not_favoured(corpus):
     torch.manual_seed(0)
-    m = build_mixer("dograph", {**SMALL, "nodes": "human", "min_node_samples": 4}, ctx_for(corpus))
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "min_node_samples": 4, "min_windows": 2}, ctx_for(corpus))
     model = nano_model(seq_len=T)
-    run(m, model, 5)
-    kept = m.nodes.mean_matrix()[2].clone()
-    # a window where domain 2 never appears
+    run(m, model, 10)
+    kept = m.human.means.mean_matrix()[2].clone()
     orig = m.observe
 
-    def observe_without_domain_2(st):
+    def observe_without_domain_2(st):   # windows where domain 2 never appears
         keep = st.domain_ids != 2
-        st2 = BatchStats(step=st.step, domain_ids=st.domain_ids[keep], example_loss=st.example_loss[keep],
-                         input_ids=st.input_ids[keep], hidden=st.hidden[keep], logits=st.logits[keep], model=st.model)
-        orig(st2)
+        orig(BatchStats(step=st.step, domain_ids=st.domain_ids[keep], example_loss=st.example_loss[keep],
+                        input_ids=st.input_ids[keep], hidden=st.hidden[keep], logits=st.logits[keep], model=st.model))
 
     m.observe = observe_without_domain_2
-    run(m, model, 5, start=6)
-    assert torch.equal(m.nodes.mean_matrix()[2], kept)
+    run(m, model, 25, start=11)
+    assert torch.equal(m.human.means.mean_matrix()[2], kept)
+    beta, u, _ = m.human.progress.targets(1.0)
+    assert u[2] == 0.0                                       # no score: neutral
+    assert beta.argmax() != 2 or np.allclose(beta, 1 / 3)   # never the largest (the old bug gave it the most)
     assert np.all(np.isfinite(m.weights)) and abs(m.weights.sum() - 1) < 1e-9
 
 
@@ -227,40 +282,29 @@ def test_solver_failure_keeps_previous_weights_when_asked(corpus, caplog, monkey
     assert np.array_equal(m.weights, before) and "pip install pyomo-ripopt" in caplog.text
 
 
-def test_unstable_clustering_leaves_training_unweighted(corpus, caplog, monkeypatch):
-    from dograph_core import clustering
-
-    monkeypatch.setattr(clustering, "adjusted_rand_score", lambda a, b: 0.0)  # the two projections disagree
-    torch.manual_seed(0)
-    m = build_mixer("dograph", {**SMALL, "nodes": "model"}, ctx_for(corpus))
-    with caplog.at_level(logging.WARNING):
-        run(m, nano_model(seq_len=T), 10)
-    assert m.clustering is None and "rejected" in caplog.text
-    assert np.allclose(m.weights, 1 / 3)
-
-
-def test_progress_targets_favour_lagging_nodes():
-    loss = np.array([2.0, 2.0, 2.0])
-    prev = np.array([2.5, 2.2, 2.02])  # node 2 barely improved: it lags
-    beta, u = progress_targets(loss, prev, None, np.ones(3, bool), "relative", 1.0, True)
-    assert beta.argmax() == 2 and beta.argmin() == 0 and abs(beta.sum() - 1) < 1e-12
-    beta0, _ = progress_targets(loss, None, None, np.ones(3, bool), "relative", 1.0, True)
-    assert np.allclose(beta0, 1 / 3)
-
-
-@pytest.mark.parametrize("extra", [{"objective": "A1"}, {"objective": "A2"}, {"knn": 1, "graph": "gram"},
-                                   {"progress": "ratio", "tau_kl": 0.0, "solver": "highs"}])
+@pytest.mark.parametrize("extra", [{"objective": "F2"}, {"objective": "F2", "tau_kl": 0.0, "rho": None},
+                                   {"graph": "off"}, {"graph": "cosine", "knn": 1}, {"rho": None}])
 def test_objective_variants_give_weights_on_the_simplex(corpus, extra):
     torch.manual_seed(0)
-    m = build_mixer("dograph", {**SMALL, "nodes": "human", "floor": 0.05, "cap": 0.8, **extra}, ctx_for(corpus))
-    run(m, nano_model(seq_len=T), 10)
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "floor": 0.05, "cap": 0.8, "min_windows": 2, **extra},
+                    ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 20)
     w = m.weights
     assert abs(w.sum() - 1) < 1e-9 and np.all(w >= 0.05 - 1e-9) and np.all(w <= 0.8 + 1e-9)
-    assert len(m.history) == 3
+    assert len(m.human.history) == 5
+
+
+def test_a1_moves_the_mixture_towards_its_explicit_target(corpus, tmp_path):
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "objective": "A1", "target": "numbers", "tau_kl": 0.0},
+                    ctx_for(corpus, tmp_path))
+    run(m, nano_model(seq_len=T), 10)
+    assert m.weights.argmax() == corpus.train_domains.index("numbers") and m.weights.max() > 0.5
+    assert m.result()["meta"]["target"] == {"numbers": 1.0}
 
 
 def test_analysis_probes_land_on_update_steps_even_at_the_run_end(corpus):
     # 250 steps, updates every 20: the last update is step 240, so the final probe must be there
     m = build_mixer("dograph", {**SMALL, "nodes": "human", "update_every": 20}, ctx_for(corpus, steps=250))
-    assert m.analysis_steps() == [20, 120, 240]
+    assert m.analysis_steps() == [0, 60, 120, 180, 240]
     assert all(s % 20 == 0 for s in m.analysis_steps())

@@ -1,107 +1,52 @@
 """DoGraph: weights over gradient-defined domains, scheduled by a graph-constrained optimisation.
 
-The method as implemented (the reference note's section 3.2, with the feasibility note's defaults;
-``docs/method.md`` gives every parameter and why):
+The method as implemented (``docs/method.md`` derives it and gives every parameter):
 
 * every training micro-batch: the cheap forward-only sketch ``z`` of each sequence's output-layer
   gradient (:func:`dograph_core.gradients.output_features`, ``d = r1 r2``);
-* ``nodes: human``: nodes are the training sources; the node means of ``z`` and the node losses
-  accumulate over a window of ``update_every`` steps and are EMA-smoothed across windows; the
-  weights act through the sampler (``apply = "sample"``);
-* ``nodes: model``: nodes are ``k`` clusters found by k-means of centred, unit-normalised probe
-  features (a stratified probe from the corpus, every ``recluster_every`` steps, accepted only if
-  stable across two projection seeds, warm-started and matched to the previous clusters); each
-  training sequence goes to its nearest centroid; the weights act as per-sequence loss weights
-  ``a_c / pi_c`` (clipped, mean 1; ``apply = "loss"``) or, with ``apply: sample``, through the
-  sampler via the cluster x source table;
-* every ``update_every`` steps: the graph (cosine of node means, optional k-NN), progress targets
-  ``beta`` from the node losses, and the Pyomo problem of :mod:`dograph_core.optimize`; the result
-  is smoothed ``(1 - eps) a + eps / K``. Any failure keeps the previous weights and logs why.
+* **nodes** are the human sources (``nodes: human``) or ``k`` clusters of the features
+  (``nodes: model``). Model nodes are *live*: a full re-clustering of a stratified probe every
+  ``recluster_every`` steps (accepted only when stable across two projection seeds, matched to the
+  live clusters), and in between the centroids, the centring mean and a balancing price per cluster
+  follow the training sequences' features (:class:`~dograph_core.clustering.LiveClusters`). While
+  the last re-clustering is unstable, the mixer falls back to DoGraph over the human sources (or
+  uniform) and logs it: it never weights by stale clusters;
+* every ``update_every`` steps: node mean gradients and the progress targets ``beta``
+  (:mod:`dograph_core.progress`: relative loss changes, neutral for nodes without fresh data, shrunk
+  towards uniform within noise; for model nodes measured on a fixed probe set re-scored at each
+  update), then the graph-constrained problem of :mod:`dograph_core.optimize` (F1 / F2 with the F3
+  Laplacian constraint; :mod:`dograph_core.mixers.dograph_nodes` builds it), smoothed
+  ``(1 - eps) a + eps / K``. The graph's effect ``||a - a_graph-off||_1`` is logged at every update;
+* how weights act: human nodes through the sampler; model nodes through tempered per-sequence loss
+  weights ``clip((a_c / pi_c)^temper, clip)`` normalised by their expectation under the base sampler
+  (the same constant on every micro-batch and rank), or through the sampler via the cluster x source
+  table (``apply: sample``).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 
 from dograph_core import clustering as cl
-from dograph_core import graph as gr
 from dograph_core import optimize as opt
 from dograph_core.gradients import (FeatureError, Projection, check_features, output_features, per_example_grads,
-                                    probe_features, project_grads, resolve_param_names)
-from dograph_core.mixers.base import BatchStats, Mixer, MixerConfig, MixerContext, MixerError, Reduce, identity_reduce
-from dograph_core.mixers.dograph_parts import EventLog, ProbeError, draw_probe, progress_targets, time_average
+                                    probe_features, project_grads, resolve_param_names, sequence_loss)
+from dograph_core.mixers.base import BatchStats, Mixer, MixerContext, MixerError, Reduce, identity_reduce
+from dograph_core.mixers.dograph_config import DoGraphConfig
+from dograph_core.mixers.dograph_nodes import NodeSet, build_problem
+from dograph_core.mixers.dograph_parts import EventLog, ProbeError, draw_probe, time_average
 
 log = logging.getLogger(__name__)
 
-
-class DoGraphConfig(MixerConfig):
-    update_every: int = Field(20, gt=0, description="T_w: rebuild the graph and re-solve every this many steps")
-    nodes: Literal["human", "model"] = Field("human", description="graph nodes: the human sources or k-means clusters")
-    k: int = Field(8, ge=2, description="number of model-perceived domains (nodes: model)")
-    r1: int = Field(32, gt=0, description="rows of the output-residual projection R_b")
-    r2: int = Field(64, gt=0, description="rows of the hidden-state projection R_h (d = r1 r2)")
-    proj_seed: int = Field(0, description="projection seed (combined with the run seed); the check uses +1")
-    recluster_every: int = Field(250, gt=0, description="T_c: re-cluster every this many steps (nodes: model)")
-    probe_size: int = Field(256, gt=0, description="sequences in each clustering probe, stratified over sources")
-    probe_batch: int = Field(32, gt=0, description="probe sequences per forward pass")
-    min_ari: float = Field(0.2, ge=-1, le=1, description="accept a clustering only if its ARI across two projection seeds is at least this")
-    ema: float = Field(0.8, ge=0, lt=1, description="EMA of node means and losses across update windows")
-    min_node_samples: int = Field(4, ge=1, description="a node with fewer sequences in a window keeps its previous mean")
-    feature_tokens: Optional[int] = Field(None, gt=0, description="positions per sequence used by the online sketch (None = all)")
-    graph: Literal["cosine", "gram"] = Field("cosine", description="edge weights: cosine of node means, or their Gram matrix")
-    knn: Optional[int] = Field(None, gt=0, description="keep each node's k strongest edges (None = dense)")
-    objective: Literal["main", "A1", "A2"] = "main"
-    progress: Literal["relative", "ratio"] = Field("relative", description="lag score: relative loss decrease, or L/L0")
-    standardize: bool = Field(True, description="divide lag scores by their mean magnitude before the softmax")
-    tau: float = Field(1.0, gt=0, description="temperature of beta = softmax(u / tau)")
-    c: float = Field(1.0, ge=0, description="curvature (L eta) of the smoothness bound")
-    lam: float = Field(0.1, ge=0, description="Laplacian smoothness weight")
-    tau_kl: float = Field(0.1, ge=0, description="KL(a || a_prev) weight: schedule smoothness")
-    mu: float = Field(0.05, gt=0, description="log-sum-exp temperature of A2")
-    eps: float = Field(1e-3, ge=0, lt=1, description="final smoothing (1 - eps) a + eps / K")
-    floor: float = Field(0.0, ge=0, le=1, description="lower bound of every node weight")
-    cap: float = Field(1.0, gt=0, le=1, description="upper bound of every node weight")
-    clip: tuple[float, float] = Field((0.1, 10.0), description="per-sequence loss weights are clipped to this range")
-    apply: Literal["loss", "sample"] = Field("loss", description="nodes: model: loss weights, or sampling through the cluster x source table")
-    base: Literal["uniform", "natural"] = Field("uniform", description="sampling under loss weighting (nodes: model)")
-    solver: Literal["auto", "ripopt", "highs", "numpy"] = "auto"
-    fallback: Literal["numpy", "keep"] = Field("numpy", description="on a solver failure: the numpy reference solver, or keep the weights")
-    block: Optional[str] = Field(None, description="also sketch this linear layer on probes, e.g. transformer.h.-1.mlp.c_proj")
-    block_r: tuple[int, int] = (32, 64)
-    features: Literal["sketch", "exact"] = Field(
-        "sketch", description="sketch: the forward-only output-layer sketch; exact: torch.func per-example gradients "
-                              "of exact_params (online and on probes; an ablation, about one extra backward per step)")
-    exact_params: list[str] = Field(
-        default_factory=lambda: ["lm_head.weight", *(f"transformer.h.-1.{m}.weight" for m in
-                                                     ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))],
-        description="features: exact: the parameters whose per-example gradients are used (negative block indices count from the end)")
-    exact_r: tuple[int, int] = Field((16, 32), description="features: exact: Kronecker sketch size of each parameter's gradient")
-    analysis_probes: list[float] = Field(default_factory=lambda: [0.0, 0.5, 1.0],
-                                         description="fractions of the run at which probe features are saved for the PCA (nodes: human)")
-    plots: bool = Field(True, description="write the analysis PNGs at the end of the run")
-
-    @model_validator(mode="after")
-    def _check(self) -> "DoGraphConfig":
-        if self.nodes == "model" and self.probe_size < self.k:
-            raise ValueError(f"probe_size ({self.probe_size}) must be at least k ({self.k})")
-        if self.clip[0] <= 0 or self.clip[0] > self.clip[1]:
-            raise ValueError(f"clip must be (low, high) with 0 < low <= high, got {self.clip}")
-        if self.block is not None and self.nodes == "human":
-            raise ValueError("block is used by the clustering probe; set nodes: model (the human-node graph uses the online sketch)")
-        if self.block is not None and self.features == "exact":
-            raise ValueError("block adds a sketched layer to the sketch features; with features: exact list it in exact_params")
-        if self.features == "exact" and not self.exact_params:
-            raise ValueError("features: exact needs at least one parameter in exact_params")
-        return self
+__all__ = ["DoGraphConfig", "DoGraphMixer"]
 
 
 class DoGraphMixer(Mixer):
-    """DoGraph over human sources (sampling) or model-perceived domains (loss weights)."""
+    """DoGraph over human sources (sampling) or live model-perceived domains (tempered loss weights)."""
 
     name = "dograph"
     apply = "sample"
@@ -115,36 +60,34 @@ class DoGraphMixer(Mixer):
         if self.model_mode and ctx.corpus is None:
             raise MixerError("dograph with nodes: model draws its clustering probes from the corpus, "
                              "but the mixer context has none (MixerContext.corpus)")
-        # per instance: the class default is "sample"; model-perceived domains act through the loss
         self.apply = "loss" if (self.model_mode and cfg.apply == "loss") else "sample"
         h = len(ctx.domains)
-        self.n_nodes = cfg.k if self.model_mode else h
-        self.lo = np.full(self.n_nodes, cfg.floor)
-        self.hi = np.full(self.n_nodes, cfg.cap)
+        self.dim = cfg.r1 * cfg.r2 if cfg.features == "sketch" else len(cfg.exact_params) * cfg.exact_r[0] * cfg.exact_r[1]
         try:
-            opt.check_bounds(self.lo, self.hi)
+            self.human = NodeSet(h, self.dim, cfg)
+            self.mnodes = NodeSet(cfg.k, self.dim, cfg) if self.model_mode else None
         except opt.InfeasibleBoundsError as e:
-            raise MixerError(f"dograph: {e} (nodes: {cfg.nodes}, {self.n_nodes} nodes)") from None
-        self.alpha = np.full(self.n_nodes, 1.0 / self.n_nodes)
-        self.alpha_history: list[tuple[int, list[float]]] = [(0, self.alpha.tolist())]
-        seed = int(ctx.seed) * 7919 + cfg.proj_seed
+            raise MixerError(f"dograph: {e} (nodes: {cfg.nodes})") from None
+        self.n_nodes = cfg.k if self.model_mode else h
+        self._seed = int(ctx.seed) * 7919 + cfg.proj_seed
         self.proj: Optional[Projection] = None
-        self._seed = seed
-        d = cfg.r1 * cfg.r2 if cfg.features == "sketch" else len(cfg.exact_params) * cfg.exact_r[0] * cfg.exact_r[1]
-        self.dim = d
-        self.nodes = gr.NodeMeans(self.n_nodes, d, cfg.ema, cfg.min_node_samples)
-        self.sources = gr.NodeMeans(h, d, cfg.ema, 1)        # per-source means: A1 target, analysis
+        self.clusters: Optional[cl.LiveClusters] = None
+        self.clustering: Optional[cl.Clustering] = None     # the last accepted re-clustering
+        self.table: Optional[np.ndarray] = None              # its cluster x source table
+        self.in_force = False                                # model nodes weight the batch now
         self.pi = np.full(self.n_nodes, 1.0 / self.n_nodes)  # cluster frequency under the base sampler
         self._pi_counts = torch.zeros(self.n_nodes, dtype=torch.float64)
         self._mass = torch.zeros(h, dtype=torch.float64)     # loss-weight mass per source in the window
-        self.loss_prev: Optional[np.ndarray] = None
-        self.loss_first: Optional[np.ndarray] = None
-        self.clustering: Optional[cl.Clustering] = None
-        self.table: Optional[np.ndarray] = None              # cluster x source counts of the last accepted probe
+        self._ess = torch.zeros(3, dtype=torch.float64)      # sum of ESS ratios, micro-batches, those < 0.5
+        self._occ = np.full(self.n_nodes, 1.0 / self.n_nodes)
+        self._pprobe: Optional[tuple[torch.Tensor, np.ndarray]] = None   # fixed progress probe
+        self._pprobe_prev: Optional[np.ndarray] = None                   # its per-sequence losses last update
+        self.target = self._parse_target()
+        self.updates = {"total": 0, "model": 0}
         self.last_step = 0
         self.bad_window: Optional[str] = None
         self._model: Optional[torch.nn.Module] = None
-        self._pending: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+        self._pending: Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None
         self._diag: dict[str, float] = {}
         self.feature_time = 0.0   # seconds in the online sketch (diagnostics, benchmark)
         self.online_time = 0.0    # seconds in example_weights + observe
@@ -154,6 +97,24 @@ class DoGraphMixer(Mixer):
         self._exact_names: Optional[list[str]] = None
         super().__init__(cfg, ctx)
 
+    @property
+    def alpha(self) -> np.ndarray:
+        """The weights over this mixer's nodes (clusters in model mode, sources otherwise)."""
+        return self.mnodes.alpha if self.model_mode else self.human.alpha
+
+    def _parse_target(self) -> Optional[dict[str, float]]:
+        t = self.cfg.target
+        if t is None:
+            return None
+        t = {t: 1.0} if isinstance(t, str) else dict(t)
+        known = list(self.ctx.domains) + list(self.ctx.heldout_domains)
+        bad = [d for d in t if d not in known]
+        if bad or not t or any(v < 0 for v in t.values()) or sum(t.values()) <= 0:
+            raise MixerError(f"dograph target {self.cfg.target!r}: expected a domain or a non-negative mixture over "
+                             f"{known}" + (f"; unknown {bad}" if bad else ""))
+        total = sum(t.values())
+        return {d: v / total for d, v in t.items()}
+
     # -- weights over human sources (what the loop samples and logs) --------------------------
     def base_weights(self) -> np.ndarray:
         h = len(self.ctx.domains)
@@ -162,10 +123,13 @@ class DoGraphMixer(Mixer):
         return np.full(h, 1.0 / h)
 
     def initial_weights(self) -> np.ndarray:
-        return self.base_weights() if self.model_mode else np.full(len(self.ctx.domains), 1.0 / len(self.ctx.domains))
+        return np.full(len(self.ctx.domains), 1.0 / len(self.ctx.domains))
+
+    def _by_loss(self) -> bool:
+        return self.model_mode and self.in_force and self.cfg.apply == "loss"
 
     def sampling_weights(self) -> np.ndarray:
-        return self.base_weights() if self.apply == "loss" else self.weights
+        return self.base_weights() if self._by_loss() else self.weights
 
     # -- features ---------------------------------------------------------------------------
     def _projection(self, vocab: int, hidden: int) -> Projection:
@@ -195,7 +159,7 @@ class DoGraphMixer(Mixer):
                 log.warning("dograph: %s; this window's statistics are dropped and the weights kept", e)
             self.bad_window = str(e)
             return None
-        return z
+        return z.detach().cpu()
 
     def _exact_param_names(self) -> list[str]:
         if self._exact_names is None:
@@ -219,33 +183,50 @@ class DoGraphMixer(Mixer):
                 out.append(project_grads(grads, spec))
         return [torch.cat(o) for o in outs]
 
-    def _assign(self, z: torch.Tensor) -> torch.Tensor:
-        c = self.clustering
-        d = z.shape[1]
-        labels = cl.assign(z.double().cpu().numpy(), c.mean[:d], _unit(c.centroids[:, :d]))
-        return torch.from_numpy(labels)
+    def _probe_features(self, ids: torch.Tensor, n_proj: int) -> tuple[list[torch.Tensor], np.ndarray]:
+        """Features of probe windows under ``n_proj`` projection seeds, and their losses."""
+        if self._model is None:
+            raise ProbeError("no model seen yet (observe() was never called)")
+        dev = next(self._model.parameters()).device
+        ids = ids.to(dev)
+        if self.cfg.features == "exact":
+            zs = self._exact(ids, [self._seed + i for i in range(n_proj)])
+            with torch.no_grad():
+                losses = torch.cat([sequence_loss(self._model(ids[s:s + 32, :-1]).logits, ids[s:s + 32, 1:])
+                                    for s in range(0, ids.shape[0], 32)])
+        else:
+            emb = self._model.get_output_embeddings().weight
+            projs = [self._projection(emb.shape[0], emb.shape[1])]
+            projs += [Projection(emb.shape[0], emb.shape[1], self.cfg.r1, self.cfg.r2, self._seed + i) for i in range(1, n_proj)]
+            zs, losses = probe_features(self._model, ids, projs, None, (1, 1), self.cfg.probe_batch)
+        return [z.detach().cpu() for z in zs], losses.detach().float().cpu().numpy()
 
     # -- hooks ------------------------------------------------------------------------------
+    def cluster_weights(self) -> np.ndarray:
+        """Per-cluster loss weights: ``clip((a/pi)^temper)``, divided by their mean under the base sampler."""
+        cfg = self.cfg
+        pi = np.maximum(self.pi, cfg.pi_floor)
+        pi = pi / pi.sum()
+        w = np.clip((self.alpha / pi) ** cfg.temper, *cfg.clip)
+        return w / float(pi @ w)
+
     def example_weights(self, stats: BatchStats) -> Optional[torch.Tensor]:
         t0 = time.perf_counter()
         try:
-            return self._example_weights(stats)
+            self._pending = None
+            if not self._by_loss():
+                return None
+            z = self._features(stats)
+            if z is None:
+                return None
+            labels = torch.from_numpy(self.clusters.assign(z.double().numpy()))
+            w = torch.from_numpy(self.cluster_weights()[labels.numpy()])
+            ess = float(w.sum() ** 2 / (w.numel() * (w ** 2).sum()))
+            self._ess += torch.tensor([ess, 1.0, float(ess < 0.5)], dtype=torch.float64)
+            self._pending = (z, labels, w)
+            return w.to(dtype=torch.float32, device=stats.example_loss.device)
         finally:
             self.online_time += time.perf_counter() - t0
-
-    def _example_weights(self, stats: BatchStats) -> Optional[torch.Tensor]:
-        self._pending = None
-        if not self.model_mode or self.clustering is None:
-            return None
-        z = self._features(stats)
-        if z is None:
-            return None
-        labels = self._assign(z)
-        lo, hi = self.cfg.clip
-        w = np.clip(self.alpha[labels.numpy()] / np.maximum(self.pi[labels.numpy()], 1e-12), lo, hi)
-        w = torch.as_tensor(w / w.mean(), dtype=torch.float32, device=stats.example_loss.device)
-        self._pending = (z, labels, w)
-        return w
 
     def observe(self, stats: BatchStats) -> None:
         t0 = time.perf_counter()
@@ -261,173 +242,233 @@ class DoGraphMixer(Mixer):
         self._see_model(stats)
         if self.cfg.features == "exact" and self._model is not None:
             self._exact_param_names()  # a misspelt parameter fails the run at its first step, not at every probe
+        if 0 not in self._analysis_done and 0.0 in self.cfg.analysis_probes:
+            self._analysis_probe(0)    # before the first optimizer step: the model at initialisation
         if self._pending is not None:
             z, labels, w = self._pending
             self._pending = None
         else:
-            if self.model_mode and self.clustering is None:
-                self._mass += torch.bincount(stats.domain_ids.cpu(), minlength=len(self.ctx.domains)).double()
-                return
             z = self._features(stats)
             if z is None:
                 return
-            labels = stats.domain_ids.cpu() if not self.model_mode else self._assign(z)
-            w = torch.ones(z.shape[0])
+            labels = torch.from_numpy(self.clusters.assign(z.double().numpy())) if self.clusters is not None else None
+            w = torch.ones(z.shape[0], dtype=torch.float64)
         src = stats.domain_ids.cpu()
         loss = stats.example_loss.detach().float().cpu()
-        self.nodes.add(z, labels, loss)
-        self.sources.add(z, src, loss)
-        self._mass.index_add_(0, src, w.detach().double().cpu())
-        if self.model_mode:
-            self._pi_counts += torch.bincount(labels, minlength=self.n_nodes).double()
+        self.human.means.add(z, src, loss)
+        self._mass.index_add_(0, src, w.double())
+        if labels is not None:
+            self.mnodes.means.add(z, labels, loss)
+            self.clusters.add(z.double().numpy(), labels.numpy())
+            # frequencies under the base sampler: reweight what the current sampler drew
+            ratio = self.base_weights() / np.maximum(self.sampling_weights(), 1e-12)
+            self._pi_counts.index_add_(0, labels, torch.from_numpy(ratio[src.numpy()]))
 
     # -- the update -------------------------------------------------------------------------
+    def _window(self) -> list[torch.Tensor]:
+        ts = [self.human.means.sums, self.human.means.counts, self.human.means.loss_sums,
+              self._mass, self._pi_counts, self._ess]
+        if self.mnodes is not None:
+            ts += [self.mnodes.means.sums, self.mnodes.means.counts, self.mnodes.means.loss_sums]
+        if self.clusters is not None:
+            ts += self.clusters.window()
+        return ts
+
     def update(self, step: int, reduce: Reduce = identity_reduce) -> np.ndarray:
         self.last_step = step
         self._diag = {}
-        for nm in (self.nodes, self.sources):
-            for t in (nm.sums, nm.counts, nm.loss_sums):
-                t.copy_(reduce(t.clone()))
-        mass = reduce(self._mass.clone())
-        pi_counts = reduce(self._pi_counts.clone())
-        self._mass.zero_(), self._pi_counts.zero_()
+        for t in self._window():
+            t.copy_(reduce(t.clone()))
         bad = self.bad_window if reduce is identity_reduce else self._any_bad(reduce)
         self.bad_window = None
         if bad:
-            self._discard_window()
+            for t in self._window():
+                t.zero_()
             self.events.write({"step": step, "event": "skipped", "reason": bad})
             log.warning("dograph step %d: update skipped (%s); previous weights kept", step, bad)
             return self.weights
+        self.updates["total"] += 1
+        rec: dict[str, Any] = {"step": step, "event": "update"}
         if self.model_mode:
-            self._maybe_recluster(step)
-        else:
-            self._maybe_analysis_probe(step)
-        skipped = self.nodes.commit()
-        self.sources.commit()
-        if self.model_mode and pi_counts.sum() > 0:
-            self.pi = self.cfg.ema * self.pi + (1 - self.cfg.ema) * (pi_counts / pi_counts.sum()).numpy()
-        if self.model_mode and self.clustering is None:
-            return self.weights
-        self._solve(step, skipped)
+            rec.update(self._update_model(step, reduce))
+        self._maybe_analysis_probe(step)
+        self.human.commit()
+        self.human.record_batch_progress()
+        rec["human"] = self._solve(self.human, step)
+        if self.model_mode and self.in_force:
+            rec["model"] = self._solve(self.mnodes, step)
+            self.updates["model"] += 1
+        rec["nodes_in_force"] = self._nodes_in_force()
+        rec["feature_s_total"], rec["online_s_total"] = self.feature_time, self.online_time
+        self._diag["model_nodes_in_force"] = float(self._nodes_in_force() == "model")
+        self.events.write(rec)
+        w = self._source_weights()
+        self._mass.zero_()
+        return w
+
+    def _nodes_in_force(self) -> str:
         if not self.model_mode:
-            return self.alpha.copy()
-        if self.apply == "sample":
+            return "human"
+        return "model" if self.in_force else self.cfg.fallback_nodes
+
+    def _source_weights(self) -> np.ndarray:
+        """The weights over sources the loop logs (and samples from, unless acting by loss)."""
+        who = self._nodes_in_force()
+        if who == "human":
+            return self.human.alpha.copy()
+        if who == "uniform":
+            return self.initial_weights()
+        if self.cfg.apply == "sample":
             return self._cluster_to_sources()
-        return (mass / mass.sum()).numpy() if mass.sum() > 0 else self.weights
+        mass = self._mass.numpy()
+        return mass / mass.sum() if mass.sum() > 0 else self.weights
+
+    def _update_model(self, step: int, reduce: Reduce) -> dict[str, Any]:
+        rec: dict[str, Any] = {}
+        if self.clusters is not None:
+            counts = self._pi_counts.numpy()
+            if counts.sum() > 0:
+                self.pi = self.cfg.ema * self.pi + (1 - self.cfg.ema) * counts / counts.sum()
+            self._occ = self.clusters.commit(np.full(self.cfg.k, 1.0 / self.cfg.k))
+            self.mnodes.commit()
+            if self.cfg.progress_from == "batch":
+                self.mnodes.record_batch_progress()
+            else:
+                rec["probe_nodes"] = self._probe_progress()
+            ess = self._ess.numpy()
+            if ess[1] > 0:
+                self._diag.update(ess_mean=float(ess[0] / ess[1]), ess_low_share=float(ess[2] / ess[1]))
+            w = self.cluster_weights()
+            eff = self.pi * w / float(self.pi @ w)
+            rec.update(pi=self.pi, occupancy=self._occ, prices=self.clusters.prices, realised=eff,
+                       ess_mean=self._diag.get("ess_mean"), ess_low_share=self._diag.get("ess_low_share"),
+                       realised_gap_l1=float(np.abs(eff - self.alpha).sum()))
+        self._pi_counts.zero_(), self._ess.zero_()
+        self._maybe_recluster(step, reduce)
+        return rec
 
     def _any_bad(self, reduce: Reduce) -> Optional[str]:
         flag = reduce(torch.tensor([1.0 if self.bad_window else 0.0]))
         return (self.bad_window or "bad features on another rank") if float(flag[0]) > 0 else None
 
-    def _discard_window(self) -> None:
-        for nm in (self.nodes, self.sources):
-            nm.sums.zero_(), nm.counts.zero_(), nm.loss_sums.zero_()
-
-    def _problem(self) -> opt.Problem:
+    def _solve(self, ns: NodeSet, step: int) -> Optional[dict[str, Any]]:
         cfg = self.cfg
-        means = self.nodes.mean_matrix().numpy()
-        g = gr.gram(means)
-        b = None
-        if cfg.objective == "A1":  # MMD matching to the mean gradient of a uniform mix of the sources
-            scale = max(float(np.max(np.diag(g))), 1e-30)
-            src = self.sources.mean_matrix().numpy()[self.sources.seen.numpy()]
-            target = src.mean(0) if src.size else np.zeros(self.dim)
-            W, b = g / scale, means @ target / scale
-        else:
-            W = gr.cosine_affinity(g) if cfg.graph == "cosine" else g
-            if cfg.knn:
-                W = gr.knn_sparsify(W, cfg.knn)
-            W = gr.normalise_by_diag(W)
-        loss = self.nodes.mean_loss().numpy()
-        seen = self.nodes.seen.numpy()
-        beta, u = progress_targets(loss, self.loss_prev, self.loss_first, seen, cfg.progress, cfg.tau, cfg.standardize)
-        self._graph = W
-        self._beta, self._u = beta, u
-        if self.loss_first is None and seen.all():
-            self.loss_first = loss.copy()
-        elif self.loss_first is not None:
-            self.loss_first = np.where(np.isfinite(self.loss_first) & (self.loss_first > 0), self.loss_first, loss)
-        self.loss_prev = np.where(seen, loss, self.loss_prev if self.loss_prev is not None else np.nan)
-        return opt.Problem(W=W, prev=self.alpha, objective=cfg.objective, beta=beta, b=b,
-                           L=gr.laplacian(W) if cfg.lam > 0 else None, c=cfg.c, lam=cfg.lam,
-                           tau_kl=cfg.tau_kl, mu=cfg.mu, lo=self.lo, hi=self.hi)
-
-    def _solve(self, step: int, skipped: list[int]) -> None:
-        cfg = self.cfg
-        if not self.nodes.seen.any():
-            log.info("dograph step %d: no node has any samples yet; weights kept", step)
-            return
+        if not ns.means.seen.any():
+            return None
         t0 = time.perf_counter()
-        p = self._problem()
+        beta, u, shrink = ns.progress.targets(cfg.tau)
         try:
+            target = self._target_mean() if cfg.objective == "A1" else None
+            p = build_problem(cfg, ns.means.mean_matrix().numpy(), beta, ns.alpha, ns.lo, ns.hi, target)
             a, info = opt.solve(p, cfg.solver, fallback=cfg.fallback == "numpy")
-        except opt.OptimizationError as e:
+            effect = None
+            if cfg.objective != "A1":
+                a_off, _ = opt.solve(opt.off_problem(p), "numpy")
+                effect = float(np.abs(a - a_off).sum())
+        except (opt.OptimizationError, ProbeError, FeatureError) as e:
             log.warning("dograph step %d: optimisation failed (%s); previous weights kept", step, e)
             self.events.write({"step": step, "event": "solve_failed", "reason": str(e)})
-            return
-        a = opt.smooth(a, cfg.eps, self.lo, self.hi)
-        self.alpha = a
-        self.alpha_history.append((step, a.tolist()))
-        self._diag.update({"solve_s": float(info.get("solve_s", 0.0)), "objective": p.value(a)})
-        self._diag.update({f"alpha_{i}": float(x) for i, x in enumerate(a)} if self.model_mode else {})
-        self.events.write({"step": step, "event": "update", "alpha": a, "beta": self._beta, "u": self._u,
-                           "W": self._graph, "node_loss": self.nodes.mean_loss().numpy(),
-                           "node_total": self.nodes.total.numpy(), "skipped_nodes": skipped,
-                           "solver": info.get("solver"), "pi": self.pi if self.model_mode else None,
-                           "update_s": time.perf_counter() - t0, "feature_s_total": self.feature_time,
-                           "online_s_total": self.online_time})
+            return None
+        a = opt.smooth(a, cfg.eps, ns.lo, ns.hi)
+        ns.set_alpha(a, step)
+        tag = "model" if ns is self.mnodes else "human"
+        self._diag.update({f"{tag}_graph_effect_l1": effect if effect is not None else float("nan"),
+                           f"{tag}_shrink": shrink, "solve_s": float(info.get("solve_s", 0.0))})
+        if ns is self.mnodes:
+            self._diag.update({f"alpha_{i}": float(x) for i, x in enumerate(a)})
+        return {"alpha": a, "beta": beta, "u": u, "shrink": shrink, "graph_effect_l1": effect, "T": p.T,
+                "node_loss": ns.means.mean_loss().numpy(), "fresh": ns.fresh, "node_total": ns.means.total.numpy(),
+                "solver": info.get("solver"), "update_s": time.perf_counter() - t0}
+
+    def _target_mean(self) -> np.ndarray:
+        """A1: the target's mean gradient (a held-out domain's from a probe of its training split)."""
+        means = self.human.means.mean_matrix().numpy()
+        m = np.zeros(self.dim)
+        for d, w in self.target.items():
+            if d in self.ctx.domains:
+                m += w * means[self.ctx.domains.index(d)]
+            else:
+                ids, _ = draw_probe(self.ctx.corpus, [d], 64, self.ctx.seq_len, self._seed * 31 + self.last_step)
+                (z,), _ = self._probe_features(ids, 1)
+                m += w * z.double().numpy().mean(0)
+        return m
 
     # -- model-perceived domains --------------------------------------------------------------
-    def _probe(self, step: int, n: int, check: bool = True) -> tuple[list[torch.Tensor], np.ndarray]:
-        if self._model is None:
-            raise ProbeError("no model seen yet (observe() was never called)")
-        ids, src = draw_probe(self.ctx.corpus, self.ctx.domains, n, self.ctx.seq_len, self._seed * 1009 + step)
-        dev = next(self._model.parameters()).device
-        cfg = self.cfg
-        vocab = self._model.get_output_embeddings().weight.shape[0]
-        hidden = self._model.get_output_embeddings().weight.shape[1]
-        if cfg.features == "exact":  # the same seeds as the online features, + 1 for the stability check
-            zs = self._exact(ids.to(dev), [self._seed + i for i in range(2 if check else 1)])
-            return [z.cpu() for z in zs], src
-        projs = [self._projection(vocab, hidden)]
-        if check:  # the second projection seed of the stability check
-            projs.append(Projection(vocab, hidden, cfg.r1, cfg.r2, self._seed + 1))
-        zs, _ = probe_features(self._model, ids.to(dev), projs, cfg.block, tuple(cfg.block_r), cfg.probe_batch)
-        return [z.cpu() for z in zs], src
+    def _probe_progress(self) -> dict[str, Any]:
+        """Model-node losses on a fixed probe set: the same sequences at this and the last update,
+        both grouped by their *current* cluster, so membership drift is not mistaken for progress."""
+        if self._pprobe is None:
+            self._pprobe = draw_probe(self.ctx.corpus, self.ctx.domains, self.cfg.progress_probe,
+                                      self.ctx.seq_len, self._seed * 7 + 3)
+        (z,), loss = self._probe_features(self._pprobe[0], 1)
+        labels = self.clusters.assign(z.double().numpy())
+        k = self.cfg.k
+        n = np.bincount(labels, minlength=k).astype(np.float64)
+        now = np.bincount(labels, weights=loss, minlength=k) / np.maximum(n, 1)
+        prev = None
+        if self._pprobe_prev is not None:
+            prev = np.bincount(labels, weights=self._pprobe_prev, minlength=k) / np.maximum(n, 1)
+        self.mnodes.progress.record(now, n >= self.cfg.min_node_samples, prev=prev)
+        self._pprobe_prev = loss
+        return {"count": n, "loss": now}
 
-    def _maybe_recluster(self, step: int) -> None:
-        # first attempt at the first update; then every recluster_every steps (accepted or not)
+    def _maybe_recluster(self, step: int, reduce: Reduce) -> None:
+        # first attempt at the first update; then every recluster_every steps
         if self._last_try is not None and step - self._last_try < self.cfg.recluster_every:
             return
         self._last_try = step
+        cfg = self.cfg
         t0 = time.perf_counter()
         try:
-            (z, zc), src = self._probe(step, self.cfg.probe_size)
+            ids, src = draw_probe(self.ctx.corpus, self.ctx.domains, cfg.probe_size, self.ctx.seq_len, self._seed * 1009 + step)
+            (z, zc), _ = self._probe_features(ids, 2)
             check_features(z, f"step {step} probe features")
-            new, ari = cl.recluster(z.numpy(), zc.numpy(), self.cfg.k, self.clustering, step, self.cfg.min_ari, self._seed)
+            new = cl.recluster(z.numpy(), zc.numpy(), cfg.k, step, self._seed)
         except (ProbeError, FeatureError, cl.ClusteringError) as e:
-            log.warning("dograph step %d: re-clustering failed (%s); %s", step, e,
-                        "previous clustering kept" if self.clustering else "training continues unweighted")
-            self.events.write({"step": step, "event": "cluster_failed", "reason": str(e)})
-            return
-        accepted = new is not None and new.step == step
-        self._diag["ari"] = ari
-        table = cl.contingency(new.labels, src, self.cfg.k, len(self.ctx.domains)) if accepted else None
-        if accepted:
-            first = self.clustering is None
+            new, reason = None, str(e)
+        # rank 0 decides; every rank adopts its clustering (a sum all-reduce of rank 0's numbers)
+        stable = new is not None and new.ari >= cfg.min_ari
+        flag = self._from_rank0(torch.tensor([float(stable)]), reduce)
+        stable = bool(flag[0] > 0.5)
+        if stable:
+            new.mean = self._from_rank0(torch.from_numpy(new.mean), reduce).numpy()
+            new.centroids = self._from_rank0(torch.from_numpy(new.centroids), reduce).numpy()
+            if self.clusters is None:
+                self.clusters = cl.LiveClusters(new, cfg.cluster_lr if cfg.live else 0.0,
+                                                cfg.balance if cfg.live else 0.0, cfg.max_price)
+                self._init_pi(new.labels, src)
+            else:
+                self.clusters.replace(new)
             self.clustering = new
-            self.table = table
-            if first:  # cluster frequencies under the base sampler, from the stratified probe
-                base = self.base_weights()
-                share = np.bincount(src, minlength=len(base)) / len(src)
-                wts = base[src] / np.maximum(share[src], 1e-12)
-                self.pi = np.bincount(new.labels, weights=wts, minlength=self.cfg.k) / wts.sum()
-                self.pi = np.maximum(self.pi, 1e-3)
-                self.pi /= self.pi.sum()
-        self.events.write({"step": step, "event": "cluster", "accepted": accepted, "ari": ari,
-                           "contingency": table, "domains": self.ctx.domains, "probe_s": time.perf_counter() - t0,
-                           "online_s_total": self.online_time})
-        self._save_probe(step, z, src, new.labels if accepted else None)
+            self.table = cl.contingency(new.labels, src, cfg.k, len(self.ctx.domains))
+        was = self.in_force
+        self.in_force = stable
+        if was != stable or not stable:
+            what = "model-perceived domains in force" if stable else f"falling back to {cfg.fallback_nodes} nodes"
+            why = reason if new is None else f"ARI across projections {new.ari:.3f} vs min_ari {cfg.min_ari}"
+            log.info("dograph step %d: %s (%s)", step, what, why)
+        self._diag["ari"] = float("nan") if new is None else new.ari
+        self.events.write({"step": step, "event": "cluster", "accepted": stable,
+                           "ari": None if new is None else new.ari, "ari_init": None if new is None else new.ari_init,
+                           "reason": None if new is not None else reason, "in_force": stable,
+                           "contingency": self.table if stable else None, "domains": self.ctx.domains,
+                           "probe_s": time.perf_counter() - t0})
+        if new is not None:
+            self._save_probe(step, z, src, new.labels if stable else None)
+
+    def _from_rank0(self, t: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+        if reduce is identity_reduce:
+            return t
+        return reduce(t.double() * (1.0 if self.ctx.rank == 0 else 0.0))
+
+    def _init_pi(self, labels: np.ndarray, src: np.ndarray) -> None:
+        """Cluster frequencies under the base sampler, from the stratified probe (floored)."""
+        base = self.base_weights()
+        share = np.bincount(src, minlength=len(base)) / len(src)
+        wts = base[src] / np.maximum(share[src], 1e-12)
+        pi = np.bincount(labels, weights=wts, minlength=self.cfg.k) / wts.sum()
+        pi = np.maximum(pi, 1e-3)
+        self.pi = pi / pi.sum()
 
     def _cluster_to_sources(self) -> np.ndarray:
         """Sampling weights over sources that realise cluster weights: ``sum_c a_c P(source | c)``."""
@@ -438,35 +479,40 @@ class DoGraphMixer(Mixer):
 
     # -- analysis -----------------------------------------------------------------------------
     def analysis_steps(self) -> list[int]:
-        """The steps of the analysis probes: each fraction of the run, moved down to an update step.
-
-        Probes are taken inside ``update()``, which runs only every ``update_every`` steps, so a
-        target between two updates (the run's last step, say) would otherwise never be reached.
-        """
+        """The steps of the analysis probes: 0 (taken at the first micro-batch, before any optimizer
+        step), then each fraction of the run moved down to an update step (probes are taken inside
+        ``update()``, so a target between two updates would otherwise never be reached)."""
         every = self.cfg.update_every
         total = max(self.ctx.total_steps, every)
-        return sorted({max(every, int(round(f * total)) // every * every) for f in self.cfg.analysis_probes})
+        return sorted({0 if f == 0 else max(every, int(round(f * total)) // every * every) for f in self.cfg.analysis_probes})
 
     def _maybe_analysis_probe(self, step: int) -> None:
-        if self.ctx.out_dir is None or self.ctx.rank != 0 or not self.cfg.analysis_probes or self.ctx.corpus is None:
-            return
         for target in self.analysis_steps():
-            if target not in self._analysis_done and step >= target:
-                self._analysis_done.add(target)
-                try:
-                    (z,), src = self._probe(step, self.cfg.probe_size, check=False)
-                except (ProbeError, FeatureError) as e:
-                    log.warning("dograph step %d: analysis probe failed (%s)", step, e)
-                    return
-                self._save_probe(step, z, src, None)
+            if target > 0 and target not in self._analysis_done and step >= target:
+                self._analysis_probe(target)
                 return
 
-    def _save_probe(self, step: int, z: torch.Tensor, src: np.ndarray, labels: Optional[np.ndarray]) -> None:
+    def _analysis_probe(self, step: int) -> None:
+        self._analysis_done.add(step)
+        if self.ctx.out_dir is None or self.ctx.rank != 0 or self.ctx.corpus is None:
+            return
+        try:   # the same probe windows at every checkpoint, so the panels compare like with like
+            ids, src = draw_probe(self.ctx.corpus, self.ctx.domains, self.cfg.probe_size, self.ctx.seq_len, self._seed * 1013)
+            (z,), _ = self._probe_features(ids, 1)
+        except (ProbeError, FeatureError) as e:
+            log.warning("dograph step %d: analysis probe failed (%s)", step, e)
+            return
+        labels = self.clusters.assign(z.double().numpy()) if self.clusters is not None else None
+        self._save_probe(step, z, src, labels, kind="analysis")
+
+    def _save_probe(self, step: int, z: torch.Tensor, src: np.ndarray, labels: Optional[np.ndarray],
+                    kind: str = "cluster") -> None:
         if self.ctx.out_dir is None or self.ctx.rank != 0:
             return
         from dograph_core.io import atomic_path
 
-        path = self.ctx.out_dir / "probes" / f"step_{step:07d}.npz"
+        name = f"step_{step:07d}.npz" if kind == "analysis" else f"cluster_{step:07d}.npz"
+        path = self.ctx.out_dir / "probes" / name
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, z=z.numpy().astype(np.float32), sources=src,
@@ -481,57 +527,72 @@ class DoGraphMixer(Mixer):
         c = self.clustering
         return {
             **super().state_dict(),
-            "alpha": self.alpha.tolist(), "alpha_history": [[s, w] for s, w in self.alpha_history],
-            "nodes": self.nodes.state_dict(), "sources": self.sources.state_dict(),
+            "human": self.human.state_dict(), "model": None if self.mnodes is None else self.mnodes.state_dict(),
             "pi": self.pi.tolist(), "pi_counts": self._pi_counts.clone(), "mass": self._mass.clone(),
-            "loss_prev": None if self.loss_prev is None else self.loss_prev.tolist(),
-            "loss_first": None if self.loss_first is None else self.loss_first.tolist(),
+            "ess": self._ess.clone(), "occ": self._occ.tolist(), "in_force": self.in_force,
+            "clusters": None if self.clusters is None else self.clusters.state_dict(),
             "clustering": None if c is None else {
                 "mean": torch.from_numpy(c.mean.copy()), "centroids": torch.from_numpy(c.centroids.copy()),
-                "labels": torch.from_numpy(c.labels.copy()), "ari": float(c.ari), "step": int(c.step)},
+                "labels": torch.from_numpy(c.labels.copy()), "ari": float(c.ari), "ari_init": float(c.ari_init),
+                "step": int(c.step)},
             "table": None if self.table is None else self.table.tolist(),
-            "last_step": self.last_step, "analysis_done": sorted(self._analysis_done), "last_try": self._last_try,
+            "pprobe_prev": None if self._pprobe_prev is None else torch.from_numpy(self._pprobe_prev.copy()),
+            "updates": dict(self.updates), "last_step": self.last_step,
+            "analysis_done": sorted(self._analysis_done), "last_try": self._last_try,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        if len(state["alpha"]) != self.n_nodes:
-            raise MixerError(f"dograph checkpoint has {len(state['alpha'])} nodes, this run {self.n_nodes} (nodes/k changed?)")
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
-        self.alpha_history = [(int(s), list(w)) for s, w in state["alpha_history"]]
-        self.nodes.load_state_dict(state["nodes"])
-        self.sources.load_state_dict(state["sources"])
+        try:
+            self.human.load_state_dict(state["human"])
+            if self.mnodes is not None:
+                self.mnodes.load_state_dict(state["model"])
+        except (ValueError, KeyError) as e:
+            raise MixerError(f"dograph checkpoint does not match this run: {e}") from None
         self.pi = np.asarray(state["pi"], dtype=np.float64)
         self._pi_counts = torch.as_tensor(state["pi_counts"]).double().clone()
         self._mass = torch.as_tensor(state["mass"]).double().clone()
-        self.loss_prev = None if state["loss_prev"] is None else np.asarray(state["loss_prev"], dtype=np.float64)
-        self.loss_first = None if state["loss_first"] is None else np.asarray(state["loss_first"], dtype=np.float64)
+        self._ess = torch.as_tensor(state["ess"]).double().clone()
+        self._occ = np.asarray(state["occ"], dtype=np.float64)
+        self.in_force = bool(state["in_force"])
         c = state["clustering"]
         self.clustering = None if c is None else cl.Clustering(
             mean=_np(c["mean"]), centroids=_np(c["centroids"]), labels=_np(c["labels"]).astype(np.int64),
-            ari=float(c["ari"]), step=int(c["step"]))
+            ari=float(c["ari"]), step=int(c["step"]), ari_init=float(c["ari_init"]))
+        if state["clusters"] is not None:
+            self.clusters = cl.LiveClusters(self.clustering, self.cfg.cluster_lr if self.cfg.live else 0.0,
+                                            self.cfg.balance if self.cfg.live else 0.0, self.cfg.max_price)
+            self.clusters.load_state_dict(state["clusters"])
         self.table = None if state["table"] is None else np.asarray(state["table"], dtype=np.int64)
+        self._pprobe_prev = None if state["pprobe_prev"] is None else _np(state["pprobe_prev"])
+        self.updates = {k: int(v) for k, v in state["updates"].items()}
         self.last_step = int(state["last_step"])
         self._last_try = None if state.get("last_try") is None else int(state["last_try"])
         self._analysis_done = set(int(x) for x in state["analysis_done"])
         self.events.truncate(self.last_step)
 
     def final_weights(self) -> np.ndarray:
-        """Human nodes: the time average of the schedule. Model nodes: the time average of the
-        effective source weights (loss-weight mass per source), so a static transfer is possible."""
+        """The time average of the source weights the loop used (model nodes acting by loss: the
+        loss-weight mass per source, i.e. the effective source weights), so a static transfer is possible."""
         return time_average(self.history, self.ctx.total_steps)
 
     def result(self) -> dict[str, Any]:
         doc = super().result()
+        total = max(self.updates["total"], 1)
+        node_hist = self.mnodes.history if self.model_mode else self.human.history
         doc["meta"] = {
             "nodes": self.cfg.nodes, "apply": self.apply, "k": self.n_nodes, "d": self.dim,
+            "objective": self.cfg.objective, "graph": self.cfg.graph,
             "node_weights": self.alpha.tolist(),
-            "node_schedule": [{"step": s, "weights": w} for s, w in self.alpha_history],
+            "node_schedule": [{"step": s, "weights": w} for s, w in node_hist],
+            "model_nodes_in_force_share": self.updates["model"] / total if self.model_mode else None,
             "contingency": None if self.table is None else self.table.tolist(),
             "clustering_step": None if self.clustering is None else self.clustering.step,
             "clustering_ari": None if self.clustering is None else self.clustering.ari,
-            "final_weights": "time average of the schedule" if not self.model_mode
-            else "time average of the loss-weight mass per source (effective source weights)",
+            "target": self.target,
+            "heldout_used_as_target": [d for d in (self.target or {}) if d in self.ctx.heldout_domains],
+            "final_weights": "time average of the source weights the loop used" + (
+                " (loss-weight mass per source while model nodes acted by loss)" if self.model_mode else ""),
         }
         if self.cfg.plots and self.ctx.out_dir is not None and self.ctx.rank == 0:
             try:
@@ -541,10 +602,6 @@ class DoGraphMixer(Mixer):
             except Exception as e:  # plots must never lose the weights file
                 log.warning("dograph: analysis plots failed: %s: %s", type(e).__name__, e)
         return doc
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def _np(x: Any) -> np.ndarray:

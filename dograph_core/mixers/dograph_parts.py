@@ -1,4 +1,4 @@
-"""Helpers of the DoGraph mixer: probe sets, progress targets, time averages and the diagnostics log."""
+"""Helpers of the DoGraph mixer: probe sets, time averages and the diagnostics log."""
 from __future__ import annotations
 
 import json
@@ -41,36 +41,6 @@ def draw_probe(corpus, domains: list[str], n: int, seq_len: int, seed: int) -> t
     if not rows:
         raise ProbeError(f"probe: no domain of {domains} has a full window of {seq_len + 1} tokens")
     return torch.from_numpy(np.stack(rows)), np.asarray(src, dtype=np.int64)
-
-
-def progress_targets(loss: np.ndarray, prev: Optional[np.ndarray], first: Optional[np.ndarray], seen: np.ndarray,
-                     mode: str, tau: float, standardize: bool) -> tuple[np.ndarray, np.ndarray]:
-    """``beta = softmax(u / tau)`` with ``u`` larger where learning progress lags.
-
-    ``relative``: ``u = -(L_prev - L) / L_prev`` (small relative decrease = lagging);
-    ``ratio``: ``u = L / L_0`` (loss still close to its first value = lagging).
-    Nodes without a loss yet get the mean score. ``standardize`` divides ``u`` by its mean
-    magnitude, so ``tau`` acts on *relative* differences of progress and not on the loss scale (dividing
-    by the spread instead would blow pure noise up to unit contrast when every node progresses alike). Returns (beta, u).
-    """
-    k = loss.size
-    u = np.zeros(k)
-    ref = prev if mode == "relative" else first
-    ok = seen.copy()
-    if ref is not None:
-        ok &= np.isfinite(ref) & (ref > 0)
-    if ref is not None and ok.any():
-        if mode == "relative":
-            u[ok] = -(ref[ok] - loss[ok]) / ref[ok]
-        else:
-            u[ok] = loss[ok] / ref[ok]
-        u[~ok] = u[ok].mean()
-        if standardize:
-            scale = np.abs(u[ok]).mean()
-            u = u / scale if scale > 1e-12 else np.zeros(k)
-    z = u / max(tau, 1e-12)
-    beta = np.exp(z - z.max())
-    return beta / beta.sum(), u
 
 
 def time_average(history: list[tuple[int, list[float]]], total_steps: int) -> np.ndarray:

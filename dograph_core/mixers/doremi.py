@@ -31,14 +31,33 @@ from dograph_core.mixers.reference import load_reference
 from dograph_core.mixers.timing import StepTiming
 
 
+# The published run: scripts/runs/run_pile_doremi120M.sh passes --reweight_eta 1.0 --reweight_eps 1e-3
+# (the training_args.py dataclass default for reweight_eps is 1e-4).
+ETA = 1.0
+SMOOTHING = 1e-3
+
+
 class DoReMiConfig(MixerConfig):
     reference: Optional[str] = Field(
         None, description="the reference model: a Hugging Face model dir (save_pretrained) or a training run dir"
     )
-    eta: float = Field(1.0, gt=0, description="step size of the exponentiated-gradient update (reference: 1.0)")
-    smoothing: float = Field(1e-4, ge=0, lt=1, description="c in (1-c) a + c/k (reference reweight_eps: 1e-4)")
+    eta: float = Field(
+        ETA, gt=0,
+        description="step size of the exponentiated-gradient update (published: 1.0; the maintainer suggests 0.1 "
+        "when the weights go one-hot, DoReMi issue #5): the sensitivity setting for small batches",
+    )
+    smoothing: float = Field(
+        SMOOTHING, ge=0, lt=1,
+        description="c in (1-c) a + c/k (published run_pile_doremi120M.sh: 1e-3; training_args.py default: 1e-4)",
+    )
     sampling: Literal["uniform", "natural"] = Field(
         "uniform", description="how the proxy batch is sampled; the loss weights divide by it (reference: uniform)"
+    )
+    batch: Literal["iid", "stratified"] = Field(
+        "iid",
+        description="iid: each sequence's domain drawn independently (reference); stratified: every domain in every "
+        "batch (each gets floor(batch * weight), at least one), the maintainer's advice for small batches "
+        "(DoReMi issue #5): a sensitivity setting",
     )
 
 
@@ -58,6 +77,8 @@ class DoReMiMixer(Mixer):
             )
         super().__init__(cfg, ctx)
         k = len(ctx.domains)
+        # Read by train.py: MixtureSampler(stratified=...) puts every domain in every batch.
+        self.stratified_batches = cfg.batch == "stratified"
         self.ref_model, self.ref_info = load_reference(cfg.reference, ctx)
         # Reference code: scores start at log(vocab size), so a domain absent from the first
         # batches is pushed up; the running average starts with the initial weights (counter 1).
@@ -76,6 +97,11 @@ class DoReMiMixer(Mixer):
         if self.cfg.sampling == "natural":
             return np.asarray(self.ctx.natural, dtype=np.float64) / np.sum(self.ctx.natural)
         return np.full(len(self.ctx.domains), 1.0 / len(self.ctx.domains))
+
+    def set_weights(self, w: np.ndarray, step: int) -> None:
+        if w is self.weights:  # the loop hands back what update() returned: already set and recorded
+            return
+        super().set_weights(w, step)
 
     def loss_weights(self, domain_ids: torch.Tensor) -> torch.Tensor:
         """Per-sequence loss weights ``a_d / s_d`` normalised to mean one over the micro-batch.
@@ -190,6 +216,7 @@ class DoReMiMixer(Mixer):
         doc["meta"] = {
             "eta": self.cfg.eta,
             "smoothing": self.cfg.smoothing,
+            "batch": self.cfg.batch,
             "reference": str(self.ref_info["model_dir"]),
             "updates": self.n_avg - 1,
             "timing": self.timing.mode,
@@ -249,10 +276,11 @@ def search_doremi(
     corpus,
     out_dir: str | Path,
     *,
-    eta: float = 1.0,
-    smoothing: float = 1e-4,
+    eta: float = ETA,
+    smoothing: float = SMOOTHING,
     rounds: int = 1,
     reference_weights: Any = "natural",
+    batch: str = "iid",
     tracker_for: Optional[Callable[[str], Any]] = None,
     resume: bool = False,
 ) -> dict[str, Any]:
@@ -263,7 +291,8 @@ def search_doremi(
     run of the same size and steps with the DoReMi mixer against it; the proxy's averaged
     weights are the next round's reference weights. The last proxy's weights file is copied to
     ``out_dir/weights.json`` with every round's weights in ``meta.rounds``.
-    ``tracker_for(stage)`` may give a tracker per run (``round1/reference``, ...).
+    ``batch="stratified"`` puts every domain in every proxy batch (a sensitivity setting; the
+    reference runs keep iid batches). ``tracker_for(stage)`` may give a tracker per run (``round1/reference``, ...).
     With ``resume``, runs that finished (``summary.json`` present) are reused and unfinished
     ones resumed from their checkpoints. Returns the weights by domain, the file and the rounds.
     """
@@ -272,7 +301,7 @@ def search_doremi(
 
     if rounds < 1:
         raise MixerError(f"search_doremi: rounds must be at least 1, got {rounds}")
-    validate_mixer_config("doremi", {"reference": ".", "eta": eta, "smoothing": smoothing})
+    validate_mixer_config("doremi", {"reference": ".", "eta": eta, "smoothing": smoothing, "batch": batch})
     out = Path(out_dir)
     ref_w = _reference_weights(reference_weights, corpus)
     history: list[dict[str, Any]] = []
@@ -280,7 +309,9 @@ def search_doremi(
     for r in range(1, rounds + 1):
         stages = (
             ("reference", {"type": "static", "weights": ref_w}),
-            ("proxy", {"type": "doremi", "eta": eta, "smoothing": smoothing}),
+            # batch only when set: iid proxy runs keep the fingerprint they had (resume)
+            ("proxy", {"type": "doremi", "eta": eta, "smoothing": smoothing,
+                       **({"batch": batch} if batch != "iid" else {})}),
         )
         for stage, params in stages:
             run = out / f"round{r}" / stage

@@ -7,8 +7,9 @@ call these. Sources (read from each method's own code, see ``docs/baselines.md``
 * DoReMi: ``sangmichaelxie/doremi`` ``doremi/trainer.py`` ``DoReMiTrainer.update_domain_weights``
   (optimizer ``doremiv1``);
 * DoGE: ``Olivia-fsm/DoGE`` ``src/trainer.py`` ``DoGETrainer.update_domain_weights_distributed``;
-* ODM: Albalak et al. 2023 (arXiv 2312.02406), Algorithm 1, and ``alon-albalak/online-data-mixing``
-  ``megatron/data/data_sampling_utils.py`` ``Exp3WeightUpdater``.
+* ODM: ``alon-albalak/online-data-mixing`` ``megatron/data/data_sampling_utils.py``
+  (``SmoothedMeanWeightUpdater.group_update``, ``Exp3WeightUpdater.group_update``) and, for the
+  ``ema_importance`` variant, DataFlex's ``ODMMixer`` port (Albalak et al. 2023, arXiv 2312.02406).
 
 Weights are float64 numpy vectors that sum to one.
 """
@@ -126,7 +127,7 @@ def doge_update(weights: np.ndarray, scores: np.ndarray, mu: float, smoothing: f
     return smooth(np.exp(log_softmax(_log(weights) + np.asarray(scores, dtype=np.float64) / mu)), smoothing)
 
 
-# -- ODM (EXP3) ----------------------------------------------------------------------------------
+# -- ODM (EXP3 family) ----------------------------------------------------------------------------
 def odm_exploration(k: int, t: int) -> float:
     """Exploration rate ``eps_t = min(1/K, sqrt(ln K / (K t)))`` (t >= 1)."""
     if t < 1:
@@ -142,7 +143,7 @@ def odm_rewards(
     alpha: float,
     importance: bool = True,
 ) -> np.ndarray:
-    """EXP3 reward estimate with a moving average: for each domain drawn this step,
+    """``ema_importance`` reward estimate: for each domain drawn this step,
     ``R_i <- alpha R_i + (1 - alpha) r_i / pi_i`` (``r_i / pi_i`` is the importance-weighted
     reward; without ``importance`` just ``r_i``). Domains not drawn keep their estimate."""
     out = np.asarray(estimate, dtype=np.float64).copy()
@@ -154,8 +155,43 @@ def odm_rewards(
     return out
 
 
+def odm_exp3_rewards(estimate: np.ndarray, rewards: np.ndarray, present: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """``Exp3WeightUpdater``: cumulative importance-weighted reward ``R_i <- R_i + r_i / pi_i`` for
+    each domain drawn this step (``r_i`` is already scaled: the reference divides the loss by 10)."""
+    out = np.asarray(estimate, dtype=np.float64).copy()
+    present = np.asarray(present, dtype=bool)
+    r = np.asarray(rewards, dtype=np.float64) / np.asarray(probs, dtype=np.float64)
+    out[present] += r[present]
+    return out
+
+
+def odm_smoothed_mean_rewards(
+    estimate: np.ndarray, rewards: np.ndarray, present: np.ndarray, alpha: float
+) -> np.ndarray:
+    """``SmoothedMeanWeightUpdater``: ``R_i <- alpha R_i + (1 - alpha) exp(r_i)`` for each domain
+    drawn this step (a smoothed mean of the exponentiated loss, no importance weighting)."""
+    out = np.asarray(estimate, dtype=np.float64).copy()
+    present = np.asarray(present, dtype=bool)
+    r = np.exp(np.asarray(rewards, dtype=np.float64)[present])
+    out[present] = alpha * out[present] + (1.0 - alpha) * r
+    return out
+
+
 def odm_policy(estimate: np.ndarray, eps_prev: float, eps_t: float) -> np.ndarray:
     """``pi_i = (1 - K eps_t) softmax(eps_{t-1} R)_i + eps_t``: sums to one, every entry >= eps_t."""
     est = np.asarray(estimate, dtype=np.float64)
     k = est.shape[0]
     return (1.0 - k * eps_t) * softmax(eps_prev * est) + eps_t
+
+
+def odm_linear_policy(estimate: np.ndarray, eps_t: float) -> np.ndarray:
+    """``SmoothedMeanWeightUpdater.group_update``: ``pi_i = (1 - K eps_t) R_i / sum_j R_j + eps_t``.
+
+    The reference multiplies every ``R_j`` by ``eps_{t-1}`` in both the numerator and the sum, so
+    it cancels. Estimates must be non-negative (means of ``exp``); all zero gives the uniform policy.
+    """
+    est = np.asarray(estimate, dtype=np.float64)
+    k = est.shape[0]
+    total = est.sum()
+    share = est / total if total > 0 else np.full(k, 1.0 / k)
+    return (1.0 - k * eps_t) * share + eps_t

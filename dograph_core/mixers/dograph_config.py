@@ -1,0 +1,100 @@
+"""The DoGraph mixer's settings (``methods.<name>`` with ``type: dograph``); ``docs/method.md`` says why each default."""
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import Field, model_validator
+
+from dograph_core.mixers.base import MixerConfig
+
+
+class DoGraphConfig(MixerConfig):
+    update_every: int = Field(20, gt=0, description="T_w: rebuild the graph and re-solve every this many steps")
+    nodes: Literal["human", "model"] = Field("human", description="graph nodes: the human sources or gradient clusters")
+    k: int = Field(8, ge=2, description="number of model-perceived domains (nodes: model)")
+    r1: int = Field(32, gt=0, description="rows of the output-residual projection R_b")
+    r2: int = Field(64, gt=0, description="rows of the hidden-state projection R_h (d = r1 r2)")
+    proj_seed: int = Field(0, description="projection seed (combined with the run seed); the check uses +1")
+    # -- the graph and the optimisation
+    objective: Literal["F1", "F2", "A1"] = Field(
+        "F1", description="F1: need-weighted proportional progress; F2: weighted max-min progress; "
+                          "A1: MMD matching to an explicit target")
+    graph: Literal["gram", "cosine", "off"] = Field(
+        "gram", description="transfer matrix: Gram of node mean gradients with magnitudes (rows over their "
+                            "diagonal), cosine (no magnitudes), or off (identity: the graph removed)")
+    rho: Optional[float] = Field(1.0, gt=0, description="F3 constraint a^T L a <= (rho/K)^2 sum W+: neighbours' "
+                                                        "weights differ by about rho/K at most (None = no constraint)")
+    knn: Optional[int] = Field(None, gt=0, description="keep each node's k strongest edges (None = dense)")
+    target: Optional[Union[str, dict[str, float]]] = Field(
+        None, description="A1: the target, a domain (may be held out: then it is no longer held out for this "
+                          "method) or a mixture {domain: weight}")
+    tau_kl: float = Field(0.1, ge=0, description="KL(a || a_prev) weight: schedule smoothness")
+    eps: float = Field(1e-3, ge=0, lt=1, description="final smoothing (1 - eps) a + eps / K")
+    floor: float = Field(0.0, ge=0, le=1, description="lower bound of every node weight")
+    cap: float = Field(1.0, gt=0, le=1, description="upper bound of every node weight")
+    solver: Literal["auto", "ripopt", "highs", "numpy"] = "auto"
+    fallback: Literal["numpy", "keep"] = Field("numpy", description="on a solver failure: the numpy reference "
+                                                                     "solver, or keep the weights")
+    # -- the progress signal
+    ema: float = Field(0.8, ge=0, lt=1, description="EMA of node means and losses across update windows")
+    min_node_samples: int = Field(4, ge=1, description="a node with fewer sequences in a window is not fresh: "
+                                                       "no progress score, mean kept")
+    horizon: int = Field(5, ge=2, description="updates over which each node's relative loss change is averaged")
+    min_windows: int = Field(3, ge=2, description="changes needed before the noise can be estimated (uniform before)")
+    shrink: bool = Field(True, description="shrink the progress contrast towards uniform by its noise (James-Stein)")
+    tau: float = Field(1.0, gt=0, description="temperature of beta = softmax(u / tau)")
+    progress_from: Literal["auto", "batch", "probe"] = Field(
+        "auto", description="node losses from the training windows (batch) or a fixed probe set re-scored at each "
+                            "update (probe); auto: probe for model nodes, batch for human nodes")
+    progress_probe: int = Field(96, gt=0, description="sequences in the fixed progress probe (stratified over sources)")
+    # -- model-perceived domains
+    recluster_every: int = Field(100, gt=0, description="T_c: full re-clustering of a probe every this many steps")
+    probe_size: int = Field(256, gt=0, description="sequences in each clustering probe, stratified over sources")
+    probe_batch: int = Field(32, gt=0, description="probe sequences per forward pass")
+    min_ari: float = Field(0.2, ge=-1, le=1, description="model nodes are in force only while the last re-clustering's "
+                                                        "ARI across two projection seeds is at least this")
+    live: bool = Field(True, description="clusters follow the model between re-clusterings (online k-means, "
+                                         "running centring); False = frozen at the last re-clustering")
+    cluster_lr: float = Field(0.3, gt=0, le=1, description="online k-means step of the centroids and centring mean per window")
+    balance: float = Field(0.1, ge=0, description="price step of the balanced assignment (0 = no occupancy guard)")
+    max_price: float = Field(0.5, ge=0, description="bound of each cluster's price (cosine units)")
+    fallback_nodes: Literal["human", "uniform"] = Field(
+        "human", description="while no recent clustering is stable: DoGraph over the human sources, or uniform")
+    apply: Literal["loss", "sample"] = Field("loss", description="model nodes: tempered loss weights, or sampling "
+                                                                  "through the cluster x source table")
+    temper: float = Field(0.5, ge=0, le=1, description="loss weights (alpha/pi)^temper: pi^(1-g) alpha^g as the target")
+    clip: tuple[float, float] = Field((0.5, 2.0), description="per-sequence loss weights are clipped to this range")
+    pi_floor: float = Field(0.02, ge=0, lt=1, description="floor of the cluster frequency pi in alpha/pi")
+    base: Literal["uniform", "natural"] = Field("uniform", description="sampling under loss weighting (nodes: model)")
+    # -- features
+    feature_tokens: Optional[int] = Field(None, gt=0, description="positions per sequence used by the online sketch (None = all)")
+    features: Literal["sketch", "exact"] = Field(
+        "sketch", description="sketch: the forward-only output-layer sketch; exact: torch.func per-example gradients "
+                              "of exact_params (online and on probes; an ablation, about one extra backward per step)")
+    exact_params: list[str] = Field(
+        default_factory=lambda: ["lm_head.weight", *(f"transformer.h.-1.{m}.weight" for m in
+                                                     ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))],
+        description="features: exact: the parameters whose per-example gradients are used (negative block indices count from the end)")
+    exact_r: tuple[int, int] = Field((16, 32), description="features: exact: Kronecker sketch size of each parameter's gradient")
+    analysis_probes: list[float] = Field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+                                         description="fractions of the run at which probe features are saved "
+                                                     "(0 = the model at initialisation)")
+    plots: bool = Field(True, description="write the analysis PNGs at the end of the run")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DoGraphConfig":
+        if self.nodes == "model" and self.probe_size < self.k:
+            raise ValueError(f"probe_size ({self.probe_size}) must be at least k ({self.k})")
+        if self.clip[0] <= 0 or self.clip[0] > self.clip[1]:
+            raise ValueError(f"clip must be (low, high) with 0 < low <= high, got {self.clip}")
+        if self.features == "exact" and not self.exact_params:
+            raise ValueError("features: exact needs at least one parameter in exact_params")
+        if self.min_windows > self.horizon:
+            raise ValueError(f"min_windows ({self.min_windows}) must be at most horizon ({self.horizon})")
+        if self.objective == "A1" and self.target is None:
+            raise ValueError("objective A1 needs a target: a domain name or a mixture {domain: weight}")
+        if self.target is not None and self.objective != "A1":
+            raise ValueError(f"target is used by objective A1 only (objective is {self.objective})")
+        if self.objective == "A1" and self.nodes == "model":
+            raise ValueError("objective A1 matches the mixture of source means: use nodes: human")
+        return self

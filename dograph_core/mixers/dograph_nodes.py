@@ -1,0 +1,108 @@
+"""One set of DoGraph nodes (the human sources, or the model-perceived clusters) and its weights.
+
+A :class:`NodeSet` owns the node means and losses of a window (:class:`~dograph_core.graph.NodeMeans`),
+the progress signal (:class:`~dograph_core.progress.Progress`), the weights ``alpha`` over its nodes
+and their history. :func:`build_problem` turns its state into the optimisation of
+:mod:`dograph_core.optimize`:
+
+* ``T``, the transfer matrix: ``T_jk = <m_j, m_k> / ||m_j||^2`` (``graph: gram``: the Gram matrix of
+  node mean gradients *with magnitudes*, each row divided by its diagonal, so that ``(T a)_j`` is node
+  j's first-order predicted loss decrease per unit of its own weight), clipped to ``[-T_MAX, T_MAX]``;
+  ``graph: cosine`` drops the magnitudes; ``graph: off`` is the identity (the ablation);
+* the F3 constraint ``a^T L a <= rho`` with ``L`` the Laplacian of the positive cosine affinities and
+  ``rho = (cfg.rho / K)^2 * sum_{j<k} W+_jk``: neighbours' weights may differ by about ``cfg.rho / K``
+  (weighted RMS), so the constraint binds only when beta is rough across neighbours.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from dograph_core import graph as gr
+from dograph_core import optimize as opt
+from dograph_core.progress import Progress
+
+T_MAX = 4.0  # |T_jk| bound: a node whose mean gradient is near zero would otherwise get unbounded rows
+
+
+class NodeSet:
+    """Node statistics, progress and weights of one node set."""
+
+    def __init__(self, k: int, dim: int, cfg: Any):
+        self.k = k
+        self.means = gr.NodeMeans(k, dim, cfg.ema, cfg.min_node_samples)
+        self.progress = Progress(k, cfg.horizon, cfg.min_windows, cfg.shrink)
+        self.alpha = np.full(k, 1.0 / k)
+        self.history: list[tuple[int, list[float]]] = [(0, self.alpha.tolist())]
+        self.fresh = np.zeros(k, dtype=bool)
+        self.lo = np.full(k, cfg.floor)
+        self.hi = np.full(k, cfg.cap)
+        opt.check_bounds(self.lo, self.hi)
+
+    def commit(self) -> list[int]:
+        """Close the window: fold node means and losses in; returns the nodes without enough samples."""
+        self.fresh = (self.means.counts >= self.means.min_count).numpy()
+        return self.means.commit()
+
+    def record_batch_progress(self) -> None:
+        """Progress from the training windows' own losses (human nodes)."""
+        self.progress.record(self.means.mean_loss().numpy(), self.fresh)
+
+    def set_alpha(self, a: np.ndarray, step: int) -> None:
+        self.alpha = a
+        self.history.append((step, a.tolist()))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"means": self.means.state_dict(), "progress": self.progress.state_dict(),
+                "alpha": self.alpha.tolist(), "history": [[s, w] for s, w in self.history],
+                "fresh": self.fresh.tolist()}
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        if len(s["alpha"]) != self.k:
+            raise ValueError(f"checkpoint has {len(s['alpha'])} nodes, this run {self.k} (nodes/k changed?)")
+        self.means.load_state_dict(s["means"])
+        self.progress.load_state_dict(s["progress"])
+        self.alpha = np.asarray(s["alpha"], dtype=np.float64)
+        self.history = [(int(t), list(w)) for t, w in s["history"]]
+        self.fresh = np.asarray(s["fresh"], dtype=bool)
+
+
+def transfer(g: np.ndarray, kind: str, knn: Optional[int] = None) -> np.ndarray:
+    """The transfer matrix ``T`` from the Gram matrix ``g`` (see the module docstring)."""
+    k = g.shape[0]
+    if kind == "off":
+        return np.eye(k)
+    d = np.diag(g)
+    if kind == "cosine":
+        t = gr.cosine_affinity(g)
+    else:
+        inv = np.where(d > 1e-30, 1.0 / np.maximum(d, 1e-30), 0.0)
+        t = g * inv[:, None]
+        t[d <= 1e-30] = 0.0
+        np.fill_diagonal(t, 1.0)
+    if knn:
+        mask = gr.knn_sparsify(np.abs(gr.cosine_affinity(g)), knn) != 0
+        t = np.where(mask, t, 0.0)
+    return np.clip(t, -T_MAX, T_MAX)
+
+
+def build_problem(cfg: Any, means: np.ndarray, beta: np.ndarray, prev: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                  target: Optional[np.ndarray] = None) -> opt.Problem:
+    """The optimisation for one update. ``target`` (A1): the target's mean gradient ``m_target``."""
+    g = gr.gram(means)
+    k = g.shape[0]
+    if cfg.objective == "A1":
+        if target is None:
+            raise opt.OptimizationError("objective A1 needs a target mixture (methods.<name>.target)")
+        scale = max(float(np.max(np.diag(g))), 1e-30)
+        return opt.Problem(T=np.eye(k), prev=prev, objective="A1", G=g / scale, b=means @ target / scale,
+                           tau_kl=cfg.tau_kl, lo=lo, hi=hi)
+    T = transfer(g, cfg.graph, cfg.knn)
+    L = rho = None
+    if cfg.graph != "off" and cfg.rho is not None:
+        w = np.clip(gr.cosine_affinity(g), 0, None)
+        np.fill_diagonal(w, 0.0)
+        L, rho = gr.laplacian(w), (cfg.rho / k) ** 2 * 0.5 * float(w.sum())
+    return opt.Problem(T=T, prev=prev, objective=cfg.objective, beta=beta, L=L, rho=rho, tau_kl=cfg.tau_kl,
+                       lo=lo, hi=hi)
