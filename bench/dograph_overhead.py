@@ -43,7 +43,7 @@ from dograph_core import optimize as opt  # noqa: E402
 from dograph_core.config import TrainConfig  # noqa: E402
 from dograph_core.data.corpus import TokenCorpus  # noqa: E402
 from dograph_core.data.shards import write_shard  # noqa: E402
-from dograph_core.graph import cosine_affinity, gram, knn_sparsify, laplacian, normalise_by_diag  # noqa: E402
+from dograph_core.mixers.dograph_nodes import build_problem  # noqa: E402
 from dograph_core.mixers.dograph import DoGraphConfig  # noqa: E402
 from dograph_core.mixers.dograph_parts import read_log  # noqa: E402
 from dograph_core.train import train  # noqa: E402
@@ -128,20 +128,17 @@ def bench_solver(sizes=(8, 64, 512), knn_above: int = 64, knn: int = 10) -> dict
     out = {}
     for k in sizes:
         M = rng.normal(size=(k, 256))
-        W = cosine_affinity(gram(M))
-        if k > knn_above:
-            W = knn_sparsify(W, knn)
-        W = normalise_by_diag(W)
-        p = opt.Problem(W=W, prev=rng.dirichlet(np.ones(k)), beta=rng.dirichlet(np.ones(k)), L=laplacian(W),
-                        tau_kl=0.1, lam=0.1, c=1.0, hi=min(1.0, 4.0 / k) if k > 4 else 1.0)
+        cfg = DoGraphConfig(knn=knn if k > knn_above else None)
+        hi = np.full(k, min(1.0, 4.0 / k) if k > 4 else 1.0)
+        p = build_problem(cfg, M, rng.dirichlet(np.ones(k)), rng.dirichlet(np.ones(k)), np.zeros(k), hi)
         t0 = time.perf_counter()
         a, info = opt.solve_pyomo(p)
         t_pyomo = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ref = opt.solve_mirror(p)
+        ref = opt.solve_reference(p)
         t_ref = time.perf_counter() - t0
         out[str(k)] = {"pyomo_s": t_pyomo, "solver": info["solver"], "numpy_s": t_ref,
-                       "max_abs_diff": float(np.max(np.abs(a - ref))), "edges": int(np.count_nonzero(np.triu(W, 1)))}
+                       "max_abs_diff": float(np.max(np.abs(a - ref))), "edges": int(np.count_nonzero(np.triu(p.T, 1)))}
         print(f"K={k}: pyomo/{info['solver']} {t_pyomo:.2f} s, numpy {t_ref:.2f} s, |diff| {out[str(k)]['max_abs_diff']:.1e}",
               file=sys.stderr)
     return out

@@ -141,9 +141,3 @@ def laplacian(w: np.ndarray) -> np.ndarray:
     wp = np.clip(np.asarray(w, dtype=np.float64), 0, None)
     np.fill_diagonal(wp, 0.0)
     return np.diag(wp.sum(1)) - wp
-
-
-def normalise_by_diag(w: np.ndarray) -> np.ndarray:
-    """``W / max(diag W)`` so that the curvature constant c ~ 1 is sensible (reference note, step 4)."""
-    top = float(np.max(np.diag(w))) if w.size else 0.0
-    return w / top if top > 0 else w

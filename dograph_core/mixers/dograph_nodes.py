@@ -99,10 +99,14 @@ def build_problem(cfg: Any, means: np.ndarray, beta: np.ndarray, prev: np.ndarra
         return opt.Problem(T=np.eye(k), prev=prev, objective="A1", G=g / scale, b=means @ target / scale,
                            tau_kl=cfg.tau_kl, lo=lo, hi=hi)
     T = transfer(g, cfg.graph, cfg.knn)
+    # F1's shift: one constant for every row, large enough that every argument stays positive on the
+    # simplex. A per-row shift (c_j = delta - min_k T_jk) would make each row scale-free and F1 blind to
+    # conflict; a common one keeps it: a node whose gradient hurts the others' progress costs them.
+    shift = np.full(k, opt.F1_DELTA + max(0.0, -float(T.min())))
     L = rho = None
     if cfg.graph != "off" and cfg.rho is not None:
         w = np.clip(gr.cosine_affinity(g), 0, None)
         np.fill_diagonal(w, 0.0)
         L, rho = gr.laplacian(w), (cfg.rho / k) ** 2 * 0.5 * float(w.sum())
     return opt.Problem(T=T, prev=prev, objective=cfg.objective, beta=beta, L=L, rho=rho, tau_kl=cfg.tau_kl,
-                       lo=lo, hi=hi)
+                       lo=lo, hi=hi, shift=shift if cfg.objective == "F1" else None)
