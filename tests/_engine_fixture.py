@@ -70,3 +70,12 @@ def make_corpus(root: Path, seed: int = 0, scale: int = 1) -> Path:
         table.append(row)
     write_corpus_json(root, table, vocab_size=len(tok), eot_id=eot, tokenizer_hash="fixture")
     return root
+
+
+def tiny_train_cfg(**kw):
+    """A few CPU steps of the smallest model, for end-to-end mixer tests (keyword overrides)."""
+    from dograph_core.config import TrainConfig
+
+    base = dict(steps=3, batch_size=8, seq_len=32, warmup_steps=1, eval_every=0, eval_windows=2, threads=1,
+                progress=False)
+    return TrainConfig(**{**base, **kw})

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from _engine_fixture import make_corpus
+from _engine_fixture import make_corpus, tiny_train_cfg
 
-from dograph_core.config import TrainConfig
 from dograph_core.data.corpus import TokenCorpus
 from dograph_core.microstep import LMLoss, micro_step
 from dograph_core.mixers import build_mixer, validate_mixer_config
@@ -54,10 +53,7 @@ def corpus(tmp_path_factory):
     return TokenCorpus(make_corpus(tmp_path_factory.mktemp("corpus")))
 
 
-def cfg(**kw) -> TrainConfig:
-    base = dict(steps=3, batch_size=8, seq_len=32, warmup_steps=1, eval_every=0, eval_windows=2, threads=1,
-                progress=False)
-    return TrainConfig(**{**base, **kw})
+cfg = tiny_train_cfg
 
 
 # -- sampling: uniform while the weights move ------------------------------------------------------
