@@ -90,12 +90,13 @@ def dograph_record(run_dir: Path) -> dict[str, Any]:
             effects.append(e)
         if rec.get("ess_mean") is not None and who == "model":
             ess.append(rec["ess_mean"])
-    ari = math.nan
+    ari = math.nan  # the run's own clusters against the sources (model nodes); k-means of the features otherwise
     align = run_dir / "mixer" / "plots" / "alignment.csv"
     if align.is_file():
         rows = [r.split(",") for r in align.read_text().splitlines()]
-        if len(rows) > 1 and "kmeans_ari" in rows[0] and rows[-1][rows[0].index("kmeans_ari")]:
-            ari = float(rows[-1][rows[0].index("kmeans_ari")])
+        col = "labels_ari" if meta.get("nodes") == "model" else "kmeans_ari"
+        if len(rows) > 1 and col in rows[0] and rows[-1][rows[0].index(col)]:
+            ari = float(rows[-1][rows[0].index(col)])
     share = meta.get("model_nodes_in_force_share")
     return {"in_force": math.nan if share is None else float(share), "end_ari": ari,
             "graph_effect": sum(effects) / len(effects) if effects else math.nan,
@@ -208,8 +209,8 @@ def markdown(agg: dict[str, Any]) -> str:
         if dg:
             parts += ["", f"### {scale}: DoGraph's own evidence (mean ± sd over seeds)", "",
                       "Model nodes in force: the share of updates in which the model-perceived domains weighted the "
-                      "batch (the rest fell back to the human sources). End ARI: k-means clusters of the last "
-                      "analysis probe against the human sources. Graph effect: the mean over updates of "
+                      "batch (the rest fell back to the human sources). End ARI: at the last analysis probe, the run's "
+                      "own clusters (model nodes; k-means of the features for human nodes) against the human sources. Graph effect: the mean over updates of "
                       "‖α − α_graph-off‖₁. ESS: mean effective sample size of the loss weights (share of the micro-batch).", "",
                       "| method | model nodes in force | end ARI (clusters vs sources) | graph effect | ESS |",
                       "|---|---:|---:|---:|---:|"]

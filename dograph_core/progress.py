@@ -72,14 +72,6 @@ class Progress:
             self.prev = np.where(ok_now, loss, np.nan)
         return r
 
-    def forget(self, nodes: np.ndarray) -> None:
-        """Drop the history of ``nodes`` (their membership changed: a re-seeded cluster)."""
-        idx = np.asarray(nodes, dtype=np.int64)
-        if self.prev is not None:
-            self.prev[idx] = np.nan
-        for d in self.changes:
-            d[idx] = np.nan
-
     def targets(self, tau: float) -> tuple[np.ndarray, np.ndarray, float]:
         """``(beta, u, s)``: targets on the simplex, lag scores (0 = neutral) and the shrinkage factor."""
         u = np.zeros(self.k)

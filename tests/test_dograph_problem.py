@@ -62,3 +62,28 @@ def test_f3_binds_when_beta_is_rough_across_neighbours():
     tied, p = solve(m, beta, rho=0.5)
     assert abs(tied[0] - tied[1]) < abs(free[0] - free[1]) - 0.1
     assert abs(float(tied @ p.L @ tied) - p.rho) < 1e-6                  # active
+
+
+def test_the_kl_anchor_is_beta_so_updates_do_not_walk():
+    """Under a uniform beta the graph may move the weights only as far as tau_kl allows from beta, whatever
+    the previous weights: repeated updates do not drift to F1's own (gradient-norm) optimum."""
+    m = np.random.default_rng(1).normal(size=(3, 6)) + 2.0        # aligned gradients of different norms
+    c = DoGraphConfig(tau_kl=0.3)
+    a1 = opt.solve(build_problem(c, m, UNIFORM, np.array([0.8, 0.1, 0.1]), np.zeros(3), np.ones(3)), "numpy")[0]
+    a2 = opt.solve(build_problem(c, m, UNIFORM, np.array([0.1, 0.1, 0.8]), np.zeros(3), np.ones(3)), "numpy")[0]
+    assert np.allclose(a1, a2, atol=1e-6)
+    off = DoGraphConfig(tau_kl=0.3, graph="off")
+    a_off = opt.solve(build_problem(off, m, UNIFORM, np.array([0.8, 0.1, 0.1]), np.zeros(3), np.ones(3)), "numpy")[0]
+    assert np.allclose(a_off, UNIFORM, atol=1e-3)
+    loose = opt.solve(build_problem(DoGraphConfig(tau_kl=0.05), m, UNIFORM, UNIFORM, np.zeros(3), np.ones(3)), "numpy")[0]
+    assert np.abs(loose - UNIFORM).sum() > np.abs(a1 - UNIFORM).sum()   # a smaller price, a larger move
+
+
+def test_a_node_with_a_near_zero_mean_gradient_does_not_take_over():
+    """Rows are divided by their own squared norm floored at a tenth of the median: a node whose mean
+    gradient is 5% of the others' and opposed to them gets a bounded row, not +-4 everywhere."""
+    m = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-0.05, -0.05, 0.0]])
+    T = transfer(m @ m.T, "gram")
+    assert np.abs(T[2]).max() <= 1.0 + 1e-12 and T[2, 2] == 1.0
+    a, _ = solve(m, np.array([0.425, 0.425, 0.15]))
+    assert a[2] < 0.3

@@ -70,14 +70,6 @@ def test_probe_path_uses_the_given_previous_losses():
     assert np.allclose(r, [-0.2, 0.0])
 
 
-def test_forget_drops_a_reseeded_nodes_history():
-    p = Progress(3, horizon=5, min_windows=3)
-    feed(p, [[4, 4, 4], [3.8, 3.9, 3.99], [3.6, 3.8, 3.98], [3.4, 3.7, 3.97]])
-    p.forget(np.array([2]))
-    beta, u, _ = p.targets(1.0)
-    assert u[2] == 0.0
-
-
 def test_bad_input_is_refused():
     with pytest.raises(ProgressError, match="min_windows"):
         Progress(3, horizon=2, min_windows=3)
@@ -91,3 +83,27 @@ def test_state_round_trip():
     q = Progress(3, horizon=4, min_windows=2)
     q.load_state_dict(p.state_dict())
     assert np.allclose(p.targets(1.0)[0], q.targets(1.0)[0])
+
+
+def test_a_node_back_from_starvation_is_not_scored_as_the_fastest_learner():
+    """Human nodes score the raw window mean loss: a node that had no data for two windows and comes back
+    at the others' level gets no change for the gap (not fresh twice) and then an ordinary one."""
+    import torch
+
+    from dograph_core.mixers.dograph_config import DoGraphConfig
+    from dograph_core.mixers.dograph_nodes import NodeSet
+
+    ns = NodeSet(3, 2, DoGraphConfig(min_node_samples=1))
+    z = torch.zeros(6, 2)
+    for w, (loss, present) in enumerate([(4.0, True), (4.0, False), (4.0, False), (3.0, True), (2.9, True)]):
+        nodes = torch.tensor([0, 0, 1, 1, 2, 2]) if present else torch.tensor([0, 0, 1, 1, 0, 1])
+        base = 4.0 - 0.1 * w
+        losses = torch.tensor([base, base, base, base, loss, loss])
+        ns.means.add(z, nodes, losses)
+        ns.commit()
+        ns.record_batch_progress()
+    last = ns.progress.changes[-1]
+    r2 = 2.9 / 3.0 - 1                                   # its own change over the last window only
+    r01 = (3.6 - 3.7) / 3.7
+    assert abs(last[2] - (r2 - np.mean([r01, r01, r2]))) < 1e-6
+    assert np.isnan(ns.progress.changes[-2][2])          # the window it came back in has no score (not fresh twice)

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["DoGraphConfig", "DoGraphMixer"]
 
+MAX_RATIO = 20.0  # bound of the base/sampling importance ratio in the pi estimate (a source at 1e-4 would give 1e3)
+
 
 class DoGraphMixer(Mixer):
     """DoGraph over human sources (sampling) or live model-perceived domains (tempered loss weights)."""
@@ -191,9 +193,10 @@ class DoGraphMixer(Mixer):
         ids = ids.to(dev)
         if self.cfg.features == "exact":
             zs = self._exact(ids, [self._seed + i for i in range(n_proj)])
+            b = self.cfg.probe_batch
             with torch.no_grad():
-                losses = torch.cat([sequence_loss(self._model(ids[s:s + 32, :-1]).logits, ids[s:s + 32, 1:])
-                                    for s in range(0, ids.shape[0], 32)])
+                losses = torch.cat([sequence_loss(self._model(ids[s:s + b, :-1]).logits, ids[s:s + b, 1:])
+                                    for s in range(0, ids.shape[0], b)])
         else:
             emb = self._model.get_output_embeddings().weight
             projs = [self._projection(emb.shape[0], emb.shape[1])]
@@ -261,7 +264,7 @@ class DoGraphMixer(Mixer):
             self.mnodes.means.add(z, labels, loss)
             self.clusters.add(z.double().numpy(), labels.numpy())
             # frequencies under the base sampler: reweight what the current sampler drew
-            ratio = self.base_weights() / np.maximum(self.sampling_weights(), 1e-12)
+            ratio = np.minimum(self.base_weights() / np.maximum(self.sampling_weights(), 1e-12), MAX_RATIO)
             self._pi_counts.index_add_(0, labels, torch.from_numpy(ratio[src.numpy()]))
 
     # -- the update -------------------------------------------------------------------------
@@ -297,7 +300,7 @@ class DoGraphMixer(Mixer):
         rec["human"] = self._solve(self.human, step)
         if self.model_mode and self.in_force:
             rec["model"] = self._solve(self.mnodes, step)
-            self.updates["model"] += 1
+            self.updates["model"] += rec["model"] is not None
         rec["nodes_in_force"] = self._nodes_in_force()
         rec["feature_s_total"], rec["online_s_total"] = self.feature_time, self.online_time
         self._diag["model_nodes_in_force"] = float(self._nodes_in_force() == "model")
@@ -361,14 +364,16 @@ class DoGraphMixer(Mixer):
             target = self._target_mean() if cfg.objective == "A1" else None
             p = build_problem(cfg, ns.means.mean_matrix().numpy(), beta, ns.alpha, ns.lo, ns.hi, target)
             a, info = opt.solve(p, cfg.solver, fallback=cfg.fallback == "numpy")
-            effect = None
-            if cfg.objective != "A1":
-                a_off, _ = opt.solve(opt.off_problem(p), "numpy")
-                effect = float(np.abs(a - a_off).sum())
         except (opt.OptimizationError, ProbeError, FeatureError) as e:
             log.warning("dograph step %d: optimisation failed (%s); previous weights kept", step, e)
             self.events.write({"step": step, "event": "solve_failed", "reason": str(e)})
             return None
+        effect = None
+        if cfg.objective != "A1":  # the diagnostic: the same problem with the graph removed
+            try:
+                effect = float(np.abs(a - opt.solve(opt.off_problem(p), "numpy")[0]).sum())
+            except opt.OptimizationError as e:
+                log.info("dograph step %d: the graph-off reference failed (%s); effect not logged", step, e)
         a = opt.smooth(a, cfg.eps, ns.lo, ns.hi)
         ns.set_alpha(a, step)
         tag = "model" if ns is self.mnodes else "human"
@@ -426,19 +431,27 @@ class DoGraphMixer(Mixer):
             new = cl.recluster(z.numpy(), zc.numpy(), cfg.k, step, self._seed)
         except (ProbeError, FeatureError, cl.ClusteringError) as e:
             new, reason = None, str(e)
-        # rank 0 decides; every rank adopts its clustering (a sum all-reduce of rank 0's numbers)
+        # rank 0 decides; every rank adopts its clustering (a sum all-reduce of rank 0's numbers) and
+        # labels its own probe by it (the probe windows are the same on every rank)
         stable = new is not None and new.ari >= cfg.min_ari
         flag = self._from_rank0(torch.tensor([float(stable)]), reduce)
         stable = bool(flag[0] > 0.5)
         if stable:
-            new.mean = self._from_rank0(torch.from_numpy(new.mean), reduce).numpy()
-            new.centroids = self._from_rank0(torch.from_numpy(new.centroids), reduce).numpy()
+            d, k = self.dim, cfg.k
+            mean = self._from_rank0(torch.from_numpy(new.mean if new is not None else np.zeros(d)), reduce).numpy()
+            cents = self._from_rank0(torch.from_numpy(new.centroids if new is not None else np.zeros((k, d))), reduce).numpy()
+            if new is None:  # the probe failed on this rank only: adopt rank 0's clusters, no labels of our own
+                new = cl.Clustering(mean=mean, centroids=cents, labels=np.zeros(len(src), dtype=np.int64),
+                                    ari=float("nan"), step=step)
+            elif reduce is not identity_reduce:
+                new.mean, new.centroids = mean, cents
+                new.labels = cl.assign(z.numpy(), mean, cents)
             if self.clusters is None:
                 self.clusters = cl.LiveClusters(new, cfg.cluster_lr if cfg.live else 0.0,
                                                 cfg.balance if cfg.live else 0.0, cfg.max_price)
-                self._init_pi(new.labels, src)
             else:
                 self.clusters.replace(new)
+            self._init_pi(new.labels, src)   # the new clusters' sizes, not the old ones'
             self.clustering = new
             self.table = cl.contingency(new.labels, src, cfg.k, len(self.ctx.domains))
         was = self.in_force
@@ -453,7 +466,7 @@ class DoGraphMixer(Mixer):
                            "reason": None if new is not None else reason, "in_force": stable,
                            "contingency": self.table if stable else None, "domains": self.ctx.domains,
                            "probe_s": time.perf_counter() - t0})
-        if new is not None:
+        if new is not None and not np.isnan(new.ari):
             self._save_probe(step, z, src, new.labels if stable else None)
 
     def _from_rank0(self, t: torch.Tensor, reduce: Reduce) -> torch.Tensor:

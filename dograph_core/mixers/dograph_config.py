@@ -28,9 +28,11 @@ class DoGraphConfig(MixerConfig):
     target: Optional[Union[str, dict[str, float]]] = Field(
         None, description="A1: the target, a domain (may be held out: then it is no longer held out for this "
                           "method) or a mixture {domain: weight}")
-    tau_kl: float = Field(0.1, ge=0, description="KL(a || a_prev) weight: schedule smoothness")
+    tau_kl: float = Field(0.3, ge=0, description="F1/F2: KL(a || beta) weight, the price of moving the weights away "
+                                                 "from the progress target (A1: KL(a || a_prev))")
     eps: float = Field(1e-3, ge=0, lt=1, description="final smoothing (1 - eps) a + eps / K")
-    floor: float = Field(0.0, ge=0, le=1, description="lower bound of every node weight")
+    floor: Optional[float] = Field(None, ge=0, le=1, description="lower bound of every node weight (None = 0.1 / K: "
+                                                                 "no node is starved)")
     cap: float = Field(1.0, gt=0, le=1, description="upper bound of every node weight")
     solver: Literal["auto", "ripopt", "highs", "numpy"] = "auto"
     fallback: Literal["numpy", "keep"] = Field("numpy", description="on a solver failure: the numpy reference "
@@ -95,6 +97,8 @@ class DoGraphConfig(MixerConfig):
             raise ValueError("objective A1 needs a target: a domain name or a mixture {domain: weight}")
         if self.target is not None and self.objective != "A1":
             raise ValueError(f"target is used by objective A1 only (objective is {self.objective})")
+        if self.progress_from == "probe" and self.nodes == "human":
+            raise ValueError("progress_from: probe re-scores a fixed probe per cluster; it is for nodes: model")
         if self.objective == "A1" and self.nodes == "model":
             raise ValueError("objective A1 matches the mixture of source means: use nodes: human")
         return self

@@ -36,18 +36,23 @@ class NodeSet:
         self.alpha = np.full(k, 1.0 / k)
         self.history: list[tuple[int, list[float]]] = [(0, self.alpha.tolist())]
         self.fresh = np.zeros(k, dtype=bool)
-        self.lo = np.full(k, cfg.floor)
+        self.window_loss = np.full(k, np.nan)
+        self.lo = np.full(k, 0.1 / k if cfg.floor is None else cfg.floor)
         self.hi = np.full(k, cfg.cap)
         opt.check_bounds(self.lo, self.hi)
 
     def commit(self) -> list[int]:
         """Close the window: fold node means and losses in; returns the nodes without enough samples."""
-        self.fresh = (self.means.counts >= self.means.min_count).numpy()
+        counts = self.means.counts.numpy()
+        self.fresh = counts >= self.means.min_count
+        self.window_loss = self.means.loss_sums.numpy() / np.maximum(counts, 1.0)
         return self.means.commit()
 
     def record_batch_progress(self) -> None:
-        """Progress from the training windows' own losses (human nodes)."""
-        self.progress.record(self.means.mean_loss().numpy(), self.fresh)
+        """Progress from the training windows' own mean losses (human nodes). The raw window means, not
+        the EMA: a node back from a window without data would otherwise slide from its stale EMA loss
+        down to its current one over several windows and look like the fastest learner."""
+        self.progress.record(self.window_loss, self.fresh)
 
     def set_alpha(self, a: np.ndarray, step: int) -> None:
         self.alpha = a
@@ -76,10 +81,12 @@ def transfer(g: np.ndarray, kind: str, knn: Optional[int] = None) -> np.ndarray:
     d = np.diag(g)
     if kind == "cosine":
         t = gr.cosine_affinity(g)
-    else:
-        inv = np.where(d > 1e-30, 1.0 / np.maximum(d, 1e-30), 0.0)
-        t = g * inv[:, None]
-        t[d <= 1e-30] = 0.0
+    else:  # each row over its own squared norm, floored at a tenth of the median (a near-zero mean gradient
+        #    would otherwise give a row of +-T_MAX and, through F1's common shift, flatten every other row)
+        seen = d > 1e-30
+        floor = 0.1 * float(np.median(d[seen])) if seen.any() else 1.0
+        t = g / np.maximum(d, floor)[:, None]
+        t[~seen] = 0.0
         np.fill_diagonal(t, 1.0)
     if knn:
         mask = gr.knn_sparsify(np.abs(gr.cosine_affinity(g)), knn) != 0
@@ -89,7 +96,13 @@ def transfer(g: np.ndarray, kind: str, knn: Optional[int] = None) -> np.ndarray:
 
 def build_problem(cfg: Any, means: np.ndarray, beta: np.ndarray, prev: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                   target: Optional[np.ndarray] = None) -> opt.Problem:
-    """The optimisation for one update. ``target`` (A1): the target's mean gradient ``m_target``."""
+    """The optimisation for one update. ``target`` (A1): the target's mean gradient ``m_target``.
+
+    The KL anchor of F1/F2 is the progress target ``beta`` itself (``prev`` only for A1): ``tau_kl``
+    prices how far the graph may move the weights from the target, so with the graph off the answer
+    is beta whatever ``tau_kl``, and with it the move is bounded at every update. (Anchored to the
+    previous weights instead, repeated updates walk to F1's own optimum even under a uniform beta:
+    the weights then follow gradient norms, not progress.)"""
     g = gr.gram(means)
     k = g.shape[0]
     if cfg.objective == "A1":
@@ -108,5 +121,5 @@ def build_problem(cfg: Any, means: np.ndarray, beta: np.ndarray, prev: np.ndarra
         w = np.clip(gr.cosine_affinity(g), 0, None)
         np.fill_diagonal(w, 0.0)
         L, rho = gr.laplacian(w), (cfg.rho / k) ** 2 * 0.5 * float(w.sum())
-    return opt.Problem(T=T, prev=prev, objective=cfg.objective, beta=beta, L=L, rho=rho, tau_kl=cfg.tau_kl,
+    return opt.Problem(T=T, prev=beta, objective=cfg.objective, beta=beta, L=L, rho=rho, tau_kl=cfg.tau_kl,
                        lo=lo, hi=hi, shift=shift if cfg.objective == "F1" else None)
