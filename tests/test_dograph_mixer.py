@@ -236,7 +236,7 @@ def test_nan_features_skip_the_window_and_keep_weights(corpus, caplog):
     before = m.weights.copy()
     with caplog.at_level(logging.WARNING):
         run(m, model, 5, start=6, poison=8)
-    assert np.array_equal(m.weights, before)
+    assert np.allclose(m.weights, before, rtol=0, atol=1e-15)   # kept (the loop's renormalisation aside)
     assert "NaN" in caplog.text and "previous weights kept" in caplog.text
     run(m, model, 5, start=11)                   # the next clean window updates again
     assert not np.array_equal(m.weights, before) and np.all(np.isfinite(m.weights))
