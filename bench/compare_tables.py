@@ -9,6 +9,7 @@ token on the validation split (lower is better).
 """
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
@@ -93,10 +94,10 @@ def dograph_record(run_dir: Path) -> dict[str, Any]:
     ari = math.nan  # the run's own clusters against the sources (model nodes); k-means of the features otherwise
     align = run_dir / "mixer" / "plots" / "alignment.csv"
     if align.is_file():
-        rows = [r.split(",") for r in align.read_text().splitlines()]
+        rows = list(csv.DictReader(align.read_text().splitlines()))
         col = "labels_ari" if meta.get("nodes") == "model" else "kmeans_ari"
-        if len(rows) > 1 and col in rows[0] and rows[-1][rows[0].index(col)]:
-            ari = float(rows[-1][rows[0].index(col)])
+        if rows and rows[-1].get(col):
+            ari = float(rows[-1][col])
     share = meta.get("model_nodes_in_force_share")
     return {"in_force": math.nan if share is None else float(share), "end_ari": ari,
             "graph_effect": sum(effects) / len(effects) if effects else math.nan,

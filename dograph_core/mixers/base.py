@@ -163,6 +163,8 @@ class Mixer:
         return self.weights
 
     def set_weights(self, w: np.ndarray, step: int) -> None:
+        if w is self.weights:  # the loop hands back what update() returned: already set and recorded
+            return
         self.weights = check_weights(w, self.ctx.domains, f"{self.name} weights at step {step}")
         if not self.history or self.history[-1][1] != self.weights.tolist():  # record changes only
             self.history.append((step, self.weights.tolist()))

@@ -118,11 +118,6 @@ class DoGEMixer(Mixer):
         """Uniform over the training domains for the whole run: the weights scale gradients only."""
         return np.full(len(self.ctx.domains), 1.0 / len(self.ctx.domains))
 
-    def set_weights(self, w: np.ndarray, step: int) -> None:
-        if w is self.weights:  # the loop hands back what update() returned: already set and recorded
-            return
-        super().set_weights(w, step)
-
     # -- statistics ----------------------------------------------------------------------------
     def observe(self, stats: BatchStats) -> None:
         g = stats.domain_grads

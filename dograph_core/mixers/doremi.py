@@ -98,11 +98,6 @@ class DoReMiMixer(Mixer):
             return np.asarray(self.ctx.natural, dtype=np.float64) / np.sum(self.ctx.natural)
         return np.full(len(self.ctx.domains), 1.0 / len(self.ctx.domains))
 
-    def set_weights(self, w: np.ndarray, step: int) -> None:
-        if w is self.weights:  # the loop hands back what update() returned: already set and recorded
-            return
-        super().set_weights(w, step)
-
     def loss_weights(self, domain_ids: torch.Tensor) -> torch.Tensor:
         """Per-sequence loss weights ``a_d / s_d`` normalised to mean one over the micro-batch.
 

@@ -141,11 +141,6 @@ class ODMMixer(Mixer):
             self.estimate = rules.odm_rewards(self.estimate, rewards, present, self.weights, cfg.alpha_value, iw)
         return rules.odm_policy(self.estimate, eps_prev, self.eps)
 
-    def set_weights(self, w: np.ndarray, step: int) -> None:
-        if w is self.weights:  # the loop hands back what update() returned: already set and recorded
-            return
-        super().set_weights(w, step)
-
     def final_weights(self) -> np.ndarray:
         if self.cfg.output == "last":
             return self.weights
