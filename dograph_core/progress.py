@@ -20,10 +20,13 @@ James-Stein factor
 so when the differences between nodes are within their noise (late in a cosine schedule, say)
 ``s`` is 0 and beta is uniform; when they stand well above it ``s`` is 1. Finally
 
-    u_j = s * dbar_j / mean_i |dbar_i|,        beta = softmax(u / tau)
+    u_j = s * dbar_j / mean_i |dbar_i|,        beta_j = prior_j exp(u_j / tau) / Z
 
 (the division keeps ``tau`` acting on *relative* differences of progress, whatever the loss
-scale). Before ``min_windows`` changes exist the noise cannot be estimated and beta is uniform.
+scale). ``prior`` is what the mixer trains on when progress says nothing: uniform for human
+sources, the clusters' frequencies under the base sampler for model nodes (a uniform prior over
+clusters would reweight towards the small ones on no evidence). Before ``min_windows`` changes
+exist the noise cannot be estimated and beta is the prior.
 """
 from __future__ import annotations
 
@@ -72,8 +75,9 @@ class Progress:
             self.prev = np.where(ok_now, loss, np.nan)
         return r
 
-    def targets(self, tau: float) -> tuple[np.ndarray, np.ndarray, float]:
-        """``(beta, u, s)``: targets on the simplex, lag scores (0 = neutral) and the shrinkage factor."""
+    def targets(self, tau: float, prior: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, float]:
+        """``(beta, u, s)``: targets on the simplex (``prior`` when there is no signal; None = uniform),
+        lag scores (0 = neutral) and the shrinkage factor."""
         u = np.zeros(self.k)
         s = 0.0
         if len(self.changes) >= 1:
@@ -94,6 +98,11 @@ class Progress:
                 u[scored] = s * dbar[scored] / scale
         z = u / max(tau, 1e-12)
         beta = np.exp(z - z.max())
+        if prior is not None:
+            prior = np.asarray(prior, dtype=np.float64)
+            if prior.shape != (self.k,) or not np.all(np.isfinite(prior)) or np.any(prior < 0) or prior.sum() <= 0:
+                raise ProgressError(f"prior must be {self.k} non-negative finite numbers with a positive sum, got {prior}")
+            beta = beta * prior
         return beta / beta.sum(), u, s
 
     def state_dict(self) -> dict[str, Any]:

@@ -124,6 +124,27 @@ def test_model_node_progress_is_measured_on_a_fixed_probe(corpus):
     assert np.abs(np.nan_to_num(h)).max() > 1e-4
 
 
+@pytest.mark.parametrize("prior", ["base", "uniform"])
+def test_without_progress_model_nodes_do_not_reweight(corpus, prior):
+    """A model that does not learn (lr 0) gives no progress signal; with the graph off the weights are
+    then beta. Under the default prior that is the clusters' own frequency: every loss weight is 1 (the
+    run is uniform training). A uniform prior over clusters would up-weight the small ones on no evidence."""
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "graph": "off", "prior": prior},
+                    ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 30, lr=0.0)
+    assert m.in_force and m.updates["model"] >= 3
+    pi = np.maximum(m.pi, m.cfg.pi_floor) / np.maximum(m.pi, m.cfg.pi_floor).sum()
+    assert pi.max() - pi.min() > 0.05                      # clusters of unequal size, so the prior matters
+    w = m.cluster_weights()
+    if prior == "base":
+        assert np.allclose(m.alpha, pi, atol=0.01) and np.abs(w - 1).max() < 0.01
+    else:
+        assert np.allclose(m.alpha, 1 / 3, atol=0.01)
+        small = int(np.argmin(pi))
+        assert w[small] == w.max() and np.abs(w - 1).max() > 0.03
+
+
 def test_unstable_clustering_falls_back_to_human_nodes(corpus, caplog, monkeypatch, tmp_path):
     from dograph_core import clustering
 

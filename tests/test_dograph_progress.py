@@ -36,6 +36,24 @@ def test_before_enough_windows_the_targets_are_uniform():
     assert np.allclose(beta, 1 / 3) and s == 0.0
 
 
+def test_without_a_signal_the_targets_are_the_prior_and_progress_tilts_it():
+    """Model nodes pass their frequency under the base sampler: no evidence means no reweighting."""
+    prior = np.array([0.5, 0.3, 0.2])
+    p = Progress(3, horizon=5, min_windows=3)
+    feed(p, [[4, 4, 4], [3.8, 3.8, 3.99]])    # too few changes: no signal
+    assert np.allclose(p.targets(1.0, prior)[0], prior)
+    loss, seq = np.array([4.0, 4.0, 4.0]), []
+    for _ in range(6):                         # node 2 lags steadily (as above): u = (-0.75, -0.75, 1.5)
+        seq.append(loss.copy())
+        loss = loss * np.array([0.95, 0.95, 0.99])
+    feed(p, seq)
+    beta, u, _ = p.targets(1.0, prior)
+    assert np.allclose(beta, prior * np.exp(u) / (prior * np.exp(u)).sum())
+    assert beta[2] > prior[2] and beta[0] < prior[0]   # the laggard gains from its prior, the others give
+    with pytest.raises(ProgressError, match="prior"):
+        p.targets(1.0, np.array([0.5, -0.1, 0.6]))
+
+
 def test_a_starved_node_is_neutral_not_the_largest():
     """Node 2 gets no fresh samples: its loss is frozen. It must not look like the laggard (u = 0 > the
     learning nodes' negative changes was the old bug): it is neutral, between the two learning nodes."""

@@ -205,11 +205,14 @@ class DoGraphMixer(Mixer):
         return [z.detach().cpu() for z in zs], losses.detach().float().cpu().numpy()
 
     # -- hooks ------------------------------------------------------------------------------
+    def _pi_floored(self) -> np.ndarray:
+        pi = np.maximum(self.pi, self.cfg.pi_floor)
+        return pi / pi.sum()
+
     def cluster_weights(self) -> np.ndarray:
         """Per-cluster loss weights: ``clip((a/pi)^temper)``, divided by their mean under the base sampler."""
         cfg = self.cfg
-        pi = np.maximum(self.pi, cfg.pi_floor)
-        pi = pi / pi.sum()
+        pi = self._pi_floored()
         w = np.clip((self.alpha / pi) ** cfg.temper, *cfg.clip)
         return w / float(pi @ w)
 
@@ -359,7 +362,9 @@ class DoGraphMixer(Mixer):
         if not ns.means.seen.any():
             return None
         t0 = time.perf_counter()
-        beta, u, shrink = ns.progress.targets(cfg.tau)
+        # no signal, no reweighting: model nodes' prior is their frequency under the base sampler
+        prior = self._pi_floored() if ns is self.mnodes and cfg.prior == "base" else None
+        beta, u, shrink = ns.progress.targets(cfg.tau, prior)
         try:
             target = self._target_mean() if cfg.objective == "A1" else None
             p = build_problem(cfg, ns.means.mean_matrix().numpy(), beta, ns.alpha, ns.lo, ns.hi, target)

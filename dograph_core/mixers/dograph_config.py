@@ -44,7 +44,11 @@ class DoGraphConfig(MixerConfig):
     horizon: int = Field(5, ge=2, description="updates over which each node's relative loss change is averaged")
     min_windows: int = Field(3, ge=2, description="changes needed before the noise can be estimated (uniform before)")
     shrink: bool = Field(True, description="shrink the progress contrast towards uniform by its noise (James-Stein)")
-    tau: float = Field(1.0, gt=0, description="temperature of beta = softmax(u / tau)")
+    tau: float = Field(1.0, gt=0, description="temperature of beta = prior * exp(u / tau) / Z")
+    prior: Literal["base", "uniform"] = Field(
+        "base", description="nodes: model: beta without a progress signal is the clusters' frequency under the base "
+                            "sampler (no signal, no reweighting), or uniform over the clusters (human nodes: "
+                            "always uniform)")
     progress_from: Literal["auto", "batch", "probe"] = Field(
         "auto", description="node losses from the training windows (batch) or a fixed probe set re-scored at each "
                             "update (probe); auto: probe for model nodes, batch for human nodes")
