@@ -12,9 +12,11 @@ a row that removes it:
 
 * nodes: human sources vs model-perceived domains (the two defaults, also against uniform);
 * the graph: off (the transfer matrix is the identity and the F3 constraint is dropped), for both
-  node modes; the F3 Laplacian constraint alone off (``rho: null``); F2 (weighted max-min) for F1;
+  node modes; the F3 Laplacian constraint alone off (``rho: null``) or tight (``rho: 0.25``); F2
+  (weighted max-min) for F1;
 * the progress signal: no noise shrinkage (``shrink: false``); model-node progress from the training
-  windows instead of the fixed probe (``progress_from: batch``);
+  windows instead of the fixed probe (``progress_from: batch``); a uniform prior over clusters
+  instead of their base frequency (``prior: uniform``);
 * model-perceived domains: frozen between re-clusterings (``live: false``) vs live; no occupancy guard
   (``balance: 0``); K = 4; exact per-example gradients (``features: exact``);
 * how model-perceived domains act: tempered loss weights (default) vs sampling through the cluster x
@@ -50,8 +52,10 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "dograph_human_graph_off": ("dograph_human", "graph", {"graph": "off"}),
     "dograph_model_graph_off": ("dograph_model", "graph", {"graph": "off"}),
     "dograph_human_no_F3": ("dograph_human", "F3 constraint", {"rho": None}),
+    "dograph_human_F3_tight": ("dograph_human", "F3 constraint", {"rho": 0.25}),
     "dograph_human_F2": ("dograph_human", "objective", {"objective": "F2"}),
     "dograph_human_no_shrink": ("dograph_human", "progress noise", {"shrink": False}),
+    "dograph_model_prior_uniform": ("dograph_model", "progress prior", {"prior": "uniform"}),
     "dograph_model_batch_progress": ("dograph_model", "progress source", {"progress_from": "batch"}),
     "dograph_model_fixed": ("dograph_model", "live clusters", {"live": False}),
     "dograph_model_no_balance": ("dograph_model", "occupancy guard", {"balance": 0.0}),
