@@ -4,25 +4,54 @@ Every section is a pydantic model that forbids unknown keys, so a typo fails wit
 key, the value and what was expected. Presets (``configs/presets/<name>.yaml``) are
 deep-merged over ``params.yaml`` before validation; ``overrides`` (``a.b.c=value``
 strings, as on the CLI) are applied last.
+
+Integers are strict (``steps: true`` is not 1), floats finite. Every YAML error, and every
+document whose aliases expand to more than :data:`MAX_YAML_NODES` values, is a
+:class:`ConfigError` that names the file or the ``--set`` item. Method names and run ids
+become directory names, so they are checked against :data:`NAME_RE`.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import re
+import reprlib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator,
+)
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
+MAX_YAML_NODES = 100_000  # values after alias expansion; a real params file has a few hundred
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # a method name or run id: one path component
 
 
 class ConfigError(ValueError):
     """A bad configuration value: names the key, the value, and what was expected."""
 
 
+def check_name(value: str, what: str, *, method: bool = False) -> str:
+    """``value`` as one safe directory name (``[A-Za-z0-9_.-]+``, not ``.``/``..``); method names without ``__``."""
+    if not NAME_RE.fullmatch(value) or ".." in value or value == "." or (method and "__" in value):
+        extra = ", no '__' (it separates method, scale and seed in run directories)" if method else ""
+        raise ConfigError(f"{what} {value!r}: use letters, digits, '_', '.' and '-' only, no '..'{extra}")
+    return value
+
+
+def _method_name(value: str) -> str:
+    return check_name(value, "method name", method=True)
+
+
+Int = StrictInt  # a YAML `true` or `1.0` is not a count
+MethodName = Annotated[str, AfterValidator(_method_name)]
+Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SplitConfig(Section):
@@ -44,7 +73,7 @@ class HFSourceConfig(Section):
     text_field: str = "text"
     domain_field: str = Field("meta.redpajama_set_name", description="dotted path to the domain label")
     streaming: bool = True
-    max_docs: Optional[int] = Field(None, gt=0, description="stop after this many documents")
+    max_docs: Optional[Int] = Field(None, gt=0, description="stop after this many documents")
     data_files: Optional[list[str]] = Field(None, description="files for a packaged builder such as 'json' or 'parquet'")
 
 
@@ -57,10 +86,10 @@ class PrepareConfig(Section):
     domains: list[str] = Field(default_factory=list, description="subset of the source's domains (empty = all)")
     heldout: list[str] = Field(default_factory=lambda: ["email"], description="domains kept out of training")
     heldout_mb: float = Field(0.5, gt=0, description="characters (MB) kept of each held-out domain")
-    doc_chars: int = Field(4000, gt=0, description="long texts are cut into documents of about this many characters")
-    min_domain_chars: int = Field(2000, ge=0, description="a domain with less text than this (about one training sequence) is skipped")
+    doc_chars: Int = Field(4000, gt=0, description="long texts are cut into documents of about this many characters")
+    min_domain_chars: Int = Field(2000, ge=0, description="a domain with less text than this (about one training sequence) is skipped")
     split: SplitConfig = Field(default_factory=SplitConfig)
-    seed: int = 0
+    seed: Int = 0
     local: LocalSourceConfig = Field(default_factory=LocalSourceConfig)
     hf: HFSourceConfig = Field(default_factory=HFSourceConfig)
 
@@ -76,34 +105,34 @@ class PrepareConfig(Section):
 class TokenizeConfig(Section):
     out_dir: str = "data/tokenized"
     tokenizer: str = Field("train", description="'train' (byte-level BPE on the training split), 'gpt2', or a tokenizer directory")
-    vocab_size: int = Field(4096, ge=260, le=2**20)
-    min_frequency: int = Field(2, ge=1)
-    min_tokens: int = Field(256, ge=1, description="a training domain needs at least this many training tokens (>= train.seq_len + 1)")
+    vocab_size: Int = Field(4096, ge=260, le=2**20)
+    min_frequency: Int = Field(2, ge=1)
+    min_tokens: Int = Field(256, ge=1, description="a training domain needs at least this many training tokens (>= train.seq_len + 1)")
 
 
 class TrainConfig(Section):
     scale: str = "nano"
-    seq_len: int = Field(128, gt=1)
-    batch_size: int = Field(16, gt=0, description="sequences per optimizer step (over all ranks and accumulation)")
-    grad_accum: int = Field(1, gt=0)
-    steps: int = Field(300, gt=0)
+    seq_len: Int = Field(128, gt=1)
+    batch_size: Int = Field(16, gt=0, description="sequences per optimizer step (over all ranks and accumulation)")
+    grad_accum: Int = Field(1, gt=0)
+    steps: Int = Field(300, gt=0)
     lr: float = Field(1e-3, gt=0)
     min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    warmup_steps: int = Field(30, ge=0)
+    warmup_steps: Int = Field(30, ge=0)
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW's betas, each in [0, 1)")
     grad_clip: float = Field(1.0, ge=0)
     dtype: Literal["fp32", "bf16", "auto"] = Field("fp32", description="auto = bf16 on CUDA, fp32 on CPU")
     compile: bool = False
     device: str = "auto"
-    threads: Optional[int] = Field(None, gt=0)
-    eval_every: int = Field(100, ge=0)
-    eval_windows: int = Field(32, gt=0, description="fixed validation windows per domain")
-    ckpt_every: int = Field(0, ge=0, description="0 = only at the end")
+    threads: Optional[Int] = Field(None, gt=0)
+    eval_every: Int = Field(100, ge=0)
+    eval_windows: Int = Field(32, gt=0, description="fixed validation windows per domain")
+    ckpt_every: Int = Field(0, ge=0, description="0 = only at the end")
     max_epochs: Optional[float] = Field(None, gt=0, description="cap on repetitions of any domain's data")
-    seed: int = 0
+    seed: Int = 0
     progress: bool = True
-    log_every: int = Field(1, gt=0, description="log step metrics (tracker, metrics.jsonl) every this many steps")
+    log_every: Int = Field(1, gt=0, description="log step metrics (tracker, metrics.jsonl) every this many steps")
 
 
 class MethodConfig(Section):
@@ -119,12 +148,12 @@ class PipelineConfig(Section):
     )
     proxy_scale: str = "nano"
     target_scales: list[str] = Field(default_factory=lambda: ["nano"])
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    search_steps: Optional[int] = Field(None, gt=0, description="steps of the proxy search (default: train.steps)")
-    max_parallel: int = Field(1, gt=0)
+    seeds: list[Int] = Field(default_factory=lambda: [0])
+    search_steps: Optional[Int] = Field(None, gt=0, description="steps of the proxy search (default: train.steps)")
+    max_parallel: Int = Field(1, gt=0)
     task_runner: Literal["thread", "dask"] = "thread"
     dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster (default: a local cluster)")
-    nproc_per_node: int = Field(1, gt=0, description="processes (GPUs) per training run; > 1 launches each run with torchrun")
+    nproc_per_node: Int = Field(1, gt=0, description="processes (GPUs) per training run; > 1 launches each run with torchrun")
     out_dir: str = "runs"
 
 
@@ -137,7 +166,7 @@ class Params(Section):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    methods: dict[str, MethodConfig] = Field(default_factory=dict)
+    methods: dict[MethodName, MethodConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
@@ -162,6 +191,49 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand to more than MAX_YAML_NODES values.
+
+    Aliases are shared, so loading a "billion laughs" is cheap, but everything that walks the
+    result (validation, error messages, hashing, MLflow) would pay for the full expansion.
+    """
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        sizes: dict[int, int] = {}
+
+        def size(n: yaml.Node) -> int:
+            if id(n) not in sizes:
+                sizes[id(n)] = 1  # a self-referencing alias counts once
+                kids = n.value if isinstance(n, yaml.SequenceNode) else (
+                    [x for kv in n.value for x in kv] if isinstance(n, yaml.MappingNode) else [])
+                sizes[id(n)] = min(1 + sum(size(k) for k in kids), MAX_YAML_NODES + 1)
+            return sizes[id(n)]
+
+        if size(node) > MAX_YAML_NODES:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"YAML aliases (*name) expand this document to more than {MAX_YAML_NODES} values",
+                node.start_mark)
+        return super().construct_document(node)
+
+
+def load_yaml(source: str | Path, where: Optional[str] = None) -> Any:
+    """``yaml.safe_load`` of a string or a file (plus the alias limit).
+
+    Any YAML error, undecodable bytes included (YAML decodes the file itself), is a ConfigError
+    that names the file or ``where``.
+    """
+    try:
+        with contextlib.ExitStack() as stack:
+            stream = stack.enter_context(open(source, "rb")) if isinstance(source, Path) else source
+            loader = _Loader(stream)  # a file's marks name it: `in "params.yaml", line 3`
+            if where is not None:
+                loader.name = where
+            stack.callback(loader.dispose)
+            return loader.get_single_data()
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where or source}: not valid YAML: {e}") from None
+
+
 def apply_override(raw: dict, override: str) -> dict:
     """Apply one ``a.b.c=value`` override (value parsed as YAML)."""
     if "=" not in override:
@@ -173,8 +245,12 @@ def apply_override(raw: dict, override: str) -> dict:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"override {override!r}: {p} is not a section")
-    node[parts[-1]] = yaml.safe_load(value)
+    node[parts[-1]] = load_yaml(value, f"--set {_SHORT.repr(override)}")
     return raw
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxlevel = 80, 80, 8, 8, 3
 
 
 def _format_error(err: ValidationError) -> str:
@@ -182,7 +258,7 @@ def _format_error(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         value = e.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        shown = _SHORT.repr(value) if not isinstance(value, dict) else "{...}"
         lines.append(f"  {key} = {shown}: {e['msg']}")
     return "invalid configuration:\n" + "\n".join(lines)
 
@@ -198,7 +274,7 @@ def load_raw(path: str | Path = "params.yaml", preset: str | None = None, overri
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     if preset and preset != "default":
@@ -206,7 +282,7 @@ def load_raw(path: str | Path = "params.yaml", preset: str | None = None, overri
         if not pfile.exists():
             known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
             raise ConfigError(f"unknown preset {preset!r}; known presets: {['default', *known]}")
-        raw = deep_merge(raw, yaml.safe_load(pfile.read_text()) or {})
+        raw = deep_merge(raw, load_yaml(pfile) or {})
     for o in overrides or []:
         raw = apply_override(raw, o)
     return raw
