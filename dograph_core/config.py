@@ -253,14 +253,22 @@ _SHORT = reprlib.Repr()
 _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxlevel = 80, 80, 8, 8, 3
 
 
-def _format_error(err: ValidationError) -> str:
+def describe_errors(err: ValidationError) -> list[str]:
+    """One ``key = value: problem`` line per error of a pydantic validation (values shown short)."""
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "missing":
+            lines.append(f"{key}: {e['msg']}")
+            continue
         value = e.get("input")
         shown = _SHORT.repr(value) if not isinstance(value, dict) else "{...}"
-        lines.append(f"  {key} = {shown}: {e['msg']}")
-    return "invalid configuration:\n" + "\n".join(lines)
+        lines.append(f"{key} = {shown}: {e['msg']}")
+    return lines
+
+
+def _format_error(err: ValidationError) -> str:
+    return "invalid configuration:\n" + "\n".join(f"  {line}" for line in describe_errors(err))
 
 
 def validate(raw: dict) -> Params:

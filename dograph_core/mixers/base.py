@@ -43,7 +43,7 @@ from typing import Any, Callable, ClassVar, Literal, Optional
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dograph_core.io import read_json, write_json
 
@@ -117,7 +117,11 @@ def check_weights(w: Any, domains: list[str], what: str = "weights") -> np.ndarr
     if np.any(arr < 0):
         bad = [domains[i] for i in np.flatnonzero(arr < 0)]
         raise MixerError(f"{what}: negative weight for {bad}: {arr.tolist()}")
-    s = arr.sum()
+    with np.errstate(over="ignore"):
+        s = arr.sum()
+    if not np.isfinite(s):  # huge but finite weights: their sum overflows, their ratios do not
+        arr = arr / arr.max()
+        s = arr.sum()
     if s <= 0:
         raise MixerError(f"{what}: all weights are zero")
     return arr / s
@@ -222,19 +226,49 @@ def write_weights(path: str | Path, doc: dict[str, Any]) -> None:
     write_json(path, doc)
 
 
+class _ScheduleEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    fraction: float = Field(ge=0.0, allow_inf_nan=False, description="when it starts, as a fraction of the run")
+    weights: list[float]
+
+
+class _WeightsFile(BaseModel):
+    """The shape of a weights file (see :func:`weights_document`); the values are checked by check_weights."""
+
+    model_config = ConfigDict(extra="allow")
+    domains: list[str]
+    weights: list[float]
+    schedule: list[_ScheduleEntry] = Field(default_factory=list)
+
+
 def read_weights(path: str | Path, domains: Optional[list[str]] = None) -> dict[str, Any]:
-    """Read and check a weights file; reorders to ``domains`` when given."""
+    """Read and check a weights file; reorders to ``domains`` when given.
+
+    Every part is checked here, schedule entries included, so a bad file fails before training.
+    """
+    from dograph_core.config import describe_errors
+
     path = Path(path)
     if not path.exists():
         raise MixerError(f"weights file not found: {path}")
     try:
         doc = read_json(path)
+    except OSError as e:  # a directory, no permission
+        raise MixerError(f"{path}: cannot read the weights file ({e.strerror})") from None
     except ValueError as e:
         raise MixerError(f"{path}: not JSON ({e})") from None
     if not isinstance(doc, dict) or doc.get("format") != WEIGHTS_FORMAT:
         raise MixerError(f"{path}: not a dograph weights file (expected format {WEIGHTS_FORMAT!r})")
-    file_domains = list(doc["domains"])
-    check_weights(doc["weights"], file_domains, f"{path}: weights")
+    try:
+        shape = _WeightsFile.model_validate(doc)
+    except ValidationError as err:
+        raise MixerError(f"{path}: " + "; ".join(describe_errors(err))) from None
+    file_domains = shape.domains
+    check_weights(shape.weights, file_domains, f"{path}: weights")
+    for i, entry in enumerate(shape.schedule):
+        check_weights(entry.weights, file_domains, f"{path}: schedule[{i}] (fraction {entry.fraction:g}) weights")
+    entries = zip(doc.get("schedule", []), shape.schedule)
+    doc = dict(doc, weights=shape.weights, schedule=[dict(raw, weights=e.weights, fraction=e.fraction) for raw, e in entries])
     if domains is not None:
         if sorted(file_domains) != sorted(domains):
             raise MixerError(f"{path}: domains {file_domains} do not match the corpus domains {domains}")
