@@ -5,19 +5,22 @@ A checkpoint is one ``torch.save`` file holding only tensors, numbers, strings, 
 loads with ``torch.load(..., weights_only=True)``. Files are written atomically
 (``checkpoints/step_0000300.pt``); the two newest are kept. Each carries a *fingerprint* of the
 run's configuration; resuming from a checkpoint of a different configuration is an error that
-names every differing key.
+names every differing key. Before loading, a checkpoint's zip CRCs are checked: a corrupt newest
+checkpoint (a flipped bit, a truncated file) is skipped with a warning for the one before it.
 """
 from __future__ import annotations
 
 import random
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from dograph_core.io import atomic_path
+from dograph_core.io import atomic_path, output_error
 
 FORMAT = "dograph-ckpt/1"
 KEEP = 2
@@ -26,6 +29,31 @@ _NAME = re.compile(r"^step_(\d+)\.pt$")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used to resume this run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file that cannot be read back as written (truncated, garbage, a CRC mismatch)."""
+
+
+class CheckpointWarning(UserWarning):
+    """A corrupt checkpoint was skipped for an older one."""
+
+
+class _Sink:
+    """The file ``torch.save`` writes through; keeps the OSError its writer reports only as 'unexpected pos'."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, b: Any) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def to_storable(obj: Any) -> Any:
@@ -96,19 +124,56 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep: int 
     """Write ``state`` (plus format and step) atomically; remove all but the ``keep`` newest."""
     path = checkpoint_path(ckpt_dir, step)
     payload = to_storable({"format": FORMAT, "step": int(step), **state})
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    sink = None
+    try:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            sink = _Sink(f)
+            torch.save(payload, sink)
+    except (OSError, RuntimeError) as e:
+        err = sink.error if sink is not None and sink.error is not None else e
+        if isinstance(err, OSError):
+            raise output_error(path, err) from None
+        raise
     for _, old in list_checkpoints(ckpt_dir)[:-keep]:
         old.unlink(missing_ok=True)
     return path
 
 
+def verify_checkpoint(path: Path) -> None:
+    """Check every record of a checkpoint against its zip CRC (``torch.load`` does not)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as e:
+        raise CorruptCheckpointError(f"cannot read checkpoint {path}: {e}") from None
+    if bad is not None:
+        raise CorruptCheckpointError(f"checkpoint {path} is corrupt: record {bad} does not match its CRC")
+
+
+def load_latest(ckpt_dir: Path, fingerprint: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Load the newest sound checkpoint of ``ckpt_dir``; a corrupt one is skipped with a warning naming it."""
+    found = list_checkpoints(ckpt_dir)
+    if not found:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to resume from")
+    bad: list[str] = []
+    for _, path in reversed(found):
+        try:
+            return load_checkpoint(path, fingerprint), path
+        except CorruptCheckpointError as e:
+            bad.append(str(e))
+            warnings.warn(f"{e}; skipping it for an older checkpoint (delete the file once you have looked at it)",
+                          CheckpointWarning, stacklevel=2)
+    raise CheckpointError("no usable checkpoint:\n  " + "\n  ".join(bad)
+                          + "\ndelete them and train again, or train into a new output directory")
+
+
 def load_checkpoint(path: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint (weights_only) and check that it belongs to a run configured like this one."""
+    """Load a checkpoint (CRC-checked, weights_only) and check that it belongs to a run configured like this one."""
+    verify_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+        raise CorruptCheckpointError(f"cannot read checkpoint {path}: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a dograph checkpoint (expected format {FORMAT!r})")
     old = ckpt.get("fingerprint", {})

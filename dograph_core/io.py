@@ -2,12 +2,104 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+
+class OutputError(RuntimeError):
+    """An output that cannot be written (read-only, a file in the way, disk full); the message names the path."""
+
+
+def output_error(path: str | Path, e: OSError) -> OutputError:
+    """``cannot write PATH: REASON (ENOSPC)`` for an OSError met while writing ``path``."""
+    code = f" ({errno.errorcode[e.errno]})" if e.errno in errno.errorcode else ""
+    return OutputError(f"cannot write {path}: {e.strerror or e}{code}")
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and check that files can be created in it, before any work is done."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise OutputError(f"cannot write {path}: it is a file, not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise output_error(path, e) from None
+    return path
+
+
+def remove_leftovers(directory: str | Path) -> list[Path]:
+    """Remove what a killed writer left in ``directory``: ``atomic_path``'s ``.name.*.tmp`` and ``.name.old-*``."""
+    directory = Path(directory)
+    gone = [p for pattern in (".*.tmp", ".*.old-*") for p in directory.glob(pattern)] if directory.is_dir() else []
+    for p in gone:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
+
+
+def file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under umask 022)."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        umask = int(next(line.split()[1] for line in status if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o22)
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+class RunLockedError(RuntimeError):
+    """Another process is working in the same directory."""
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on a directory (``<dir>/.lock``), released when the process dies."""
+
+    def __init__(self, run_dir: str | Path, hint: str = "start a separate run with --run-id NAME",
+                 what: str = "run directory"):
+        self.path = Path(run_dir) / ".lock"
+        self.hint, self.what = hint, what
+        self._fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise output_error(self.path.parent, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                holder = self.path.read_text().strip() or "another process"
+                raise RunLockedError(
+                    f"{self.what} {self.path.parent} is in use by {holder}; wait for it to finish, or {self.hint}"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()}".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import fcntl
+
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
 
 
 @contextlib.contextmanager

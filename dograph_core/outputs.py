@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from dograph_core.io import atomic_path
+from dograph_core.io import atomic_path, file_mode
 
 
 class MetricsLog:
@@ -17,10 +18,10 @@ class MetricsLog:
     """
 
     def __init__(self, path: Path, enabled: bool = True, truncate_after: int = 0):
+        self._f = None  # (so that close() works even when __init__ fails)
         self.path = Path(path)
         self.enabled = enabled
         if not enabled:
-            self._f = None
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         keep: list[str] = []
@@ -57,6 +58,8 @@ def save_final(model, tokenizer_dir: Path, final_dir: Path) -> Path:
             for f in tok.iterdir():
                 if f.is_file():
                     shutil.copy2(f, tmp / f.name)
+        for f in tmp.iterdir():  # safetensors writes 0600; the model is an output like any other file
+            os.chmod(f, file_mode())
     return final_dir
 
 

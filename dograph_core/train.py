@@ -21,7 +21,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -30,12 +32,12 @@ import numpy as np
 import torch
 
 from dograph_core.checkpoint import (
-    from_storable, latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    from_storable, latest_checkpoint, load_latest, rng_state, save_checkpoint, set_rng_state,
 )
 from dograph_core.config import TrainConfig
 from dograph_core.distributed import DistInfo, barrier, cleanup, init_distributed, make_reduce, mean_scalar, resolve_device
 from dograph_core.evaluate import evaluate_final, evaluate_split, split_metrics
-from dograph_core.io import write_json
+from dograph_core.io import RunLock, remove_leftovers, writable_dir, write_json
 from dograph_core.microstep import LMLoss, micro_step
 from dograph_core.mixers import build_mixer
 from dograph_core.mixers.base import MixerContext, write_weights
@@ -48,8 +50,16 @@ from dograph_core.tracking import NullTracker, Tracker
 RUNTIME_KEYS = {"eval_every", "eval_windows", "ckpt_every", "progress", "threads", "device", "compile", "log_every"}
 
 
+# Set (by a Ctrl-C handler, say) to stop every training of this process at its next step, with a checkpoint.
+STOP = threading.Event()
+
+
 class TrainError(RuntimeError):
     """The run cannot start or continue (bad setup, diverged loss)."""
+
+
+class TrainInterrupted(TrainError):
+    """Training stopped on request (:data:`STOP`) after writing a checkpoint; resume it later."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -73,9 +83,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return opt, sched
 
 
-def fingerprint(cfg: TrainConfig, mixer_type: str, method_params: dict, corpus) -> dict[str, Any]:
-    """What must match for a checkpoint to be resumed (JSON-normalised)."""
+def fingerprint(cfg: TrainConfig, mixer_type: str, method_params: dict, corpus, key: Optional[str] = None) -> dict[str, Any]:
+    """What must match for a checkpoint to be resumed (JSON-normalised).
+
+    ``key`` is the caller's hash of everything else the run depends on (the pipeline's unit key:
+    code, data and weights-file versions), so no checkpoint made under another key is resumed.
+    """
     fp = {f"train.{k}": v for k, v in cfg.model_dump().items() if k not in RUNTIME_KEYS}
+    if key is not None:
+        fp["unit.key"] = key
     fp["method.type"] = mixer_type
     fp["method.params"] = method_params
     fp["corpus.tokenizer_hash"] = corpus.tokenizer_hash
@@ -102,10 +118,13 @@ def train(
     tracker: Tracker = NullTracker(),
     resume: bool = False,
     mixer_ctx_extra: Optional[dict] = None,
+    key: Optional[str] = None,
 ) -> dict[str, Any]:
     """Train one GPT-2 on one method's mixture; returns the summary (also written to summary.json).
 
     ``method`` is a mixer type (``uniform``) or a method label whose ``method_params`` carry ``type``.
+    ``out_dir`` is locked (``<out_dir>/.lock``) while the run works in it; ``key`` goes into the
+    checkpoints' fingerprint (see :func:`fingerprint`).
     """
     t_start = time.time()
     params = dict(method_params or {})
@@ -113,13 +132,26 @@ def train(
     out = Path(out_dir)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     info = init_distributed(device)
+    created = info.is_main and not out.exists()
     try:
-        return _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, mixer_ctx_extra, device, info, t_start)
+        with contextlib.ExitStack() as stack:
+            if info.is_main:  # one writer per output directory; the ranks of one DDP run share it
+                writable_dir(out)
+                stack.enter_context(RunLock(out, hint="train into another --out directory", what="output directory"))
+                for d in (out, out / "checkpoints"):  # what a kill mid-write left: .final.*.tmp, .step_N.pt.*.tmp
+                    remove_leftovers(d)
+            barrier(info)
+            return _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, mixer_ctx_extra, device, info,
+                          t_start, key)
+    except BaseException:
+        if created and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:  # failed before writing anything
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         cleanup(info)
 
 
-def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra, device, info: DistInfo, t_start):
+def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra, device, info: DistInfo, t_start, key):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bf16 = _resolve_dtype(cfg, device)
@@ -151,11 +183,11 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         stratified=getattr(mixer, "stratified_batches", False),  # DoReMi's batch: stratified
     )
     opt, sched = make_optimizer(model, cfg, device)
-    fp = fingerprint(cfg, mixer_type, params, corpus)
+    fp = fingerprint(cfg, mixer_type, params, corpus, key)
 
     start = 0
     if resume and latest is not None:
-        ck = load_checkpoint(latest, fp)
+        ck, latest = load_latest(ckpt_dir, fp)  # a corrupt newest checkpoint falls back to the one before
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -190,6 +222,13 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
     t_log, tok_log, train_time = time.time(), 0, 0.0
     loss_value = float("nan")
     for step in range(start + 1, cfg.steps + 1):
+        if STOP.is_set() and not info.enabled:  # (a DDP run is stopped by torchrun, rank by rank)
+            if bar is not None:
+                bar.close()
+            if step - 1 > start:
+                last_ckpt = _checkpoint(ckpt_dir, step - 1, model, opt, sched, sampler, mixer, fp, info)
+            raise TrainInterrupted(f"{method}: stopped on request after step {step - 1} of {cfg.steps}; "
+                                   f"{f'checkpoint {last_ckpt}' if last_ckpt else 'no checkpoint was written yet'}")
         t0 = time.time()
         lr = sched.get_last_lr()[0]
         draw = sampler.draw(step)
@@ -213,11 +252,12 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         if not (math.isfinite(loss_value) and math.isfinite(objective)):
             if bar is not None:
                 bar.close()
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            where = f"the newest checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
             raise TrainError(
                 f"loss became {loss_value if not math.isfinite(loss_value) else objective} at step {step} "
-                f"(method {method}, lr {lr:.3g}); training stopped, {where}. Lower train.lr, raise "
-                "train.warmup_steps or use train.dtype=fp32"
+                f"(method {method}, lr {lr:.3g}); training stopped, {where}. The cause was not diagnosed: "
+                "it can be the data, the mixer's weights, a learning rate too high for this scale "
+                "(train.lr, train.warmup_steps) or bf16 range (train.dtype=fp32)"
             )
         clip = getattr(mixer, "total_grad_clip", None)  # a mixer may own the total clip (DoGE: its max_grad_norm)
         clip = cfg.grad_clip if clip is None else clip
@@ -323,7 +363,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         mp = p.methods[args.method].model_dump() if args.method in p.methods else {"type": args.method}
         out = args.out or f"{p.pipeline.out_dir}/{args.method}_{p.train.scale}_s{p.train.seed}"
         s = train(p.train, corpus, args.method, mp, out, resume=args.resume)
-    except (ValueError, TrainError) as e:
+    except (ValueError, OSError, RuntimeError) as e:  # TrainError, OutputError, RunLockedError are RuntimeErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     if s.get("rank", 0) == 0:

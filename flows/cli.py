@@ -118,10 +118,20 @@ def _params(a: argparse.Namespace):
     return load_params(a.params, a.preset, a.overrides)
 
 
-def cmd_prepare(a: argparse.Namespace) -> int:
-    from tasks.steps import prepare_step
+def _data_lock(*dirs: str, exclusive: bool) -> Any:
+    """The data locks a pipeline takes (shared to read, exclusive to rewrite), held while a command works."""
+    from tasks.cache import DataLock
 
-    res = prepare_step(_params(a), progress=not a.quiet, force=a.force)
+    return DataLock(*dirs).acquire(exclusive=exclusive)
+
+
+def cmd_prepare(a: argparse.Namespace) -> int:
+    from tasks.cache import is_done
+    from tasks.steps import data_keys, prepare_step
+
+    p = _params(a)
+    with _data_lock(p.prepare.out_dir, exclusive=a.force or not is_done(p.prepare.out_dir, data_keys(p)[0])):
+        res = prepare_step(p, progress=not a.quiet, force=a.force)
     print(f"prepared data in {res['out_dir']}" + (" (up to date, skipped)" if res["cached"] else ""))
     return 0
 
@@ -129,11 +139,12 @@ def cmd_prepare(a: argparse.Namespace) -> int:
 def cmd_tokenize(a: argparse.Namespace) -> int:
     from dograph_core.data.tokenize import print_corpus_table
     from dograph_core.io import read_json
-    from tasks.steps import prepare_step, tokenize_step
+    from tasks.steps import data_up_to_date, prepare_step, tokenize_step
 
     p = _params(a)
-    prepared = prepare_step(p, progress=not a.quiet)
-    res = tokenize_step(p, prepared, progress=not a.quiet, force=a.force)
+    with _data_lock(p.prepare.out_dir, p.tokenize.out_dir, exclusive=a.force or not data_up_to_date(p)):
+        prepared = prepare_step(p, progress=not a.quiet)
+        res = tokenize_step(p, prepared, progress=not a.quiet, force=a.force)
     if res["cached"]:
         print_corpus_table(read_json(Path(res["out_dir"]) / "corpus.json"))
         print(f"tokenized corpus in {res['out_dir']} (up to date, skipped)")
@@ -195,8 +206,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     tracker = _tracker(p, a.track, f"{a.method}@{cfg.scale}", {"method": a.method, "scale": cfg.scale, "stage": "train"})
     tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype})
     try:
-        summary = train(cfg, TokenCorpus(p.tokenize.out_dir), a.method, {"type": mtype, **mparams}, a.out,
-                        tracker=tracker, resume=a.resume)
+        with _data_lock(p.tokenize.out_dir, exclusive=False):
+            summary = train(cfg, TokenCorpus(p.tokenize.out_dir), a.method, {"type": mtype, **mparams}, a.out,
+                            tracker=tracker, resume=a.resume)
     except BaseException:
         getattr(tracker, "end", lambda s: None)("FAILED")
         raise
@@ -220,16 +232,18 @@ def cmd_search(a: argparse.Namespace) -> int:
     spec = method_spec(p, a.method)
     cfg = p.train.model_copy(update={"scale": a.scale or p.pipeline.proxy_scale, "progress": not a.quiet,
                                      **({"steps": p.pipeline.search_steps} if p.pipeline.search_steps else {})})
-    corpus = TokenCorpus(p.tokenize.out_dir)
-    search = search_function(spec["type"])
-    if search is not None:
-        from dograph_core.tracking import NullTracker
+    with _data_lock(p.tokenize.out_dir, exclusive=False):
+        corpus = TokenCorpus(p.tokenize.out_dir)
+        search = search_function(spec["type"])
+        if search is not None:
+            from dograph_core.tracking import NullTracker
 
-        call_search(search, cfg, corpus, Path(a.out), spec["params"], NullTracker(), lambda stage: NullTracker(), a.resume)
-    else:  # any method's training run leaves the weights it used in weights.json
-        from dograph_core.train import train
+            call_search(search, cfg, corpus, Path(a.out), spec["params"], NullTracker(), lambda stage: NullTracker(),
+                        a.resume)
+        else:  # any method's training run leaves the weights it used in weights.json
+            from dograph_core.train import train
 
-        train(cfg, corpus, a.method, {"type": spec["type"], **spec["params"]}, a.out, resume=a.resume)
+            train(cfg, corpus, a.method, {"type": spec["type"], **spec["params"]}, a.out, resume=a.resume)
     print(f"weights: {Path(a.out) / 'weights.json'}")
     return 0
 
@@ -240,19 +254,24 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     from dograph_core.data.corpus import TokenCorpus
     from dograph_core.evaluate import evaluate_final
-    from dograph_core.io import write_json
+    from dograph_core.io import OutputError, writable_dir, write_json
 
     p = _params(a)
+    if a.out:  # before the evaluation, not after it
+        if Path(a.out).is_dir():
+            raise OutputError(f"--out {a.out} is a directory; give a file name, e.g. {Path(a.out) / 'eval.json'}")
+        writable_dir(Path(a.out).parent)
     model_dir = Path(a.model)
     if (model_dir / "final").is_dir():
         model_dir = model_dir / "final"
     if not (model_dir / "config.json").exists():
         raise FileNotFoundError(f"{a.model}: no model (expected config.json there or in final/); train one with `dograph train`")
-    corpus = TokenCorpus(p.tokenize.out_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    seq_len = min(p.train.seq_len, model.config.n_positions)
-    res = evaluate_final(model, corpus, corpus.train_domains, corpus.heldout_domains, seq_len,
-                         p.train.eval_windows, torch.device("cpu"))
+    with _data_lock(p.tokenize.out_dir, exclusive=False):
+        corpus = TokenCorpus(p.tokenize.out_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        seq_len = min(p.train.seq_len, model.config.n_positions)
+        res = evaluate_final(model, corpus, corpus.train_domains, corpus.heldout_domains, seq_len,
+                             p.train.eval_windows, torch.device("cpu"))
     val = res["val"]
     for d, v in {**val["domains"], **val["heldout"]}.items():
         print(f"  {d:24s} val loss {v['loss']:.4f}" + ("   (held out)" if d in val["heldout"] else ""))
@@ -301,9 +320,12 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from dograph_core.io import writable_dir
     from tasks.params import check_params
 
-    check_params(_params(a))  # bad params fail here, before a Prefect server starts
+    p = _params(a)
+    check_params(p)  # bad params and an unwritable output fail here, before a Prefect server starts
+    writable_dir(p.pipeline.out_dir)
     from rich.console import Console
 
     from dograph_core.report import rich_table
@@ -358,7 +380,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume", file=sys.stderr)
+        again = "the same command with --resume" if args.command in ("train", "search") else "the same command again"
+        print(f"interrupted; run {again} to resume", file=sys.stderr)
         return 130
     except Exception as e:  # noqa: BLE001 - known bad input becomes a message, anything else a traceback
         from dograph_core.config import ConfigError
@@ -366,7 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(e, ConfigError):
             print(f"error: {e}", file=sys.stderr)
             return 2
-        if isinstance(e, (ValueError, FileNotFoundError, RuntimeError)) and not isinstance(e, NotImplementedError):
+        if isinstance(e, (ValueError, OSError, RuntimeError)) and not isinstance(e, NotImplementedError):
             print(f"error: {e}", file=sys.stderr)
             return 1
         raise

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from dograph_core.io import read_json, write_json
+from dograph_core.io import RunLock, RunLockedError, read_json, write_json  # noqa: F401 - the locks live in the core
 
 MARKER_FORMAT = "dograph-done/1"
 
@@ -66,52 +66,12 @@ def clear_done(out: str | Path, marker: Optional[Path] = None) -> None:
         m.unlink()
 
 
-class RunLockedError(RuntimeError):
-    """Another pipeline is working in the same run directory."""
-
-
-class RunLock:
-    """An exclusive, non-blocking lock on a run directory (released when the process dies)."""
-
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / ".lock"
-        self._fd: Optional[int] = None
-
-    def __enter__(self) -> "RunLock":
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = self.path.read_text().strip() or "another process"
-                raise RunLockedError(
-                    f"run directory {self.path.parent} is in use by {holder}; wait for it to finish, "
-                    f"or start a separate run with --run-id NAME"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()}".encode())
-        self._fd = fd
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        import fcntl
-
-        if self._fd is not None:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-
 class DataLock:
     """Shared/exclusive locks on data directories (``<dir>.lock``) that several runs read.
 
-    A pipeline holds them shared while it reads the data and exclusive while it (re)writes it,
-    so a run with other data params cannot replace the corpus under a run that is training on it.
+    A pipeline (and ``dograph train``, ``search``, ``evaluate``) holds them shared while it reads the
+    data; a pipeline, ``dograph prepare`` and ``dograph tokenize`` hold them exclusive while they
+    (re)write it, so nothing replaces the corpus under a run that is training on it.
     """
 
     def __init__(self, *dirs: str | Path):
@@ -133,8 +93,8 @@ class DataLock:
                 if e.errno in (errno.EAGAIN, errno.EACCES):
                     data = path.with_suffix("") if path.suffix == ".lock" else path
                     raise RunLockedError(
-                        f"{data} is being {'read' if exclusive else 'written'} by another pipeline run, and this run "
-                        f"would {'rewrite' if exclusive else 'read'} it; wait for that run, or give this run its own "
+                        f"{data} is being {'read' if exclusive else 'written'} by another pipeline run or dograph "
+                        f"command, and this one would {'rewrite' if exclusive else 'read'} it; wait for it, or give this run its own "
                         f"data directories (--set prepare.out_dir=... --set tokenize.out_dir=...)"
                     ) from None
                 raise

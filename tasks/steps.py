@@ -1,31 +1,36 @@
 """The pipeline's units of work as plain functions (no Prefect): prepare, tokenize, search, train.
 
 Each unit is keyed by a hash of its resolved inputs (see :mod:`tasks.cache`). A unit whose
-outputs exist with the same key is skipped; one that stopped half-way is resumed (training
-resumes from its last checkpoint). The CLI calls these functions directly; the Prefect tasks in
+outputs exist with the same key is skipped; one that stopped half-way under the same key is
+resumed (training resumes from its last checkpoint); one left by another key (the code, data,
+params or weights file changed) is cleared and starts again from step 0. The CLI calls these functions directly; the Prefect tasks in
 :mod:`tasks.prefect_tasks` wrap them with retries and parallelism.
 
 Run directory layout (``pipeline.out_dir/<run id>/``)::
 
     search/<method>/            the proxy search of an offline method (weights.json, ...)
     train/<method>__<scale>__s<seed>/   one training run (final/, metrics.jsonl, eval.json, ...)
+    <dir>/unit.json             the key the unit's directory was started under
     <dir>.done.json             done marker of each finished unit (its input key)
     report.md, results.json, plots/    written by the report step
 """
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from dograph_core.config import ConfigError, Params
-from dograph_core.io import read_json
-from tasks.cache import file_hash, is_done, mark_done, stable_hash
+from dograph_core.io import read_json, write_json
+from tasks.cache import clear_done, file_hash, is_done, mark_done, stable_hash
 from tasks.params import method_spec
 from tasks.tracking import git_commit, tracker_for
 
 OFFLINE_TYPES = frozenset({"doremi", "doge"})  # search at the proxy scale, then train on the found mixture
 _ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger(__name__)
 
 
 def code_version(*packages: str) -> str:
@@ -107,6 +112,29 @@ def data_version(tokenized_dir: str | Path) -> str:
 
 # -- search and training ------------------------------------------------------------------------
 
+def start_unit(out: Path, key: str) -> bool:
+    """Get ``out`` ready for the unit of ``key``; True when it holds that unit's unfinished work to resume.
+
+    A directory started under another key (the code, data, params or weights file changed since,
+    or a directory of an older dograph that recorded none) is cleared with a warning: nothing made
+    under another key is resumed. The key also goes into the checkpoints' fingerprint.
+    """
+    stamp = out / "unit.json"
+    if out.exists():
+        try:
+            old = read_json(stamp).get("key")
+        except (OSError, ValueError, AttributeError):
+            old = None
+        if old == key:
+            return True
+        log.warning("%s was started under key %s, this run's key is %s (its inputs changed): clearing it and "
+                    "starting again from step 0", out, old or "(none recorded)", key)
+        clear_done(out)
+        shutil.rmtree(out)
+    write_json(stamp, {"key": key})
+    return False
+
+
 def _train_cfg(p: Params, scale: str, seed: int, steps: Optional[int] = None):
     upd: dict[str, Any] = {"scale": scale, "seed": seed}
     if steps:
@@ -151,13 +179,15 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
         return t
 
     try:
+        resume = start_unit(out, key)
         search_fn = search_function(spec["type"])
         if search_fn is not None:
-            call_search(search_fn, cfg, corpus, out, spec["params"], tracker, stage_tracker, resume=out.exists())
+            call_search(search_fn, cfg, corpus, out, spec["params"], tracker, stage_tracker, resume=resume)
         else:
             from dograph_core.train import train
 
-            train(cfg, corpus, method, {"type": spec["type"], **spec["params"]}, out, tracker=tracker, resume=out.exists())
+            train(cfg, corpus, method, {"type": spec["type"], **spec["params"]}, out, tracker=tracker, resume=resume,
+                  key=key)
         if not weights.exists():
             raise RuntimeError(f"search of {method!r} finished without writing {weights}")
         tracker.log_artifact(weights, "weights")
@@ -238,11 +268,12 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
                           _tags(method, spec["type"], scale, seed, data, "train", Path(run_dir).name))
     tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
     try:
+        resume = start_unit(out, key)
         if p.pipeline.nproc_per_node > 1:
-            summary = train_torchrun(p, cfg, method, {"type": mtype, **mparams}, out, tracker, resume=out.exists())
+            summary = train_torchrun(p, cfg, method, {"type": mtype, **mparams}, out, tracker, resume=resume)
         else:
             summary = train(cfg, TokenCorpus(data["out_dir"]), method, {"type": mtype, **mparams}, out,
-                            tracker=tracker, resume=out.exists())
+                            tracker=tracker, resume=resume, key=key)
         if (out / "metrics.jsonl").exists():
             tracker.log_artifact(out / "metrics.jsonl")
         for png in method_plots(out):  # e.g. DoGraph's gradient graph and gradient PCA figures
