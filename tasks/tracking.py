@@ -7,7 +7,9 @@
   the failure is reported once as a warning naming the URI and the error, later calls are dropped
   and counted, and training goes on. :attr:`MLflowTracker.error` keeps the first failure so the
   pipeline can print it again at the end.
-* No secrets: user:password in URIs and values of keys that look like secrets are redacted.
+* No secrets: the values of keys that look like secrets (``hf_token``, ``api_key``; not ``tokenizer`` or
+  ``min_tokens``), ``user:password@`` in URLs and secret query parameters (``?token=``, ``sig=``,
+  ``X-Amz-Signature=``) are redacted, also inside lists.
 
 Uses :class:`mlflow.tracking.MlflowClient` with explicit run ids (no global "active run"), so
 trackers of parallel training runs in threads do not interfere.
@@ -27,8 +29,14 @@ from typing import Any, Mapping, Optional
 log = logging.getLogger("dograph.tracking")
 
 DEFAULT_URI = "sqlite:///mlflow.db"
-_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.I)
+# a secret-looking word as a whole part of a key: `hf_token`, `db.password`, `apiKey`; not `tokenizer`, `min_tokens`
+_SECRET_WORD = r"(?:password|passwd|secrets?|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?|auth)"
+_SECRET_KEY = re.compile(rf"(?:^|[_.\-]){_SECRET_WORD}$|(?:^|[_.\-]){_SECRET_WORD}[_.\-]", re.I)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<info>[^/@\s]+)@", re.I)
+# a query parameter that carries a credential: token=, access_token=, sig=, key=, X-Amz-Signature=, X-Amz-Credential=
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&;](?:[\w.-]*[_.-])?(?:token|sig|signature|key|secret|password|passwd|credential|auth))=[^&#\s]*",
+    re.I)
 _BAD_KEY_CHARS = re.compile(r"[^\w\-./ :]")
 
 
@@ -41,8 +49,20 @@ def resolve_uri(uri: Optional[str] = None) -> str:
 
 
 def redact(value: str) -> str:
-    """Remove ``user:password@`` from URLs."""
-    return _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", value)
+    """Remove ``user:password@`` and secret query parameters (``?token=...``) from URLs in ``value``."""
+    value = _URL_USERINFO.sub(lambda m: m.group("scheme") + "***@", value)
+    return _QUERY_SECRET.sub(lambda m: m.group("name") + "=***", value)
+
+
+def _redact_value(v: Any) -> Any:
+    """``redact`` every string in ``v``, inside lists, tuples and mappings too."""
+    if isinstance(v, str):
+        return redact(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_redact_value(x) for x in v)
+    if isinstance(v, Mapping):
+        return {k: "***" if _SECRET_KEY.search(str(k)) else _redact_value(x) for k, x in v.items()}
+    return v
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -55,7 +75,7 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         elif _SECRET_KEY.search(str(k)):
             out[key] = "***"
         else:
-            out[key] = redact(str(v)) if isinstance(v, str) else v
+            out[key] = _redact_value(v)
     return out
 
 
