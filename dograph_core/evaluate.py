@@ -28,6 +28,47 @@ import torch.nn.functional as F
 from dograph_core.distributed import DistInfo
 
 
+class EvaluateError(ValueError):
+    """A model that cannot be loaded, or does not belong to the corpus it would be scored on."""
+
+
+def load_model(path: str | Path, corpus) -> torch.nn.Module:
+    """The trained model at ``path`` (a training run's directory or its ``final/``), checked against ``corpus``.
+
+    Refused, before any scoring, when its tokenizer (the ``tokenizer.json`` training copies into
+    ``final/``) or its vocabulary differs from the corpus's: the losses would look plausible and mean nothing.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from dograph_core.data.tokenizer import tokenizer_mismatch
+
+    model_dir = Path(path)
+    if (model_dir / "final").is_dir():
+        model_dir = model_dir / "final"
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no model (expected config.json there or in final/); train one with `dograph train`")
+    differ = tokenizer_mismatch(corpus.tokenizer_dir, model_dir)
+    if differ:
+        raise EvaluateError(
+            f"{model_dir}: the model's tokenizer (sha256 {differ[1][:12]}) is not the corpus's ({differ[0][:12]}, "
+            f"{corpus.tokenizer_dir}); evaluate it on the corpus it was trained on (--set tokenize.out_dir=...)"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - transformers/safetensors raise many kinds; name the directory and why
+        files = sorted(f.name for f in model_dir.glob("*.safetensors")) or sorted(f.name for f in model_dir.glob("*.bin"))
+        raise EvaluateError(
+            f"{model_dir}: cannot load the model from {files or 'its files'} ({type(e).__name__}: {e}); "
+            "the file may be truncated: copy or train it again"
+        ) from None
+    if int(model.config.vocab_size) < corpus.vocab_size:
+        raise EvaluateError(
+            f"{model_dir}: vocabulary of {model.config.vocab_size} tokens, smaller than the corpus's {corpus.vocab_size} "
+            f"({corpus.root / 'corpus.json'}); evaluate it on the corpus it was trained on"
+        )
+    return model
+
+
 def fixed_windows(n_tokens: int, n: int, seq_len: int) -> np.ndarray:
     """Start offsets of ``n`` evenly spaced windows of ``seq_len + 1`` tokens (fewer if the shard is short)."""
     L = seq_len + 1

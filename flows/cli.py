@@ -250,10 +250,9 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM
 
     from dograph_core.data.corpus import TokenCorpus
-    from dograph_core.evaluate import evaluate_final
+    from dograph_core.evaluate import evaluate_final, load_model
     from dograph_core.io import OutputError, writable_dir, write_json
 
     p = _params(a)
@@ -261,14 +260,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if Path(a.out).is_dir():
             raise OutputError(f"--out {a.out} is a directory; give a file name, e.g. {Path(a.out) / 'eval.json'}")
         writable_dir(Path(a.out).parent)
-    model_dir = Path(a.model)
-    if (model_dir / "final").is_dir():
-        model_dir = model_dir / "final"
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{a.model}: no model (expected config.json there or in final/); train one with `dograph train`")
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         corpus = TokenCorpus(p.tokenize.out_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        model = load_model(a.model, corpus)  # refuses another tokenizer's model or a truncated file
         seq_len = min(p.train.seq_len, model.config.n_positions)
         res = evaluate_final(model, corpus, corpus.train_domains, corpus.heldout_domains, seq_len,
                              p.train.eval_windows, torch.device("cpu"))
@@ -320,10 +314,13 @@ def cmd_run(a: argparse.Namespace) -> int:
     if a.quiet:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from dograph_core.config import check_name
     from dograph_core.io import writable_dir
     from tasks.params import check_params
 
     p = _params(a)
+    if a.run_id is not None:
+        check_name(a.run_id, "--run-id")  # a directory under pipeline.out_dir, never a path out of it
     check_params(p)  # bad params and an unwritable output fail here, before a Prefect server starts
     writable_dir(p.pipeline.out_dir)
     from rich.console import Console

@@ -11,7 +11,12 @@ VAL_PREFIX = "val_loss/"
 
 
 def _read(path: Path) -> Optional[dict]:
-    return read_json(path) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        return read_json(path)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: name the file
+        raise ValueError(f"{path}: not JSON ({e}); run this training again to rewrite it") from None
 
 
 def _losses(split: Mapping[str, Any], part: str) -> dict[str, float]:

@@ -186,6 +186,14 @@ def eot_id(tok: Any) -> int:
     )
 
 
+def tokenizer_mismatch(mine: str | Path, theirs: str | Path) -> tuple[str, str] | None:
+    """``(hash of mine, hash of theirs)`` when both directories hold a ``tokenizer.json`` and they differ."""
+    if not ((Path(mine) / "tokenizer.json").is_file() and (Path(theirs) / "tokenizer.json").is_file()):
+        return None
+    a, b = tokenizer_hash(mine), tokenizer_hash(theirs)
+    return (a, b) if a != b else None
+
+
 def tokenizer_hash(path: str | Path) -> str:
     """A stable sha256 of a tokenizer directory: its ``tokenizer.json`` in canonical JSON form.
 

@@ -66,14 +66,14 @@ def check_run(model_dir: Path, given: Path, ctx: MixerContext) -> Optional[list[
             f"this run's domains are {ctx.domains}; train the reference on the same corpus"
         )
     tok_dir = getattr(ctx.corpus, "tokenizer_dir", None) if ctx.corpus is not None else None
-    if tok_dir is not None and (Path(tok_dir) / "tokenizer.json").is_file() and (model_dir / "tokenizer.json").is_file():
-        from dograph_core.data.tokenizer import tokenizer_hash
+    if tok_dir is not None:
+        from dograph_core.data.tokenizer import tokenizer_mismatch
 
-        mine, theirs = tokenizer_hash(tok_dir), tokenizer_hash(model_dir)
-        if mine != theirs:
+        differ = tokenizer_mismatch(tok_dir, model_dir)
+        if differ:
             raise MixerError(
-                f"doremi reference {model_dir}: its tokenizer (sha256 {theirs[:12]}) is not this corpus's "
-                f"({mine[:12]}, {tok_dir}); train the reference on the same tokenized corpus"
+                f"doremi reference {model_dir}: its tokenizer (sha256 {differ[1][:12]}) is not this corpus's "
+                f"({differ[0][:12]}, {tok_dir}); train the reference on the same tokenized corpus"
             )
     return domains
 
