@@ -24,8 +24,9 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
-from dograph_core.data.shards import read_shard
+from dograph_core.data.shards import ShardError, read_shard
 from dograph_core.io import read_json
 
 SPLITS = ("train", "val", "test")
@@ -35,10 +36,27 @@ class CorpusError(ValueError):
     """A tokenized corpus that is missing or inconsistent."""
 
 
+class _Meta(BaseModel):
+    """The keys of corpus.json that reading the corpus relies on."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_hash: str
+    vocab_size: StrictInt = Field(gt=1)
+    eot_id: StrictInt = Field(ge=0)
+    train_domains: list[str] = Field(min_length=1)
+    heldout_domains: list[str] = Field(default_factory=list)
+
+
 class TokenCorpus:
-    """The token shards of one tokenized corpus, memory-mapped on demand."""
+    """The token shards of one tokenized corpus, memory-mapped on demand.
+
+    Opening a corpus checks ``corpus.json`` and every shard of every split (header, size,
+    tokenizer hash, token ids below the vocabulary size), so a bad corpus fails before any work.
+    """
 
     def __init__(self, root: str | Path):
+        from dograph_core.config import describe_errors
+
         self.root = Path(root)
         meta_path = self.root / "corpus.json"
         if not meta_path.exists():
@@ -46,8 +64,18 @@ class TokenCorpus:
                 f"no tokenized corpus at {self.root} (missing corpus.json); "
                 "run the prepare and tokenize stages first (`dvc repro tokenize`)"
             )
-        self.meta = read_json(meta_path)
+        redo = "re-run the tokenize stage (`dograph tokenize --force`)"
+        try:
+            self.meta = read_json(meta_path)
+            _Meta.model_validate(self.meta)
+        except ValidationError as err:
+            raise CorpusError(f"{meta_path}: " + "; ".join(describe_errors(err)) + f"; {redo}") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+            raise CorpusError(f"{meta_path}: not JSON ({e}); {redo}") from None
         self._maps: dict[tuple[str, str], np.ndarray] = {}
+        for split in SPLITS:
+            for domain in self.all_domains:
+                self.tokens(split, domain)
 
     @property
     def train_domains(self) -> list[str]:
@@ -85,7 +113,15 @@ class TokenCorpus:
             raise CorpusError(f"unknown domain {domain!r}; the corpus has {self.all_domains}")
         key = (split, domain)
         if key not in self._maps:
-            self._maps[key] = read_shard(self.root / split / f"{domain}.bin", self.tokenizer_hash)
+            path = self.root / split / f"{domain}.bin"
+            tokens = read_shard(path, self.tokenizer_hash)
+            top = int(tokens.max()) if tokens.size else 0
+            if top >= self.vocab_size:
+                raise ShardError(
+                    f"{path}: token id {top} is outside the vocabulary of {self.vocab_size} tokens (corpus.json); "
+                    "the shard and corpus.json do not belong together; re-run the tokenize stage"
+                )
+            self._maps[key] = tokens
         return self._maps[key]
 
     def n_tokens(self, split: str, domain: str) -> int:

@@ -176,7 +176,10 @@ def read_header(path: str | Path) -> ShardHeader:
             f"{path}: {size} bytes on disk, the header promises {expected} "
             f"({n_tokens} tokens of {dtype}); the file is truncated or corrupt; {_REDO}"
         )
-    return ShardHeader(version, dtype, n_tokens, n_docs, h.rstrip(b"\0").decode("ascii"))
+    thash = h.rstrip(b"\0").decode("ascii", errors="replace")
+    if not _HASH_RE.fullmatch(thash):
+        raise ShardError(f"{path}: the tokenizer hash in the header is not printable ASCII ({h!r}); {_REDO}")
+    return ShardHeader(version, dtype, n_tokens, n_docs, thash)
 
 
 def read_shard(path: str | Path, expect_tokenizer_hash: str | None = None) -> np.memmap:
