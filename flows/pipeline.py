@@ -22,7 +22,7 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from dograph_core.config import Params, load_params
+from dograph_core.config import Params, check_name, load_params
 from tasks.cache import DataLock, RunLock, stable_hash
 from tasks.params import check_params, method_spec
 from tasks.prefect_tasks import prepare_task, report_task, search_task, tokenize_task, train_task
@@ -80,6 +80,8 @@ def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> 
 def pipeline(params: str = "params.yaml", preset: Optional[str] = None, overrides: Optional[list[str]] = None,
              run_id: Optional[str] = None, skip_data: bool = False, track: bool = True) -> dict[str, Any]:
     """The whole pipeline on one params file; returns where everything went and the comparison rows."""
+    if run_id is not None:  # also a deployment's parameter: one directory under pipeline.out_dir, never a path
+        check_name(run_id, "run id")
     log = get_run_logger()
     p = load_params(params, preset, overrides)
     check_params(p)
