@@ -46,26 +46,79 @@ def kron_matrices(rows: int, cols: int, r1: int, r2: int, seed: int, device=None
     return left.to(device), right.to(device)
 
 
+def count_sketch(rows: int, r1: int, seed: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded CountSketch of a ``rows``-dimensional vector into ``r1`` buckets: ``(bucket [rows], sign [rows])``.
+
+    ``S[bucket[v], v] = sign[v]`` and zero elsewhere, so ``S x`` costs one multiply-add per coordinate
+    (``O(rows)``, against ``O(r1 rows)`` for a dense Gaussian ``L``). The signs are independent
+    +-1, which makes ``E <S a, S b> = <a, b>`` for any hash; the variance is about that of a Gaussian
+    sketch with the same ``r1`` (Charikar, Chen and Farach-Colton 2002).
+    """
+    if min(rows, r1) <= 0:
+        raise FeatureError(f"projection sizes must be positive: rows={rows} r1={r1}")
+    gen = torch.Generator().manual_seed(int(seed))
+    bucket = torch.randint(0, r1, (rows,), generator=gen)
+    sign = torch.randint(0, 2, (rows,), generator=gen).float() * 2 - 1
+    return bucket.to(device), sign.to(device)
+
+
+SKETCHES = ("dense", "count")
+
+
 @dataclass
 class Projection:
-    """The Kronecker projection of the output layer: ``R_b [r1, V]`` and ``R_h [r2, H]``; ``d = r1 * r2``."""
+    """The Kronecker projection of the output layer: ``R_b [r1, V]`` and ``R_h [r2, H]``; ``d = r1 * r2``.
+
+    ``sketch``: ``dense`` (Gaussian ``R_b``, the default) or ``count`` (``R_b`` a CountSketch in the
+    vocabulary dimension, stored as ``bucket``/``sign``: ``O(V)`` per token instead of ``O(r1 V)``;
+    ``R_h`` stays Gaussian). Both are unbiased for inner products of the sketched gradients.
+    """
 
     vocab_size: int
     hidden_size: int
     r1: int = 32
     r2: int = 64
     seed: int = 0
+    sketch: str = "dense"
 
     def __post_init__(self) -> None:
-        self.R_b, self.R_h = kron_matrices(self.vocab_size, self.hidden_size, self.r1, self.r2, self.seed)
+        if self.sketch == "dense":
+            self.R_b, self.R_h = kron_matrices(self.vocab_size, self.hidden_size, self.r1, self.r2, self.seed)
+            self.bucket = self.sign = None
+        elif self.sketch == "count":
+            _, self.R_h = kron_matrices(1, self.hidden_size, 1, self.r2, self.seed)
+            self.bucket, self.sign = count_sketch(self.vocab_size, self.r1, self.seed + 104729)
+            self.R_b = None
+        else:
+            raise FeatureError(f"sketch must be one of {SKETCHES}, got {self.sketch!r}")
 
     @property
     def dim(self) -> int:
         return self.r1 * self.r2
 
+    def left_matrix(self) -> torch.Tensor:
+        """``R_b`` as a dense ``[r1, V]`` matrix (the CountSketch written out; for tests and exact comparisons)."""
+        if self.R_b is not None:
+            return self.R_b
+        S = torch.zeros(self.r1, self.vocab_size, device=self.sign.device)
+        S[self.bucket, torch.arange(self.vocab_size, device=self.sign.device)] = self.sign
+        return S
+
     def to(self, device) -> "Projection":
-        self.R_b, self.R_h = self.R_b.to(device), self.R_h.to(device)
+        if self.R_b is not None:
+            self.R_b = self.R_b.to(device)
+        else:
+            self.bucket, self.sign = self.bucket.to(device), self.sign.to(device)
+        self.R_h = self.R_h.to(device)
         return self
+
+
+def feature_macs(proj: "Projection") -> dict[str, int]:
+    """Multiply-adds per token of :func:`output_features` under ``proj``, by part (the softmax, about
+    ``V`` exponentials per token, is the same for every sketch and not counted)."""
+    left = proj.vocab_size * (proj.r1 if proj.sketch == "dense" else 1)
+    return {"left": left, "right": proj.hidden_size * proj.r2, "outer": proj.r1 * proj.r2,
+            "total": left + proj.hidden_size * proj.r2 + proj.r1 * proj.r2}
 
 
 def _check_shapes(hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor, proj: Projection) -> None:
@@ -103,6 +156,9 @@ def output_features(
     projs = proj if isinstance(proj, list) else [proj]
     for p_ in projs:
         _check_shapes(hidden, logits, targets, p_)
+    if any(p_.sketch != "dense" for p_ in projs):
+        outs = _mixed_features(hidden, logits, targets, projs, chunk, tokens, generator)
+        return outs if isinstance(proj, list) else outs[0]
     B, T, _ = hidden.shape
     R_b = torch.cat([p_.R_b for p_ in projs]).to(device=logits.device)  # [n r1, V]
     R_h = torch.cat([p_.R_h for p_ in projs]).to(device=hidden.device)  # [n r2, H]
@@ -123,6 +179,40 @@ def output_features(
             out[s:e] = z.reshape(e - s, -1) / T
             o1, o2 = o1 + p_.r1, o2 + p_.r2
     return outs if isinstance(proj, list) else outs[0]
+
+
+def _left_count(probs: torch.Tensor, targets: torch.Tensor, p_: Projection) -> torch.Tensor:
+    """``S b_t`` for every position: ``probs [b, T, V]`` summed into ``r1`` signed buckets, minus ``S e_y``."""
+    sign, bucket = p_.sign.to(probs.device), p_.bucket.to(probs.device)
+    out = torch.zeros(*probs.shape[:-1], p_.r1, dtype=probs.dtype, device=probs.device)
+    out.index_add_(-1, bucket, probs * sign)
+    out.scatter_add_(-1, bucket[targets].unsqueeze(-1), -sign[targets].unsqueeze(-1))
+    return out
+
+
+def _mixed_features(hidden, logits, targets, projs: list[Projection], chunk: int, tokens: Optional[int],
+                    generator: Optional[torch.Generator]) -> list[torch.Tensor]:
+    """:func:`output_features` when some projection is not dense: one softmax per chunk, each projection's
+    left side computed its own way (dense: one matmul; count: bucket sums)."""
+    B, T, _ = hidden.shape
+    if tokens is not None and tokens < T:
+        idx = torch.randperm(T, generator=generator)[:tokens].sort().values.to(hidden.device)
+        hidden, logits, targets = hidden[:, idx], logits[:, idx], targets[:, idx]
+        T = tokens
+    outs = [torch.empty(B, p_.dim, dtype=torch.float32, device=hidden.device) for p_ in projs]
+    for s in range(0, B, chunk):
+        e = min(B, s + chunk)
+        probs = torch.softmax(logits[s:e].float(), dim=-1)
+        h = hidden[s:e].float()
+        for out, p_ in zip(outs, projs):
+            if p_.sketch == "dense":
+                R_bT = p_.R_b.T.to(probs.device)
+                pb = probs @ R_bT - R_bT[targets[s:e]]
+            else:
+                pb = _left_count(probs, targets[s:e], p_)
+            hh = h @ p_.R_h.T.to(h.device)
+            out[s:e] = torch.einsum("btr,bts->brs", pb, hh).reshape(e - s, -1) / T
+    return outs
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

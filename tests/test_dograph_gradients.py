@@ -73,17 +73,21 @@ def test_hooked_block_sketch_matches_exact_block_gradient(probe):
     assert torch.allclose(z, exact, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps,measured", [(0, 0.942), (30, 0.890)])
-def test_cheap_features_preserve_exact_inner_products(corpus, probe, steps, measured):
+# (sketch, steps, measured inner-product correlation at seed 0). Seeds 0 / 1 / 2 when written:
+# dense 0.942 / 0.946 / 0.918 (init), 0.890 / 0.901 / 0.877 (30 steps);
+# count 0.939 / 0.944 / 0.960 (init), 0.907 / 0.850 / 0.932 (30 steps).
+@pytest.mark.parametrize("sketch,steps,measured", [("dense", 0, 0.942), ("dense", 30, 0.890),
+                                                   ("count", 0, 0.939), ("count", 30, 0.907)])
+def test_cheap_features_preserve_exact_inner_products(corpus, probe, sketch, steps, measured):
     torch.manual_seed(0)
     ids, _ = probe
     model = nano_model(seq_len=T)
     _train(model, corpus, steps)
     model.eval()
     exact = exact_features(model, ids, {"lm_head.weight": (0, 0, 0)}, project=False)  # raw, 8224 dims
-    (cheap,), _ = probe_features(model, ids, [Projection(VOCAB, 32, 32, 64, seed=0)])
+    (cheap,), _ = probe_features(model, ids, [Projection(VOCAB, 32, 32, 64, seed=0, sketch=sketch)])
     r = _ip_corr(cheap, exact)
-    assert r > 0.8, f"inner-product correlation {r:.3f} (measured {measured} when written)"
+    assert r > 0.8, f"{sketch}: inner-product correlation {r:.3f} (measured {measured} when written)"
     assert _ip_corr(unit_normalize(cheap), unit_normalize(exact)) > 0.75
 
 

@@ -136,7 +136,7 @@ class DoGraphMixer(Mixer):
     # -- features ---------------------------------------------------------------------------
     def _projection(self, vocab: int, hidden: int) -> Projection:
         if self.proj is None or self.proj.vocab_size != vocab or self.proj.hidden_size != hidden:
-            self.proj = Projection(vocab, hidden, self.cfg.r1, self.cfg.r2, self._seed)
+            self.proj = Projection(vocab, hidden, self.cfg.r1, self.cfg.r2, self._seed, self.cfg.sketch)
         return self.proj
 
     def _features(self, stats: BatchStats) -> Optional[torch.Tensor]:
@@ -200,7 +200,8 @@ class DoGraphMixer(Mixer):
         else:
             emb = self._model.get_output_embeddings().weight
             projs = [self._projection(emb.shape[0], emb.shape[1])]
-            projs += [Projection(emb.shape[0], emb.shape[1], self.cfg.r1, self.cfg.r2, self._seed + i) for i in range(1, n_proj)]
+            projs += [Projection(emb.shape[0], emb.shape[1], self.cfg.r1, self.cfg.r2, self._seed + i, self.cfg.sketch)
+                      for i in range(1, n_proj)]
             zs, losses = probe_features(self._model, ids, projs, None, (1, 1), self.cfg.probe_batch)
         return [z.detach().cpu() for z in zs], losses.detach().float().cpu().numpy()
 

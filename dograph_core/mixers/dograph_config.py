@@ -74,6 +74,9 @@ class DoGraphConfig(MixerConfig):
     base: Literal["uniform", "natural"] = Field("uniform", description="sampling under loss weighting (nodes: model)")
     # -- features
     feature_tokens: Optional[int] = Field(None, gt=0, description="positions per sequence used by the online sketch (None = all)")
+    sketch: Literal["dense", "count"] = Field(
+        "dense", description="left side of the output-layer sketch: dense Gaussian R_b (O(r1 V) per token) or a "
+                             "CountSketch in the vocabulary dimension (O(V) per token); the softmax is the same")
     features: Literal["sketch", "exact"] = Field(
         "sketch", description="sketch: the forward-only output-layer sketch; exact: torch.func per-example gradients "
                               "of exact_params (online and on probes; an ablation, about one extra backward per step)")

@@ -1,0 +1,264 @@
+"""DoGraph's overhead over uniform mixing as a ratio measured in one process.
+
+For each scale, one process builds one *arm* per method: the same GPT-2 (same initial weights), the
+same corpus, batch and threads, and steps each arm with the training loop's own step code
+(``dograph_core.microstep.micro_step``, gradient clip, AdamW, the scheduler, and at every
+``update_every``-th step ``mixer.update`` and the sampler's new weights, as ``dograph_core.train``
+does). The arms run in interleaved blocks of ``--block-steps`` steps: ``U D1 D2 .. U D1 D2 .. U``,
+each block timed with ``time.perf_counter``; a DoGraph block's ratio is its time over the mean of the
+uniform blocks before and after it, and the per-step overhead is the median ratio - 1. Load changes
+on a shared machine move both sides of a ratio, so the median of ratios is stable where a
+ratio of two separate runs is not.
+
+What a DoGraph block contains: the online part, every micro-batch (features, cluster assignment, loss
+weights, ``observe``). What is timed apart and amortised: the mixer's events, which a short block
+cannot sample fairly (one re-clustering in ``recluster_every`` steps):
+
+* ``update``: every ``update_every`` steps, the graph update (the progress probe re-scored for model
+  nodes, the node statistics, the Pyomo solve and the graph-off reference), timed around
+  ``mixer.update``; its re-clustering part is subtracted and counted below. The first update is
+  left out (a one-off: the solver's import, and no clusters yet, so no progress probe); each arm
+  steps on, untimed, until one more update has been timed;
+* ``recluster``: every ``recluster_every`` steps, the clustering probe (``probe_size`` sequences,
+  two projections, k-means twice), timed around the mixer's ``_maybe_recluster``.
+
+Both run at their real cadence inside the DoGraph arms (so the clusters come into force as in a run);
+they are amortised over the mixer's own ``update_every`` / ``recluster_every``:
+``overhead = median block ratio - 1 + (update_s / T_w + recluster_s / T_c) / uniform step``.
+Seconds per 1000 steps are printed for each part. The five analysis probes a run saves (diagnostics,
+``analysis_probes``) are turned off here.
+
+Variants are DoGraph parameter overrides: ``--variant name:key=value,key=value`` (repeatable);
+``default`` (the shipped defaults, model nodes) is always run.
+
+    .venv/bin/python bench/overhead.py --scales nano --blocks 6 --block-steps 5 \\
+        --variant count:sketch=count --variant tok32:feature_tokens=32
+
+Ends with one line of JSON:
+``{"bench": "overhead", "overhead": {scale: default's overhead}, "variants": {scale: {name: {...}}}}``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from dograph_core.config import TrainConfig  # noqa: E402
+from dograph_core.data.corpus import TokenCorpus  # noqa: E402
+from dograph_core.microstep import LMLoss, micro_step  # noqa: E402
+from dograph_core.mixers import build_mixer  # noqa: E402
+from dograph_core.mixers.base import MixerContext, identity_reduce  # noqa: E402
+from dograph_core.model import build_model  # noqa: E402
+from dograph_core.sampling import MixtureSampler  # noqa: E402
+from dograph_core.train import make_optimizer  # noqa: E402
+
+DEFAULT_DATA = ROOT / "runs" / "compare" / "data" / "tokenized"
+
+
+class Arm:
+    """One method's training state, stepped exactly as ``dograph_core.train`` steps it."""
+
+    def __init__(self, name: str, method: dict, cfg: TrainConfig, corpus, seed: int):
+        self.name = name
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.scale, corpus.vocab_size, cfg.seq_len, corpus.eot_id)
+        self.cfg = cfg
+        ctx = MixerContext(domains=corpus.train_domains, natural=corpus.natural_weights, total_steps=cfg.steps,
+                           seq_len=cfg.seq_len, vocab_size=corpus.vocab_size, device=torch.device("cpu"),
+                           seed=cfg.seed, corpus=corpus, heldout_domains=corpus.heldout_domains, out_dir=None,
+                           scale=cfg.scale, rank=0, world_size=1)
+        params = dict(method)
+        self.mixer = build_mixer(str(params.pop("type")), params, ctx)
+        self.sampler = MixtureSampler({d: corpus.tokens("train", d) for d in corpus.train_domains},
+                                      corpus.train_domains, cfg.seq_len, cfg.batch_size,
+                                      self.mixer.sampling_weights(), seed=cfg.seed, max_epochs=cfg.max_epochs)
+        self.opt, self.sched = make_optimizer(self.model, cfg, torch.device("cpu"))
+        self.fwd = LMLoss(self.model, False)
+        self.model.train()
+        self.step_no = 0
+        self.events: dict[str, list[float]] = {"update": [], "recluster": []}
+        self._inner: dict[str, float] = {}
+        self._wrap("_maybe_recluster", "recluster")
+        self._wrap("_probe_progress", "progress_probe")
+        self._wrap("_solve", "solve")
+        self.parts: dict[str, list[float]] = {"progress_probe": [], "solve": []}
+
+    def _wrap(self, method: str, key: str) -> None:
+        fn = getattr(self.mixer, method, None)
+        if fn is None:
+            return
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self._inner[key] = self._inner.get(key, 0.0) + time.perf_counter() - t0
+
+        setattr(self.mixer, method, timed)
+
+    def step(self) -> float:
+        """One optimizer step; returns the seconds spent in the mixer's events (update, re-clustering)."""
+        self.step_no += 1
+        step, cfg = self.step_no, self.cfg
+        lr = self.sched.get_last_lr()[0]
+        draw = self.sampler.draw(step)
+        x = self.sampler.tokens(draw, slice(None))
+        dom = torch.from_numpy(draw.domain_ids)
+        r = micro_step(self.fwd, self.model, self.mixer, x, dom, step, lr, 1.0)
+        float(r.loss), float(r.objective)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        event = 0.0
+        if step % self.mixer.update_every == 0:
+            self._inner = {}
+            t0 = time.perf_counter()
+            new = self.mixer.update(step, identity_reduce)
+            if new is not None:
+                self.mixer.set_weights(new, step)
+            self.sampler.set_weights(self.mixer.sampling_weights())
+            event = time.perf_counter() - t0
+            rec = self._inner.get("recluster", 0.0)
+            self.events["update"].append(event - rec)
+            if rec:
+                self.events["recluster"].append(rec)
+            for k in self.parts:
+                self.parts[k].append(self._inner.get(k, 0.0))
+        self._inner = {}
+        return event
+
+    def block(self, n: int) -> float:
+        """``n`` steps; seconds without the events (they are amortised separately)."""
+        t0 = time.perf_counter()
+        ev = sum(self.step() for _ in range(n))
+        return time.perf_counter() - t0 - ev
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    name, _, rest = text.partition(":")
+    out: dict[str, Any] = {}
+    for kv in filter(None, rest.split(",")):
+        k, _, v = kv.partition("=")
+        out[k.strip()] = json.loads(v) if v.strip()[:1] in "0123456789-[{tfn" else v.strip()
+    return name, out
+
+
+def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str, Any]:
+    total = args.warmup + args.blocks * args.block_steps + 1
+    cfg = TrainConfig(scale=scale, steps=max(total, 100), batch_size=args.batch, seq_len=args.seq_len,
+                      warmup_steps=2, eval_every=0, threads=1, progress=False, seed=args.seed)
+    base = {"type": "dograph", "nodes": args.nodes, "plots": False, "analysis_probes": []}
+    arms = [Arm("uniform", {"type": "uniform"}, cfg, corpus, args.seed)]
+    arms += [Arm(n, {**base, **v}, cfg, corpus, args.seed) for n, v in variants.items()]
+    dg = arms[1:]
+    t0 = time.perf_counter()
+    # warm-up: past the first update (the first re-clustering), so the timed blocks see model nodes in force
+    for a in arms:
+        for _ in range(args.warmup if a.name != "uniform" else 2):
+            a.step()
+    uni: list[float] = [arms[0].block(args.block_steps)]
+    times: dict[str, list[float]] = {a.name: [] for a in dg}
+    for b in range(args.blocks):
+        for a in dg:
+            times[a.name].append(a.block(args.block_steps))
+        uni.append(arms[0].block(args.block_steps))
+    # the first update is a one-off (solver import, no clusters yet, so no progress probe): time at least one more
+    for a in dg:
+        while len(a.events["update"]) < 2:
+            a.step()
+    wall = time.perf_counter() - t0
+    n = args.block_steps
+    u_step = statistics.median(uni) / n
+    out: dict[str, Any] = {"uniform_step_s": u_step, "wall_s": wall, "blocks": args.blocks, "block_steps": n}
+    for a in dg:
+        ratios = [t / ((uni[i] + uni[i + 1]) / 2) for i, t in enumerate(times[a.name])]
+        mcfg = a.mixer.cfg
+        upd = statistics.median(a.events["update"][1:])
+        rec = statistics.median(a.events["recluster"]) if a.events["recluster"] else 0.0
+        online = statistics.median(ratios) - 1
+        upd_share = upd / mcfg.update_every / u_step
+        rec_share = (rec / mcfg.recluster_every / u_step) if args.nodes == "model" else 0.0
+        dims = {"in_force": bool(getattr(a.mixer, "in_force", False)),
+                "feature_s_per_step": a.mixer.feature_time / a.step_no, "online_s_per_step": a.mixer.online_time / a.step_no}
+        out[a.name] = {
+            "overhead": online + upd_share + rec_share, "online": online,
+            "ratios": [round(r, 4) for r in ratios], "ratio_iqr": _iqr(ratios),
+            "update_s": upd, "update_share": upd_share, "update_s_per_1000": upd * 1000 / mcfg.update_every,
+            "recluster_s": rec, "recluster_share": rec_share,
+            "recluster_s_per_1000": rec * 1000 / mcfg.recluster_every if args.nodes == "model" else 0.0,
+            "progress_probe_s": statistics.median(a.parts["progress_probe"][1:]),
+            "solve_s": statistics.median(a.parts["solve"][1:]),
+            "n_updates": len(a.events["update"]), "n_reclusters": len(a.events["recluster"]),
+            "T_w": mcfg.update_every, "T_c": mcfg.recluster_every, "params": variants[a.name], **dims,
+        }
+        print(f"{scale} {a.name}: overhead {100 * out[a.name]['overhead']:+.1f}% = online {100 * online:+.1f}% "
+              f"(median of {len(ratios)} block ratios, IQR {100 * out[a.name]['ratio_iqr']:.1f} pts) "
+              f"+ update {100 * upd_share:.1f}% ({upd:.2f} s / {mcfg.update_every} steps, of which progress probe "
+              f"{statistics.median(a.parts['progress_probe'][1:]):.2f} s, solve {statistics.median(a.parts['solve'][1:]):.2f} s) "
+              f"+ recluster {100 * rec_share:.1f}% ({rec:.2f} s / {mcfg.recluster_every} steps); "
+              f"uniform step {u_step:.3f} s; feature {dims['feature_s_per_step']:.3f} s/step; "
+              f"model nodes in force: {dims['in_force']}", file=sys.stderr)
+    return out
+
+
+def _iqr(x: list[float]) -> float:
+    if len(x) < 4:
+        return max(x) - min(x)
+    q = statistics.quantiles(x, n=4)
+    return q[2] - q[0]
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scales", default="nano,micro")
+    ap.add_argument("--blocks", type=int, default=6, help="timed blocks per DoGraph arm")
+    ap.add_argument("--block-steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=21, help="untimed steps first (default: past the first update)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--nodes", choices=["human", "model"], default="model")
+    ap.add_argument("--data", default=None, help=f"a tokenized corpus (default: {DEFAULT_DATA} if present, else synthetic)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
+    ap.add_argument("--no-default", action="store_true", help="skip the default DoGraph arm")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    variants: dict[str, dict] = {} if args.no_default else {"default": {}}
+    variants.update(dict(parse_variant(v) for v in args.variant))
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.data or DEFAULT_DATA.exists():
+            corpus, data = TokenCorpus(args.data or DEFAULT_DATA), str(args.data or DEFAULT_DATA)
+        else:
+            from dograph_overhead import synthetic_corpus
+
+            corpus, data = synthetic_corpus(Path(tmp) / "corpus"), "synthetic"
+        res: dict[str, Any] = {"bench": "overhead", "data": data, "threads": 1, "batch": args.batch,
+                               "seq_len": args.seq_len, "nodes": args.nodes, "overhead": {}, "variants": {}}
+        for scale in [s for s in args.scales.split(",") if s]:
+            r = bench_scale(scale, corpus, args, variants)
+            res["variants"][scale] = {k: v for k, v in r.items() if isinstance(v, dict)}
+            res[scale] = {k: v for k, v in r.items() if not isinstance(v, dict)}
+            if "default" in r:
+                res["overhead"][scale] = round(r["default"]["overhead"], 4)
+            res["overhead_by_variant"] = res.get("overhead_by_variant", {})
+            res["overhead_by_variant"][scale] = {k: round(v["overhead"], 4) for k, v in r.items() if isinstance(v, dict)}
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
