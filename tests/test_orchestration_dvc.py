@@ -53,3 +53,60 @@ def test_dvc_repro_twice_is_a_no_op_and_exp_run_works(tmp_path):
     exp = _sh([dvc, "exp", "run", "tokenize", "-S", "tokenize.vocab_size=280"], repo, env)
     assert "Running stage 'tokenize'" in exp and "Running stage 'prepare'" not in exp
     assert json.loads((repo / "data" / "tokenized" / "corpus.json").read_text())["vocab_size"] == 280
+
+
+def _md5s_in_cache(repo: Path) -> set[str]:
+    """The content hashes DVC holds in its cache (``.dvc/cache/files/md5/ab/cdef...``)."""
+    root = repo / ".dvc" / "cache"
+    return {f.parent.name + f.name for f in root.rglob("*") if f.is_file() and len(f.parent.name) == 2}
+
+
+def test_dvc_keeps_finished_units_and_a_changed_method_reruns_only_itself(tmp_path):
+    """The pipeline stage's unit directories persist across `dvc repro`: a second repro does nothing,
+    and `dvc exp run -S` on one method's parameter trains that method again and leaves the other's
+    finished unit untouched. Trained models stay out of the DVC cache."""
+    import hashlib
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in ("dograph_core", "tasks", "flows", "configs"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    corpus = write_local_corpus(tmp_path / "corpus")
+    write_params(repo / "params.yaml", [
+        "prepare.source=local", f"prepare.local.path={corpus}", "prepare.heldout=[letters]",
+        "prepare.total_mb=0.2", "prepare.heldout_mb=0.03", "prepare.min_ratio=1",
+        "pipeline.methods=[uniform,odm]", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ])
+    (repo / ".gitignore").write_text("__pycache__/\n")
+    env = service_env(tmp_path)
+    env.update({"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+    dvc = str(VENV_BIN / "dvc")
+    _sh(["git", "init", "-q"], repo, env)
+    _sh([dvc, "init", "-q"], repo, env)
+    _sh([dvc, "config", "core.analytics", "false"], repo, env)
+
+    first = _sh([dvc, "repro"], repo, env)
+    assert "Running stage 'pipeline'" in first
+    train = repo / "runs" / "dvc" / "train"
+    units = {m: train / f"{m}__nano__s0" for m in ("uniform", "odm")}
+    markers = {m: Path(f"{d}.done.json") for m, d in units.items()}
+    before = {m: (f.stat().st_mtime_ns, f.read_text()) for m, f in markers.items()}
+    summaries = {m: (d / "summary.json").stat().st_mtime_ns for m, d in units.items()}
+
+    second = _sh([dvc, "repro"], repo, env)
+    assert "Running stage" not in second
+
+    _sh(["git", "add", "-A"], repo, env)
+    _sh(["git", "commit", "-qm", "first run"], repo, env)
+    exp = _sh([dvc, "exp", "run", "-S", "+methods.odm.alpha=0.5"], repo, env)  # + adds a key
+    assert "Running stage 'pipeline'" in exp and "Running stage 'tokenize'" not in exp
+    # uniform's finished unit was kept and skipped; odm's key changed, so it trained again
+    assert (markers["uniform"].stat().st_mtime_ns, markers["uniform"].read_text()) == before["uniform"]
+    assert (units["uniform"] / "summary.json").stat().st_mtime_ns == summaries["uniform"]
+    assert markers["odm"].read_text() != before["odm"][1]
+    assert (units["odm"] / "summary.json").stat().st_mtime_ns != summaries["odm"]
+    # the trained model is not copied into the DVC cache
+    model = units["uniform"] / "final" / "model.safetensors"
+    assert model.is_file()
+    assert hashlib.md5(model.read_bytes()).hexdigest() not in _md5s_in_cache(repo)
