@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.resources
 import re
 import reprlib
 from pathlib import Path
@@ -24,6 +25,7 @@ from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator,
 )
 
+# configs/presets/ in a checkout (and an editable install); dograph_core/presets/ in an installed wheel
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
 MAX_YAML_NODES = 100_000  # values after alias expansion; a real params file has a few hundred
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # a method name or run id: one path component
@@ -278,6 +280,21 @@ def validate(raw: dict) -> Params:
         raise ConfigError(_format_error(err)) from None
 
 
+def preset_dir() -> Path:
+    """Where the presets are: the package's ``presets/`` (importlib.resources) when installed from a
+    wheel, else the checkout's ``configs/presets/`` (a source tree, an editable install, DVC)."""
+    with contextlib.suppress(ModuleNotFoundError, TypeError):
+        packaged = importlib.resources.files("dograph_core") / "presets"
+        if packaged.is_dir() and isinstance(packaged, Path):
+            return packaged
+    return PRESET_DIR
+
+
+def list_presets() -> dict[str, Path]:
+    """``{name: file}`` of every preset, sorted by name."""
+    return {p.stem: p for p in sorted(preset_dir().glob("*.yaml"))}
+
+
 def load_raw(path: str | Path = "params.yaml", preset: str | None = None, overrides: list[str] | None = None) -> dict:
     path = Path(path)
     if not path.exists():
@@ -286,11 +303,10 @@ def load_raw(path: str | Path = "params.yaml", preset: str | None = None, overri
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
     if preset and preset != "default":
-        pfile = PRESET_DIR / f"{preset}.yaml"
-        if not pfile.exists():
-            known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-            raise ConfigError(f"unknown preset {preset!r}; known presets: {['default', *known]}")
-        raw = deep_merge(raw, load_yaml(pfile) or {})
+        presets = list_presets()
+        if preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r}; known presets: {['default', *sorted(set(presets) - {'default'})]}")
+        raw = deep_merge(raw, load_yaml(presets[preset]) or {})
     for o in overrides or []:
         raw = apply_override(raw, o)
     return raw

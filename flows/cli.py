@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--params", default="params.yaml", metavar="FILE",
                    help="the params file (default: %(default)s)")
     g.add_argument("--preset", default=None, metavar="NAME",
-                   help="a preset from configs/presets/ merged over the params file: quick, default, nano, gpu, multi-gpu")
+                   help="a preset merged over the params file (`dograph presets` lists them): quick, nano, gpu, ...")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one value, e.g. --set train.steps=100 --set pipeline.methods=[uniform,odm] "
                         "(YAML syntax; repeatable; applied last)")
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "natural), train GPT-2 at several scales on it, and compare.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    from dograph_core import __version__
+
+    ap.add_argument("--version", action="version", version=f"dograph {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("prepare", help="build the documents per domain and split (data/prepared)",
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("scales", help="list the model scales and their sizes at the configured vocabulary")
     _common(p)
+
+    sub.add_parser("presets", help="list the presets (--preset NAME) and the directory they are read from")
 
     p = sub.add_parser("train", help="train one model at one scale with one method's mixture",
                        description="Train GPT-2 from scratch on the tokenized corpus with a method's mixture, "
@@ -94,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="(re)write the comparison report of a pipeline run",
                        description="Collect every finished training run of a run directory and write report.md, "
-                                   "results.json, metrics.json and plots/ there; print the table.")
+                                   "results.json, metrics.json (what `dvc metrics show` reads) and plots/ there; "
+                                   "print the table.")
     _common(p)
     p.add_argument("--run-dir", required=True, metavar="DIR", help="a pipeline run directory, e.g. runs/default-1a2b3c4d")
 
@@ -168,6 +174,25 @@ def cmd_scales(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(a: argparse.Namespace) -> int:
+    from dograph_core.config import list_presets, preset_dir
+
+    for name, f in list_presets().items():
+        about = next((ln.lstrip("# ").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+        print(f"  {name:10s} {about}")
+    print(f"presets in {preset_dir()}; the default preset is the params file itself")
+    return 0
+
+
+def _check_scale(scale: Optional[str]) -> None:
+    """``--scale`` is checked with the other settings, before any data or model is loaded."""
+    from dograph_core.config import ConfigError
+    from dograph_core.model import SCALES
+
+    if scale is not None and scale not in SCALES:
+        raise ConfigError(f"--scale {scale!r}: unknown scale; expected one of {list(SCALES)} (see `dograph scales`)")
+
+
 def _tracker(p: Any, on: bool, name: str, tags: dict) -> Any:
     if not on:
         from dograph_core.tracking import NullTracker
@@ -186,6 +211,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from tasks.params import check_params, method_spec
 
     p = _params(a)
+    _check_scale(a.scale)
     if a.method in p.methods:
         check_params(p, methods=[a.method])
         spec = method_spec(p, a.method)
@@ -228,6 +254,7 @@ def cmd_search(a: argparse.Namespace) -> int:
     from tasks.steps import search_function, call_search
 
     p = _params(a)
+    _check_scale(a.scale)
     check_params(p, methods=[a.method])
     spec = method_spec(p, a.method)
     cfg = p.train.model_copy(update={"scale": a.scale or p.pipeline.proxy_scale, "progress": not a.quiet,
@@ -249,23 +276,23 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    import torch
-
     from dograph_core.data.corpus import TokenCorpus
+    from dograph_core.distributed import resolve_device
     from dograph_core.evaluate import evaluate_final, load_model
     from dograph_core.io import OutputError, writable_dir, write_json
 
     p = _params(a)
+    device = resolve_device(p.train.device)  # as in training: train.device=auto takes the GPU when there is one
     if a.out:  # before the evaluation, not after it
         if Path(a.out).is_dir():
             raise OutputError(f"--out {a.out} is a directory; give a file name, e.g. {Path(a.out) / 'eval.json'}")
         writable_dir(Path(a.out).parent)
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         corpus = TokenCorpus(p.tokenize.out_dir)
-        model = load_model(a.model, corpus)  # refuses another tokenizer's model or a truncated file
+        model = load_model(a.model, corpus).to(device)  # refuses another tokenizer's model or a truncated file
         seq_len = min(p.train.seq_len, model.config.n_positions)
         res = evaluate_final(model, corpus, corpus.train_domains, corpus.heldout_domains, seq_len,
-                             p.train.eval_windows, torch.device("cpu"))
+                             p.train.eval_windows, device)
     val = res["val"]
     for d, v in {**val["domains"], **val["heldout"]}.items():
         print(f"  {d:24s} val loss {v['loss']:.4f}" + ("   (held out)" if d in val["heldout"] else ""))
@@ -278,8 +305,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from dograph_core.io import write_json
     from dograph_core.report import comparison_rows, rich_table, write_report
-    from tasks.results import collect_results
+    from tasks.results import collect_results, dvc_metrics
 
     p = _params(a)
     run_dir = Path(a.run_dir)
@@ -294,6 +322,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{run_dir}: no finished training runs (train/<method>__<scale>__s<seed>/ with a done marker)")
     results = collect_results(run_dir.name, units, p.tokenize.out_dir, p.model_dump())
     report = write_report(results, run_dir, title=f"dograph comparison, run {run_dir.name}")
+    write_json(run_dir / "metrics.json", dvc_metrics(results))  # as the pipeline's report task does
     Console(width=None if sys.stdout.isatty() else 132).print(rich_table(comparison_rows(results)))
     print(f"report: {report}")
     return 0
@@ -328,8 +357,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     from dograph_core.report import rich_table
     from flows.pipeline import pipeline
 
-    _interrupts_stop_training()
-    _temporary_server()
+    _second_interrupt_exits()
     overrides = list(a.overrides) + (["train.progress=false"] if a.quiet else [])
     res = pipeline(params=a.params, preset=a.preset, overrides=overrides, run_id=a.run_id,
                    skip_data=a.skip_data, track=not a.no_track)
@@ -346,67 +374,31 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupts_stop_training() -> None:
-    """Ctrl-C stops the flow, and every training of this process at its next step with a checkpoint
-    (:data:`dograph_core.train.STOP`); a second Ctrl-C exits at once.
+def _second_interrupt_exits() -> None:
+    """Ctrl-C stops the flow; training threads may finish their step first, so a second Ctrl-C exits at once.
 
-    Either way nothing finished is lost: done markers and checkpoints are written atomically, and
-    the same command resumes.
+    Either way nothing finished is lost: done markers and checkpoints are written atomically.
     """
     import os
     import signal
 
-    from dograph_core.train import STOP
-
-    STOP.clear()
+    count = {"n": 0}
 
     def handler(signum: int, frame: Any) -> None:
-        if STOP.is_set():
+        count["n"] += 1
+        if count["n"] > 1:
             print("\nstopped; run the same command again to resume", file=sys.stderr)
             os._exit(130)
-        STOP.set()
-        print("\ninterrupted: stopping after the current training step (Ctrl-C again to stop at once)", file=sys.stderr)
+        print("\ninterrupted: stopping (Ctrl-C again to stop at once)", file=sys.stderr)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
 
 
-# Run by the watchdog of the temporary Prefect server: stdin closes when dograph ends, however it ends.
-_WATCHDOG = """import os, signal, sys
-sys.stdin.buffer.read()
-try:
-    os.kill(int(sys.argv[1]), signal.SIGTERM)
-except ProcessLookupError:
-    pass
-"""
-_watchdogs: list[Any] = []
-
-
-def _temporary_server() -> None:
-    """Start Prefect's temporary API server now, with a watchdog that stops it when this process ends.
-
-    Prefect starts it on first use and stops it at a normal exit; an exit at once (a second Ctrl-C),
-    SIGTERM or SIGKILL skips that and would leave it running on its port. The watchdog (in its own
-    session, so Ctrl-C does not reach it) waits on a pipe from this process and stops the server
-    when the pipe closes. Nothing to do with a real server (``PREFECT_API_URL``).
-    """
-    import subprocess
-
-    from prefect.settings import PREFECT_API_URL
-
-    if PREFECT_API_URL.value():
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer()  # the instance Prefect's clients use
-    server.start()
-    _watchdogs.append(subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(server.server_process.pid)],
-                                       stdin=subprocess.PIPE, start_new_session=True))
-
-
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare, "tokenize": cmd_tokenize, "scales": cmd_scales, "train": cmd_train,
     "search": cmd_search, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
+    "presets": cmd_presets,
 }
 
 

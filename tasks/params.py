@@ -6,6 +6,8 @@ the key, the value, and what was expected.
 """
 from __future__ import annotations
 
+import importlib.util
+
 from dograph_core.config import ConfigError, Params
 
 
@@ -20,6 +22,9 @@ def check_params(p: Params, methods: list[str] | None = None) -> None:
     for key, value in scales:
         if value not in SCALES:
             errors.append(f"  {key} = {value!r}: unknown scale; expected one of {list(SCALES)}")
+    if methods is None and p.pipeline.task_runner == "dask" and importlib.util.find_spec("prefect_dask") is None:
+        errors.append("  pipeline.task_runner = 'dask': prefect-dask is not installed; "
+                      "install the dask extra (pip install 'dograph[dask]') or use 'thread'")
     for name in methods if methods is not None else p.pipeline.methods:
         if name not in p.methods:
             errors.append(f"  method {name!r}: not defined under 'methods' (defined: {sorted(p.methods)})")
