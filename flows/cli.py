@@ -357,7 +357,8 @@ def cmd_run(a: argparse.Namespace) -> int:
     from dograph_core.report import rich_table
     from flows.pipeline import pipeline
 
-    _second_interrupt_exits()
+    _interrupts_stop_training()
+    _temporary_server()
     overrides = list(a.overrides) + (["train.progress=false"] if a.quiet else [])
     res = pipeline(params=a.params, preset=a.preset, overrides=overrides, run_id=a.run_id,
                    skip_data=a.skip_data, track=not a.no_track)
@@ -374,25 +375,62 @@ def cmd_run(a: argparse.Namespace) -> int:
     return 0
 
 
-def _second_interrupt_exits() -> None:
-    """Ctrl-C stops the flow; training threads may finish their step first, so a second Ctrl-C exits at once.
+def _interrupts_stop_training() -> None:
+    """Ctrl-C stops the flow, and every training of this process at its next step with a checkpoint
+    (:data:`dograph_core.train.STOP`); a second Ctrl-C exits at once.
 
-    Either way nothing finished is lost: done markers and checkpoints are written atomically.
+    Either way nothing finished is lost: done markers and checkpoints are written atomically, and
+    the same command resumes.
     """
     import os
     import signal
 
-    count = {"n": 0}
+    from dograph_core.train import STOP
+
+    STOP.clear()
 
     def handler(signum: int, frame: Any) -> None:
-        count["n"] += 1
-        if count["n"] > 1:
+        if STOP.is_set():
             print("\nstopped; run the same command again to resume", file=sys.stderr)
             os._exit(130)
-        print("\ninterrupted: stopping (Ctrl-C again to stop at once)", file=sys.stderr)
+        STOP.set()
+        print("\ninterrupted: stopping after the current training step (Ctrl-C again to stop at once)", file=sys.stderr)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, handler)
+
+
+# Run by the watchdog of the temporary Prefect server: stdin closes when dograph ends, however it ends.
+_WATCHDOG = """import os, signal, sys
+sys.stdin.buffer.read()
+try:
+    os.kill(int(sys.argv[1]), signal.SIGTERM)
+except ProcessLookupError:
+    pass
+"""
+_watchdogs: list[Any] = []
+
+
+def _temporary_server() -> None:
+    """Start Prefect's temporary API server now, with a watchdog that stops it when this process ends.
+
+    Prefect starts it on first use and stops it at a normal exit; an exit at once (a second Ctrl-C),
+    SIGTERM or SIGKILL skips that and would leave it running on its port. The watchdog (in its own
+    session, so Ctrl-C does not reach it) waits on a pipe from this process and stops the server
+    when the pipe closes. Nothing to do with a real server (``PREFECT_API_URL``).
+    """
+    import subprocess
+
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the instance Prefect's clients use
+    server.start()
+    _watchdogs.append(subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(server.server_process.pid)],
+                                       stdin=subprocess.PIPE, start_new_session=True))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

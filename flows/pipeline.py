@@ -47,8 +47,10 @@ def task_runner(p: Params) -> Any:
             return DaskTaskRunner(address=p.pipeline.dask_address)
         # in-process workers share this process's Prefect API (a temporary server has no address that
         # other processes know); a cluster elsewhere needs a Prefect server its workers reach (PREFECT_API_URL)
+        # its diagnostics pages (scheduler and worker dashboards) listen on loopback only, like everything else
         return DaskTaskRunner(cluster_kwargs={"n_workers": p.pipeline.max_parallel, "threads_per_worker": 1,
-                                              "processes": False, "dashboard_address": None})
+                                              "processes": False, "dashboard_address": "127.0.0.1:0",
+                                              "worker_dashboard_address": "127.0.0.1:0"})
     return ThreadPoolTaskRunner(max_workers=p.pipeline.max_parallel)
 
 
