@@ -3,24 +3,25 @@
     .venv/bin/python bench/ablate.py                  # 3 seeds, the cpu preset's nano budget
     .venv/bin/python bench/ablate.py --seeds 0        # one seed (a first look)
     .venv/bin/python bench/ablate.py --reuse runs/compare/cpu   # reuse the comparison's finished runs
-    .venv/bin/python bench/ablate.py --preset long --variants dograph_model_sample --reuse runs/compare/long
+    .venv/bin/python bench/ablate.py --preset long --variants dograph_model_loss --reuse runs/compare/long
                                                       # chosen rows at the long preset's 4x budget
 
-Each variant changes one setting of a DoGraph default (``params.yaml`` ``methods:``), and is
-compared by seed with that default (paired differences, paired t-test). Every part of the method has
-a row that removes it:
+Each variant changes one setting of a DoGraph default (``params.yaml`` ``methods:``) or of another
+variant, and is compared by seed with the run it changes (paired differences, paired t-test). Every
+part of the method has a row that removes it:
 
 * nodes: human sources vs model-perceived domains (the two defaults, also against uniform);
-* the graph: off (the transfer matrix is the identity and the F3 constraint is dropped), for both
-  node modes; the F3 Laplacian constraint alone off (``rho: null``) or tight (``rho: 0.25``); F2
-  (weighted max-min) for F1;
-* the progress signal: no noise shrinkage (``shrink: false``); model-node progress from the training
-  windows instead of the fixed probe (``progress_from: batch``); a uniform prior over clusters
-  instead of their base frequency (``prior: uniform``);
+* the graph: off (the transfer matrix is the identity), for both node modes and both ways model
+  domains act; the F3 Laplacian constraint (off by default) at ``rho: 1.0`` or tight (``0.25``);
+  F2 (weighted max-min) for F1 and no noise shrinkage (``shrink: false``), both measured against
+  ``rho: 1.0`` (the default when they were run);
+* the progress signal: model-node progress from the training windows instead of the fixed probe
+  (``progress_from: batch``); a uniform prior over clusters instead of their base frequency
+  (``prior: uniform``, against tempered loss weights with ``rho: 1.0``);
 * model-perceived domains: frozen between re-clusterings (``live: false``) vs live; no occupancy guard
   (``balance: 0``); K = 4; exact per-example gradients (``features: exact``);
-* how model-perceived domains act: tempered loss weights (default) vs sampling through the cluster x
-  source table (``apply: sample``);
+* how model-perceived domains act: sampling through the cluster x source table (default) vs tempered
+  loss weights (``apply: loss``);
 * A1 with an explicit target: the held-out domain (``target: email``; that row's held-out loss is no
   longer held out: the method saw the domain's training text).
 
@@ -47,22 +48,25 @@ from compare_plan import plan  # noqa: E402
 from compare_presets import PRESETS, Preset, tiny  # noqa: E402
 from compare_tables import collect  # noqa: E402
 
-# variant -> (the default it is compared with, the setting changed, the change)
+# variant -> (the run it is compared with, the setting changed, the change); a variant's settings are
+# its parent's plus the change, so a parent may itself be a variant (defined above it)
 VARIANTS: dict[str, tuple[str, str, dict]] = {
     "dograph_human_graph_off": ("dograph_human", "graph", {"graph": "off"}),
-    "dograph_model_graph_off": ("dograph_model", "graph", {"graph": "off"}),
-    "dograph_human_no_F3": ("dograph_human", "F3 constraint", {"rho": None}),
+    "dograph_human_F3": ("dograph_human", "F3 constraint", {"rho": 1.0}),
     "dograph_human_F3_tight": ("dograph_human", "F3 constraint", {"rho": 0.25}),
-    "dograph_human_F2": ("dograph_human", "objective", {"objective": "F2"}),
-    "dograph_human_no_shrink": ("dograph_human", "progress noise", {"shrink": False}),
-    "dograph_model_prior_uniform": ("dograph_model", "progress prior", {"prior": "uniform"}),
+    "dograph_human_F2": ("dograph_human_F3", "objective", {"objective": "F2"}),
+    "dograph_human_no_shrink": ("dograph_human_F3", "progress noise", {"shrink": False}),
+    "dograph_human_A1_email": ("dograph_human", "objective (targeted)", {"objective": "A1", "target": "email"}),
+    "dograph_model_graph_off": ("dograph_model", "graph", {"graph": "off"}),
+    "dograph_model_loss": ("dograph_model", "how clusters act", {"apply": "loss"}),
+    "dograph_model_loss_graph_off": ("dograph_model_loss", "graph", {"graph": "off"}),
+    "dograph_model_loss_F3": ("dograph_model_loss", "F3 constraint", {"rho": 1.0}),
+    "dograph_model_prior_uniform": ("dograph_model_loss_F3", "progress prior", {"prior": "uniform"}),
     "dograph_model_batch_progress": ("dograph_model", "progress source", {"progress_from": "batch"}),
     "dograph_model_fixed": ("dograph_model", "live clusters", {"live": False}),
     "dograph_model_no_balance": ("dograph_model", "occupancy guard", {"balance": 0.0}),
     "dograph_model_k4": ("dograph_model", "K", {"k": 4}),
-    "dograph_model_sample": ("dograph_model", "how clusters act", {"apply": "sample"}),
     "dograph_model_exact": ("dograph_model", "feature path", {"features": "exact"}),
-    "dograph_human_A1_email": ("dograph_human", "objective (targeted)", {"objective": "A1", "target": "email"}),
 }
 DEFAULTS = ("uniform", "dograph_human", "dograph_model")
 
@@ -83,9 +87,9 @@ def ablation_preset(seeds: list[int], dry_tiny: bool, budget: str = "cpu", varia
 
 
 def ablation_methods(methods: dict, preset: Preset) -> dict:
-    out = dict(methods)
+    out = {m: {**v, **preset.method_overrides.get(m, {})} for m, v in methods.items()}
     for name, (parent, _, change) in VARIANTS.items():
-        out[name] = {**methods[parent], **preset.method_overrides.get(parent, {}), **change}
+        out[name] = {**out[parent], **change}
     return out
 
 

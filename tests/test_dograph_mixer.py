@@ -81,7 +81,7 @@ def batch_stats(model, corpus, n=12, seed=99, step=31):
 
 def test_model_nodes_weight_losses_by_the_stated_formula(corpus, tmp_path):
     torch.manual_seed(0)
-    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0}, ctx_for(corpus, tmp_path))
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "apply": "loss"}, ctx_for(corpus, tmp_path))
     assert m.apply == "loss" and type(m).apply == "sample"  # per instance; the class default is untouched
     model = nano_model(seq_len=T)
     run(m, model, 30)
@@ -130,7 +130,7 @@ def test_without_progress_model_nodes_do_not_reweight(corpus, prior):
     then beta. Under the default prior that is the clusters' own frequency: every loss weight is 1 (the
     run is uniform training). A uniform prior over clusters would up-weight the small ones on no evidence."""
     torch.manual_seed(0)
-    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "graph": "off", "prior": prior},
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "graph": "off", "prior": prior, "apply": "loss"},
                     ctx_for(corpus))
     run(m, nano_model(seq_len=T), 30, lr=0.0)
     assert m.in_force and m.updates["model"] >= 3
@@ -304,7 +304,7 @@ def test_solver_failure_keeps_previous_weights_when_asked(corpus, caplog, monkey
 
 
 @pytest.mark.parametrize("extra", [{"objective": "F2"}, {"objective": "F2", "tau_kl": 0.0, "rho": None},
-                                   {"graph": "off"}, {"graph": "cosine", "knn": 1}, {"rho": None}])
+                                   {"graph": "off"}, {"graph": "cosine", "knn": 1}, {"rho": 1.0}])
 def test_objective_variants_give_weights_on_the_simplex(corpus, extra):
     torch.manual_seed(0)
     m = build_mixer("dograph", {**SMALL, "nodes": "human", "floor": 0.05, "cap": 0.8, "min_windows": 2, **extra},

@@ -47,8 +47,9 @@ def test_dograph_trains_and_writes_a_transferable_weights_file(corpus, tmp_path,
     assert "human" in ck["mixer"] and (ck["mixer"]["model"] is not None) == (nodes == "model")
 
 
-def test_resumed_dograph_run_matches_uninterrupted(corpus, tmp_path):
-    params = {"type": "dograph", "nodes": "model", **PARAMS}
+@pytest.mark.parametrize("apply", ["sample", "loss"])
+def test_resumed_dograph_run_matches_uninterrupted(corpus, tmp_path, apply):
+    params = {"type": "dograph", "nodes": "model", "apply": apply, **PARAMS}
     full = train(cfg(), corpus, "dg", params, tmp_path / "full")
     train(cfg(steps=12, ckpt_every=6), corpus, "dg", params, tmp_path / "cut")
     # drop the final checkpoint so the resume starts from step 6

@@ -14,13 +14,13 @@ The method as implemented (``docs/method.md`` derives it and gives every paramet
 * every ``update_every`` steps: node mean gradients and the progress targets ``beta``
   (:mod:`dograph_core.progress`: relative loss changes, neutral for nodes without fresh data, shrunk
   towards uniform within noise; for model nodes measured on a fixed probe set re-scored at each
-  update), then the graph-constrained problem of :mod:`dograph_core.optimize` (F1 / F2 with the F3
-  Laplacian constraint; :mod:`dograph_core.mixers.dograph_nodes` builds it), smoothed
+  update), then the graph-constrained problem of :mod:`dograph_core.optimize` (F1 / F2, optionally
+  with the F3 Laplacian constraint; :mod:`dograph_core.mixers.dograph_nodes` builds it), smoothed
   ``(1 - eps) a + eps / K``. The graph's effect ``||a - a_graph-off||_1`` is logged at every update;
-* how weights act: human nodes through the sampler; model nodes through tempered per-sequence loss
-  weights ``clip((a_c / pi_c)^temper, clip)`` normalised by their expectation under the base sampler
-  (the same constant on every micro-batch and rank), or through the sampler via the cluster x source
-  table (``apply: sample``).
+* how weights act: human nodes through the sampler; model nodes through the sampler via the cluster
+  x source table (``apply: sample``, the default), or through tempered per-sequence loss weights
+  ``clip((a_c / pi_c)^temper, clip)`` normalised by their expectation under the base sampler (the
+  same constant on every micro-batch and rank; ``apply: loss``).
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ MAX_RATIO = 20.0  # bound of the base/sampling importance ratio in the pi estima
 
 
 class DoGraphMixer(Mixer):
-    """DoGraph over human sources (sampling) or live model-perceived domains (tempered loss weights)."""
+    """DoGraph over human sources or live model-perceived domains; both act by sampling the sources
+    (model domains through the cluster x source table), or model domains by tempered loss weights."""
 
     name = "dograph"
     apply = "sample"
@@ -345,8 +346,11 @@ class DoGraphMixer(Mixer):
             ess = self._ess.numpy()
             if ess[1] > 0:
                 self._diag.update(ess_mean=float(ess[0] / ess[1]), ess_low_share=float(ess[2] / ess[1]))
-            w = self.cluster_weights()
-            eff = self.pi * w / float(self.pi @ w)
+            if self.apply == "loss":  # the mixture the loss weights realise under the base sampler
+                w = self.cluster_weights()
+                eff = self.pi * w / float(self.pi @ w)
+            else:                     # sampling: the window's own cluster shares
+                eff = self._occ
             rec.update(pi=self.pi, occupancy=self._occ, prices=self.clusters.prices, realised=eff,
                        ess_mean=self._diag.get("ess_mean"), ess_low_share=self._diag.get("ess_low_share"),
                        realised_gap_l1=float(np.abs(eff - self.alpha).sum()))

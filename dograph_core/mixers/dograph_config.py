@@ -22,8 +22,9 @@ class DoGraphConfig(MixerConfig):
     graph: Literal["gram", "cosine", "off"] = Field(
         "gram", description="transfer matrix: Gram of node mean gradients with magnitudes (rows over their "
                             "diagonal), cosine (no magnitudes), or off (identity: the graph removed)")
-    rho: Optional[float] = Field(1.0, gt=0, description="F3 constraint a^T L a <= (rho/K)^2 sum W+: neighbours' "
-                                                        "weights differ by about rho/K at most (None = no constraint)")
+    rho: Optional[float] = Field(None, gt=0, description="F3 constraint a^T L a <= (rho/K)^2 sum W+: neighbours' "
+                                                         "weights differ by about rho/K at most (None = no constraint: "
+                                                         "the default, see docs/method.md)")
     knn: Optional[int] = Field(None, gt=0, description="keep each node's k strongest edges (None = dense)")
     target: Optional[Union[str, dict[str, float]]] = Field(
         None, description="A1: the target, a domain (may be held out: then it is no longer held out for this "
@@ -66,8 +67,8 @@ class DoGraphConfig(MixerConfig):
     max_price: float = Field(0.5, ge=0, description="bound of each cluster's price (cosine units)")
     fallback_nodes: Literal["human", "uniform"] = Field(
         "human", description="while no recent clustering is stable: DoGraph over the human sources, or uniform")
-    apply: Literal["loss", "sample"] = Field("loss", description="model nodes: tempered loss weights, or sampling "
-                                                                  "through the cluster x source table")
+    apply: Literal["loss", "sample"] = Field("sample", description="model nodes: sampling through the cluster x source "
+                                                                    "table, or tempered loss weights")
     temper: float = Field(0.5, ge=0, le=1, description="loss weights (alpha/pi)^temper: pi^(1-g) alpha^g as the target")
     clip: tuple[float, float] = Field((0.5, 2.0), description="per-sequence loss weights are clipped to this range")
     pi_floor: float = Field(0.02, ge=0, lt=1, description="floor of the cluster frequency pi in alpha/pi")
