@@ -177,7 +177,7 @@ def test_exact_feature_path_clusters_on_per_example_gradients(corpus, tmp_path):
     from dograph_core.gradients import exact_features, resolve_param_names
 
     torch.manual_seed(0)
-    params = {**SMALL, "nodes": "model", "min_ari": 0.0, "features": "exact", "exact_r": (4, 8)}
+    params = {**SMALL, "nodes": "model", "min_ari": 0.0, "features": "exact", "exact_r": (4, 8), "apply": "loss"}
     m = build_mixer("dograph", params, ctx_for(corpus, tmp_path))
     model = nano_model(seq_len=T)
     assert m.dim == 5 * 32
