@@ -270,12 +270,18 @@ def test_gpu_import_path_needs_no_pyomo_prefect_mlflow_or_datasets():
 def test_ablation_takes_a_budget_preset_and_a_subset_of_variants():
     import ablate
 
-    p = ablate.ablation_preset([0, 1], False, "long", ["dograph_model_sample"])
-    assert p.steps == 1000 and p.scales == {"nano": [*ablate.DEFAULTS, "dograph_model_sample"]}
+    p = ablate.ablation_preset([0, 1], False, "long", ["dograph_model_loss"])
+    assert p.steps == 1000 and p.scales == {"nano": [*ablate.DEFAULTS, "dograph_model_loss"]}
     assert p.seeds == {"nano": [0, 1]} and not p.yardstick_seeds
     assert len(ablate.ablation_preset([0], False).scales["nano"]) == len(ablate.DEFAULTS) + len(ablate.VARIANTS)
     with pytest.raises(SystemExit, match="unknown variants"):
         ablate.ablation_preset([0], False, "cpu", ["dograph_model_k5"])
+    # a variant built on a variant has its parent's settings plus its own change
+    m = ablate.ablation_methods({"dograph_human": {"type": "dograph", "nodes": "human"},
+                                 "dograph_model": {"type": "dograph", "nodes": "model"}}, p)
+    assert m["dograph_model_prior_uniform"] == {"type": "dograph", "nodes": "model", "apply": "loss", "rho": 1.0,
+                                                "prior": "uniform"}
+    assert m["dograph_human_F2"] == {"type": "dograph", "nodes": "human", "rho": 1.0, "objective": "F2"}
 
 
 def test_narrow_gives_more_seeds_to_a_subset_of_methods_and_names_bad_input():
