@@ -51,8 +51,16 @@ class MetricsLog:
 
 def save_final(model, tokenizer_dir: Path, final_dir: Path) -> Path:
     """The final model (safetensors) and a copy of the tokenizer, loadable with ``from_pretrained``."""
+    from transformers.utils import logging as hf_logging
+
     with atomic_path(final_dir) as tmp:
-        model.save_pretrained(tmp)
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # one file: its "Writing model shards" bar is noise, also under --quiet
+        try:
+            model.save_pretrained(tmp)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         tok = Path(tokenizer_dir)
         if tok.is_dir():
             for f in tok.iterdir():

@@ -235,7 +235,9 @@ def test_interrupted_train_says_to_add_resume(tmp_path, monkeypatch, capsys):
 
 # -- the final model is readable by others, like every other output ---------------------------
 
-def test_final_model_files_follow_the_umask(tmp_path, corpus):
+def test_final_model_files_follow_the_umask_and_print_no_bar(tmp_path, corpus, capfd):
+    from transformers.utils import logging as hf_logging
+
     old = os.umask(0o022)
     try:
         _train(corpus, tmp_path / "out", steps=1)
@@ -243,6 +245,9 @@ def test_final_model_files_follow_the_umask(tmp_path, corpus):
         os.umask(old)
     modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out" / "final").iterdir()}
     assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}
+    # saving one file prints no "Writing model shards" bar (--quiet printed it), and the setting is restored
+    assert "Writing model shards" not in "".join(capfd.readouterr())
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def test_writable_dir_names_enospc(tmp_path, monkeypatch):
