@@ -153,7 +153,7 @@ class PipelineConfig(Section):
     seeds: list[Int] = Field(default_factory=lambda: [0])
     search_steps: Optional[Int] = Field(None, gt=0, description="steps of the proxy search (default: train.steps)")
     max_parallel: Int = Field(1, gt=0)
-    task_runner: Literal["thread", "dask"] = "thread"
+    task_runner: Literal["thread", "process", "dask"] = "thread"
     dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster (default: a local cluster)")
     nproc_per_node: Int = Field(1, gt=0, description="processes (GPUs) per training run; > 1 launches each run with torchrun")
     out_dir: str = "runs"

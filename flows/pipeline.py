@@ -7,8 +7,13 @@ stage graph; dvc.yaml only calls it.
 * Offline methods (DoReMi, DoGE) search a mixture at ``pipeline.proxy_scale`` and every target
   scale trains on it as a static mixture (the weights file). Online methods (ODM, DoGraph) run
   their own updates at each target scale. uniform and natural just train.
-* Independent runs go in parallel, at most ``pipeline.max_parallel`` at once, on threads or on a
-  Dask cluster (``pipeline.task_runner: dask``; ``pipeline.dask_address`` or a local cluster).
+* Independent runs go in parallel, at most ``pipeline.max_parallel`` at once, on threads
+  (``pipeline.task_runner: thread``), in worker processes (``process``: Prefect's
+  ``ProcessPoolTaskRunner``) or on a Dask cluster (``dask``; ``pipeline.dask_address`` or a local
+  cluster). Parallel units on a machine with several GPUs each lease their own (:mod:`tasks.devices`).
+* Units skipped as finished end in Prefect's ``Cached`` state; the comparison table and report.md
+  are artifacts of the flow run (``dograph-comparison``, ``dograph-report``); the core's warnings go
+  to the run's logs.
 * Every run of the flow works in ``pipeline.out_dir/<run id>/``, locked while it runs. The run id
   defaults to ``<preset>-<hash of the resolved params>``: the same command resumes the same run and
   skips what finished; other params (or ``--run-id``) get their own directory.
@@ -20,12 +25,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from prefect import flow, get_run_logger
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from dograph_core.config import Params, check_name, load_params
 from tasks.cache import DataLock, RunLock, stable_hash
 from tasks.params import check_params, method_spec
-from tasks.prefect_tasks import prepare_task, report_task, search_task, tokenize_task, train_task
+from tasks.prefect_tasks import (forward_core_logs, prepare_task, process_worker_init, report_task, search_task,
+                                 tokenize_task, train_task)
 from tasks.steps import code_version, data_up_to_date, data_version, is_offline
 
 
@@ -51,6 +57,8 @@ def task_runner(p: Params) -> Any:
         return DaskTaskRunner(cluster_kwargs={"n_workers": p.pipeline.max_parallel, "threads_per_worker": 1,
                                               "processes": False, "dashboard_address": "127.0.0.1:0",
                                               "worker_dashboard_address": "127.0.0.1:0"})
+    if p.pipeline.task_runner == "process":  # one crash does not take the flow down; no GIL shared between runs
+        return ProcessPoolTaskRunner(max_workers=p.pipeline.max_parallel, initializer=process_worker_init)
     return ThreadPoolTaskRunner(max_workers=p.pipeline.max_parallel)
 
 
@@ -59,14 +67,17 @@ def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> 
     """Searches and trainings, submitted so that independent ones run in parallel."""
     seed0 = p.pipeline.seeds[0]
     futures = []
+    slot = 0  # the unit's index: where its round-robin choice of GPU starts (tasks.devices)
     for method in p.pipeline.methods:
         search = None
         if is_offline(method_spec(p, method)["type"]):
-            search = search_task.submit(p, method, data, run_dir, tracking, seed0)
+            search = search_task.submit(p, method, data, run_dir, tracking, seed0, slot=slot)
+            slot += 1
         for scale in p.pipeline.target_scales:
             for seed in p.pipeline.seeds:
                 futures.append(((method, scale, seed),
-                                train_task.submit(p, method, scale, seed, data, run_dir, search, tracking)))
+                                train_task.submit(p, method, scale, seed, data, run_dir, search, tracking, slot=slot)))
+                slot += 1
     units, failed = [], []
     for (method, scale, seed), fut in futures:
         try:
@@ -85,6 +96,15 @@ def pipeline(params: str = "params.yaml", preset: Optional[str] = None, override
     if run_id is not None:  # also a deployment's parameter: one directory under pipeline.out_dir, never a path
         check_name(run_id, "run id")
     log = get_run_logger()
+    stop_forwarding = forward_core_logs()
+    try:
+        return _pipeline(log, params, preset, overrides, run_id, skip_data, track)
+    finally:
+        stop_forwarding()
+
+
+def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[list[str]], run_id: Optional[str],
+              skip_data: bool, track: bool) -> dict[str, Any]:
     p = load_params(params, preset, overrides)
     check_params(p)
     run_id = run_id or default_run_id(p, preset)
@@ -98,8 +118,9 @@ def pipeline(params: str = "params.yaml", preset: Optional[str] = None, override
             data = {"out_dir": p.tokenize.out_dir, "data_version": data_version(p.tokenize.out_dir)}
         else:  # rewrite the data only when no other run reads it; then read it shared
             data_lock.acquire(exclusive=not data_up_to_date(p))
-            prepared = prepare_task(p)
-            data = tokenize_task(p, prepared)
+            # return_state: a skipped stage ends in a Cached state, whose result is the stage's output
+            prepared = prepare_task(p, return_state=True).result()
+            data = tokenize_task(p, prepared, return_state=True).result()
             data_lock.share()
         data = {**data, "code": code_version("dograph_core")}  # one code version for every unit of this run
         parent = None

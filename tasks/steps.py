@@ -72,6 +72,10 @@ def prepare_step(p: Params, progress: bool = True, force: bool = False) -> dict[
     from dograph_core.data.prepare import prepare
 
     manifest = prepare(p.prepare, progress=progress)
+    unfetched = list(manifest.get("unfetched") or [])
+    if unfetched:  # an incomplete corpus is never marked done: the next run fetches again
+        clear_done(out)
+        return {"out_dir": str(out), "key": key, "cached": False, "unfetched": unfetched}
     mark_done(out, key, {"train_domains": manifest.get("train_domains"), "heldout_domains": manifest.get("heldout_domains")})
     return {"out_dir": str(out), "key": key, "cached": False}
 
@@ -152,8 +156,13 @@ def _tags(method: str, mtype: str, scale: str, seed: int, data: Mapping[str, Any
 
 
 def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | Path,
-                tracking: Optional[Mapping[str, Any]] = None, seed: int = 0) -> dict[str, Any]:
-    """Find an offline method's mixture at ``pipeline.proxy_scale``; return its weights file."""
+                tracking: Optional[Mapping[str, Any]] = None, seed: int = 0,
+                device: Optional[str] = None) -> dict[str, Any]:
+    """Find an offline method's mixture at ``pipeline.proxy_scale``; return its weights file.
+
+    ``device`` (e.g. ``cuda:1``, given by the pipeline to spread parallel units over GPUs) replaces
+    ``train.device`` for this unit; where a unit runs is not part of its key.
+    """
     spec = method_spec(p, method)
     scale = p.pipeline.proxy_scale
     cfg = _train_cfg(p, scale, seed, p.pipeline.search_steps)
@@ -164,6 +173,8 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
     if is_done(out, key) and weights.exists():
         info = read_json(out.with_name(out.name + ".done.json"))["info"]
         return {"method": method, "weights": str(weights), "time_s": info.get("time_s"), "cached": True}
+    if device:
+        cfg = cfg.model_copy(update={"device": device})
     from dograph_core.data.corpus import TokenCorpus
 
     tracker = tracker_for(tracking, f"{method}@{scale}/search", _tags(method, spec["type"], scale, seed, data, "search", Path(run_dir).name))
@@ -245,8 +256,12 @@ def unit_name(method: str, scale: str, seed: int) -> str:
 
 
 def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str, Any], run_dir: str | Path,
-               search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
-    """Train ``method`` at ``scale``: on the searched mixture (offline methods) or online; evaluate."""
+               search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None,
+               device: Optional[str] = None) -> dict[str, Any]:
+    """Train ``method`` at ``scale``: on the searched mixture (offline methods) or online; evaluate.
+
+    ``device`` replaces ``train.device`` for this unit (see :func:`search_step`); not part of the key.
+    """
     spec = method_spec(p, method)
     if search is not None:
         mtype, mparams = "static", {"path": str(search["weights"])}
@@ -261,6 +276,8 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
             "search_time_s": (search or {}).get("time_s")}
     if is_done(out, key) and (out / "summary.json").exists():
         return {**unit, "cached": True}
+    if device:
+        cfg = cfg.model_copy(update={"device": device})
     from dograph_core.data.corpus import TokenCorpus
     from dograph_core.train import train
 

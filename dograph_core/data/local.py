@@ -179,11 +179,16 @@ def iter_hf(cfg: HFSourceConfig, issues: Issues) -> Iterator[RawDoc]:
     try:
         ds = datasets.load_dataset(cfg.name, cfg.config, **kwargs)
     except Exception as e:  # datasets raises many types: not found, offline, bad config
-        raise PrepareError(
+        err = PrepareError(
             f"could not load Hugging Face dataset {cfg.name!r} (config {cfg.config!r}, split {cfg.split!r}): "
             f"{type(e).__name__}: {str(e)[:400]}. Without a network (HF_DATASETS_OFFLINE=1) only datasets in "
             f"the local cache or local files load."
-        ) from None
+        )
+        # a network failure may pass on a retry; a missing dataset or a bad config will not
+        err.transient = isinstance(e, (ConnectionError, TimeoutError)) or (
+            isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
+                                                          NotADirectoryError)))
+        raise err from None
     label = f"{cfg.name}[{cfg.split}]"
     for i, rec in enumerate(ds):
         if cfg.max_docs is not None and i >= cfg.max_docs:

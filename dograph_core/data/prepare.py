@@ -9,7 +9,8 @@ so a killed run leaves the previous output intact and no partial one)::
          "domains": {name: {"docs": {"train": n, "val": n, "test": n},
                             "chars": {"train": n, "val": n, "test": n},
                             "natural_chars": n, "heldout": bool, "origin": str, "label": str}},
-         "skipped": [{"domain" | "file": str, "reason": str}], "config": {...}}
+         "skipped": [{"domain" | "file": str, "reason": str}],
+         "unfetched": [default domains whose download failed], "config": {...}}
     <out_dir>/<split>/<domain>.jsonl     lines {"id": str, "domain": str, "text": str}
 
 How documents are made and kept:
@@ -178,9 +179,11 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *,
         specs = catalogue if catalogue is not None else default_catalogue()
         train, held = _wanted(cfg, specs)
         texts, origins = _collect_default(cfg, specs, issues, progress)
+        unfetched = sorted(d for d in train + held if d not in texts)
         train, held = [d for d in train if d in texts], [d for d in held if d in texts]
         labels = {d: d for d in texts}
     else:
+        unfetched = []
         raw = iter_local(cfg.local, issues) if cfg.source == "local" else iter_hf(cfg.hf, issues)
         texts, labels = _name_domains(_collect_raw(raw))
         where = cfg.local.path if cfg.source == "local" else cfg.hf.name
@@ -230,6 +233,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *,
             for d in sorted(kept)
         },
         "skipped": issues.skipped,
+        "unfetched": unfetched,  # default domains whose download failed: the output is incomplete, never marked done
         "config": cfg.model_dump(mode="json"),
     }
     _write(Path(cfg.out_dir), splits, manifest)

@@ -42,13 +42,16 @@ class FetchError(RuntimeError):
     """A package that could not be fetched, verified or extracted.
 
     ``package`` is the pinned spec (e.g. ``deb:pari-doc=2.15.2-1``), ``command`` the
-    shell command that retries the download by hand.
+    shell command that retries the download by hand. ``transient`` is True when trying
+    again may succeed (a download that timed out or failed), False when it cannot (a
+    missing tool, a file that does not match its pinned hash): retry policies read it.
     """
 
-    def __init__(self, package: str, reason: str, command: str):
+    def __init__(self, package: str, reason: str, command: str, transient: bool = True):
         self.package = package
         self.reason = reason
         self.command = command
+        self.transient = transient
         super().__init__(f"could not fetch {package}: {reason}\n  retry by hand: {command}")
 
 
@@ -132,11 +135,12 @@ def _verify(pkg: Package, path: Path, record: Path) -> None:
                 pkg.spec,
                 f"cached {path} does not match its record (size {size} vs {rec.get('size')}, "
                 f"sha256 {digest[:12]} vs {str(rec.get('sha256'))[:12]}); delete {path.parent} and fetch again",
-                pkg.retry_hint(),
+                pkg.retry_hint(), transient=False,
             )
     if expected and digest != expected:
         raise FetchError(
-            pkg.spec, f"sha256 of {path.name} is {digest}, expected the pinned {expected}", pkg.retry_hint()
+            pkg.spec, f"sha256 of {path.name} is {digest}, expected the pinned {expected}", pkg.retry_hint(),
+            transient=False,
         )
     if not record.exists():
         record.write_text(json.dumps({"file": path.name, "size": size, "sha256": digest}) + "\n")
@@ -157,7 +161,7 @@ def fetch(pkg: Package, cache_dir: str | Path, timeout: float = 600.0) -> Path:
             raise FetchError(
                 pkg.spec,
                 f"{' and '.join(lacking)} not found on this machine, so {pkg.registry} packages cannot be fetched",
-                pkg.retry_hint(),
+                pkg.retry_hint(), transient=False,
             )
         home.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=home, prefix=".download.") as tmp:
@@ -190,7 +194,7 @@ def _extract_deb(pkg: Package, deb: Path, home: Path) -> Path:
         return root
     if shutil.which("dpkg-deb") is None:
         raise FetchError(pkg.spec, "dpkg-deb not found on this machine, so the .deb cannot be extracted",
-                         f"dpkg-deb -x {shlex.quote(str(deb))} {shlex.quote(str(root))}")
+                         f"dpkg-deb -x {shlex.quote(str(deb))} {shlex.quote(str(root))}", transient=False)
     tmp = Path(tempfile.mkdtemp(dir=home, prefix=".root."))
     try:
         proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp)], capture_output=True, text=True)
