@@ -162,6 +162,8 @@ class PipelineConfig(Section):
 class TrackingConfig(Section):
     uri: Optional[str] = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db")
     experiment: str = "dograph"
+    log_model: bool = Field(True, description="log each trained model with MLflow's transformers flavor")
+    registered_model: Optional[str] = Field(None, description="also register each logged model under this name")
 
 
 class Params(Section):

@@ -343,8 +343,10 @@ def _checkpoint(ckpt_dir, step, model, opt, sched, sampler, mixer, fp, info: Dis
     return path
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m dograph_core.train`` (also under ``torchrun``): train one method from params.yaml."""
+def main(argv: Optional[list[str]] = None, tracker: Tracker = NullTracker()) -> int:
+    """``python -m dograph_core.train`` (also under ``torchrun``): train one method from params.yaml.
+
+    ``tracker`` receives rank 0's metrics while it trains (a launcher that tracks passes one in)."""
     from dograph_core.config import load_params
     from dograph_core.data.corpus import TokenCorpus
 
@@ -362,7 +364,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         corpus = TokenCorpus(args.data or p.tokenize.out_dir)
         mp = p.methods[args.method].model_dump() if args.method in p.methods else {"type": args.method}
         out = args.out or f"{p.pipeline.out_dir}/{args.method}_{p.train.scale}_s{p.train.seed}"
-        s = train(p.train, corpus, args.method, mp, out, resume=args.resume)
+        s = train(p.train, corpus, args.method, mp, out, tracker=tracker, resume=args.resume)
     except (ValueError, OSError, RuntimeError) as e:  # TrainError, OutputError, RunLockedError are RuntimeErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

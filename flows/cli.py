@@ -238,8 +238,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     except BaseException:
         getattr(tracker, "end", lambda s: None)("FAILED")
         raise
-    if (Path(a.out) / "final").is_dir():
-        tracker.log_artifact(Path(a.out) / "final", "model")
+    if (Path(a.out) / "final").is_dir() and p.tracking.log_model:
+        log_model = getattr(tracker, "log_model", None)  # MLflow: the transformers flavor
+        if log_model is not None:
+            log_model(Path(a.out) / "final", "model", p.tracking.registered_model)
     getattr(tracker, "end", lambda s: None)("FINISHED")
     print(f"trained {a.method} at {cfg.scale}: {a.out}")
     for k in ("val_loss_mean", "val_loss_worst", "wall_time_s"):

@@ -26,7 +26,7 @@ from dograph_core.config import ConfigError, Params
 from dograph_core.io import read_json, write_json
 from tasks.cache import clear_done, file_hash, is_done, mark_done, stable_hash
 from tasks.params import method_spec
-from tasks.tracking import git_commit, tracker_for
+from tasks.tracking import git_commit, load_run_ref, save_run_ref, tracker_for
 
 OFFLINE_TYPES = frozenset({"doremi", "doge"})  # search at the proxy scale, then train on the found mixture
 _ROOT = Path(__file__).resolve().parent.parent
@@ -172,13 +172,19 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
     weights = out / "weights.json"
     if is_done(out, key) and weights.exists():
         info = read_json(out.with_name(out.name + ".done.json"))["info"]
+        link_cached(tracking, out, f"{method}@{scale}/search",
+                    _tags(method, spec["type"], scale, seed, data, "search", Path(run_dir).name), data,
+                    {"train": cfg.model_dump(), "method": spec, "stage": "search"})
         return {"method": method, "weights": str(weights), "time_s": info.get("time_s"), "cached": True}
     if device:
         cfg = cfg.model_copy(update={"device": device})
     from dograph_core.data.corpus import TokenCorpus
 
-    tracker = tracker_for(tracking, f"{method}@{scale}/search", _tags(method, spec["type"], scale, seed, data, "search", Path(run_dir).name))
-    tracker.log_params({"train": cfg.model_dump(), "method": spec, "stage": "search"})
+    resume = start_unit(out, key)
+    tracker = unit_tracker(tracking, out, resume, f"{method}@{scale}/search",
+                           _tags(method, spec["type"], scale, seed, data, "search", Path(run_dir).name), data)
+    if not getattr(tracker, "reopened", False):
+        tracker.log_params({"train": cfg.model_dump(), "method": spec, "stage": "search"})
     corpus = TokenCorpus(data["out_dir"])
     t0 = time.time()
     stage_trackers: list[Any] = []
@@ -190,7 +196,6 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
         return t
 
     try:
-        resume = start_unit(out, key)
         search_fn = search_function(spec["type"])
         if search_fn is not None:
             call_search(search_fn, cfg, corpus, out, spec["params"], tracker, stage_tracker, resume=resume)
@@ -274,18 +279,22 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
                        "data": data["data_version"], "code": _code(data)})
     unit = {"method": method, "scale": scale, "seed": seed, "dir": str(out), "key": key,
             "search_time_s": (search or {}).get("time_s")}
+    run_name = f"{method}@{scale}" + (f"/s{seed}" if seed else "")
+    tags = _tags(method, spec["type"], scale, seed, data, "train", Path(run_dir).name)
     if is_done(out, key) and (out / "summary.json").exists():
+        link_cached(tracking, out, run_name, tags, data,
+                    {"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
         return {**unit, "cached": True}
     if device:
         cfg = cfg.model_copy(update={"device": device})
     from dograph_core.data.corpus import TokenCorpus
     from dograph_core.train import train
 
-    tracker = tracker_for(tracking, f"{method}@{scale}" + (f"/s{seed}" if seed else ""),
-                          _tags(method, spec["type"], scale, seed, data, "train", Path(run_dir).name))
-    tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
+    resume = start_unit(out, key)
+    tracker = unit_tracker(tracking, out, resume, run_name, tags, data)  # a resumed unit continues its run
+    if not getattr(tracker, "reopened", False):
+        tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
     try:
-        resume = start_unit(out, key)
         if p.pipeline.nproc_per_node > 1:
             summary = train_torchrun(p, cfg, method, {"type": mtype, **mparams}, out, tracker, resume=resume)
         else:
@@ -295,8 +304,12 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
             tracker.log_artifact(out / "metrics.jsonl")
         for png in method_plots(out):  # e.g. DoGraph's gradient graph and gradient PCA figures
             tracker.log_artifact(png, "plots")
-        if (out / "final").is_dir():
-            tracker.log_artifact(out / "final", "model")
+        if (out / "final").is_dir() and p.tracking.log_model:
+            log_model = getattr(tracker, "log_model", None)  # MLflow: the transformers flavor, a LoggedModel
+            if log_model is not None:
+                log_model(out / "final", "model", p.tracking.registered_model)
+            else:
+                tracker.log_artifact(out / "final", "model")
     except BaseException:
         _end(tracker, "FAILED")
         raise
@@ -307,13 +320,19 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
 
 def train_torchrun(p: Params, cfg: Any, method: str, method_params: dict, out: Path, tracker: Any,
                    resume: bool) -> dict[str, Any]:
-    """One training under ``torchrun --nproc_per_node pipeline.nproc_per_node`` (DDP), then tracked from its files.
+    """One training under ``torchrun --nproc_per_node pipeline.nproc_per_node`` (DDP).
 
     The run's resolved params (this scale and seed, this method's mixer) go to a params file beside
-    ``out`` that ``python -m dograph_core.train`` reads in every process.
+    ``out`` that ``python -m dograph_core.train`` reads in every process. With MLflow, the launcher
+    (:mod:`tasks.train_entry`) gives rank 0 a tracker attached to this unit's run, so metrics stream
+    while it trains; other trackers get the run's files afterwards.
     """
+    import json
+    import os
     import subprocess
     import sys
+
+    from tasks.tracking import MLflowTracker
 
     import yaml
 
@@ -323,35 +342,87 @@ def train_torchrun(p: Params, cfg: Any, method: str, method_params: dict, out: P
     pfile = out.with_name(out.name + ".params.yaml")
     pfile.parent.mkdir(parents=True, exist_ok=True)
     pfile.write_text(yaml.safe_dump(raw, sort_keys=False))
+    stream = isinstance(tracker, MLflowTracker) and tracker.ok
+    env = dict(os.environ)
+    if stream:
+        env["DOGRAPH_MLFLOW_RUN"] = json.dumps(tracker.run_spec())
+    entry = __name__.rsplit(".", 1)[0] + ".train_entry"  # dograph_core.train's main with a tracker
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p.pipeline.nproc_per_node}",
-           "-m", "dograph_core.train", "--params", str(pfile), "--method", method, "--data", p.tokenize.out_dir,
+           "-m", entry, "--params", str(pfile), "--method", method, "--data", p.tokenize.out_dir,
            "--out", str(out)] + (["--resume"] if resume else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path.cwd())
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path.cwd(), env=env)
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise RuntimeError(f"torchrun training of {method} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-    _track_from_files(out, tracker)
+    if not stream:
+        _track_from_files(out, tracker)
     return read_json(out / "summary.json")
 
 
 def _track_from_files(out: Path, tracker: Any) -> None:
-    """Send a finished run's step metrics and files to the tracker (for runs in other processes)."""
+    """Send a finished run's step metrics (batched) and files to the tracker (runs in other processes, cached units)."""
+    for name in ("summary.json", "eval.json", "weights.json"):
+        if (out / name).exists():
+            tracker.log_artifact(out / name)
+    replay_metrics(out, tracker)
+
+
+def replay_metrics(out: Path, tracker: Any) -> None:
+    """The step metrics of ``metrics.jsonl`` and the final ones of ``eval.json``, in batches where the tracker can."""
     import json
 
     from dograph_core.outputs import summarize_eval
 
+    records: list[tuple[Any, dict]] = []
     if (out / "metrics.jsonl").exists():
         for line in (out / "metrics.jsonl").read_text().splitlines():
             rec = json.loads(line)
             step = rec.pop("step", None)
             vals = rec.pop("eval", None) or rec
-            tracker.log_metrics({k: v for k, v in vals.items() if isinstance(v, (int, float))}, step=step)
-    if (out / "eval.json").exists():
-        tracker.log_metrics(summarize_eval(read_json(out / "eval.json"), flat=True),
-                            step=read_json(out / "summary.json").get("steps"))
-    for name in ("summary.json", "eval.json", "weights.json"):
-        if (out / name).exists():
-            tracker.log_artifact(out / name)
+            records.append((step, {k: v for k, v in vals.items() if isinstance(v, (int, float))}))
+    if (out / "eval.json").exists() and (out / "summary.json").exists():
+        records.append((read_json(out / "summary.json").get("steps"), summarize_eval(read_json(out / "eval.json"), flat=True)))
+    batch = getattr(tracker, "log_metric_history", None)
+    if batch is not None:
+        batch(records)
+    else:
+        for step, vals in records:
+            tracker.log_metrics(vals, step=step)
+
+
+def unit_tracker(tracking: Optional[Mapping[str, Any]], out: Path, resume: bool, run_name: str,
+                 tags: Mapping[str, str], data: Mapping[str, Any]) -> Any:
+    """The MLflow run of a unit: on resume the run its directory names (``mlflow_run.json``), reopened
+    under this pipeline run, so one run holds the whole curve; else a new nested run, whose id is kept
+    there. The corpus is logged as the run's dataset input."""
+    run_id = load_run_ref(out, tracking) if resume else None
+    tracker = tracker_for(tracking, run_name, tags, run_id=run_id)
+    save_run_ref(out, tracker)
+    log_corpus = getattr(tracker, "log_corpus", None)
+    if log_corpus is not None and data.get("out_dir") and data.get("data_version") and not getattr(tracker, "reopened", False):
+        log_corpus(data["out_dir"], str(data["data_version"]))
+    return tracker
+
+
+def link_cached(tracking: Optional[Mapping[str, Any]], out: Path, run_name: str, tags: Mapping[str, str],
+                data: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+    """A unit skipped as finished still shows in this pipeline run: a nested run (tag ``dograph.cached``)
+    pointing at the run that trained it (``dograph.original_run_id``), with its params, dataset and metrics
+    from the unit's files, so the compare view of every pipeline run holds the whole comparison."""
+    if not tracking or not tracking.get("enabled"):
+        return
+    original = load_run_ref(out, tracking)
+    link = {"dograph.cached": "true", "mlflow.note.content":
+            f"Skipped as finished: trained in run {original or '(not tracked)'}; its model and files are there."}
+    if original:
+        link["dograph.original_run_id"] = original
+    tracker = tracker_for(tracking, run_name, {**tags, **link})
+    tracker.log_params(params)
+    log_corpus = getattr(tracker, "log_corpus", None)
+    if log_corpus is not None and data.get("out_dir") and data.get("data_version"):
+        log_corpus(data["out_dir"], str(data["data_version"]))
+    replay_metrics(out, tracker)
+    _end(tracker, "FINISHED")
 
 
 def _end(tracker: Any, status: str) -> None:

@@ -3,6 +3,10 @@
 * Where: ``tracking.uri`` in params, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db`` in the
   working directory (artifacts in ``mlruns/`` beside the database file).
 * What: one parent run per pipeline run, one nested run per method x scale x seed (:meth:`child`).
+  A training that is resumed reopens its run (``run_id=``; the id is kept in the unit's directory,
+  :func:`save_run_ref`), so one run holds the whole curve. Every run carries the reserved source tags
+  (``mlflow.source.*``, ``mlflow.source.git.commit``), and the experiment is tagged as a model-training
+  one (``mlflow.experimentKind``) so the MLflow 3 UI opens it on its runs table, not the GenAI overview.
 * Never in the way: every call is guarded. If the store or server fails (down, locked, refused),
   the failure is reported once as a warning naming the URI and the error, later calls are dropped
   and counted, and training goes on. :attr:`MLflowTracker.error` keeps the first failure so the
@@ -29,6 +33,9 @@ from typing import Any, Mapping, Optional
 log = logging.getLogger("dograph.tracking")
 
 DEFAULT_URI = "sqlite:///mlflow.db"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3.x: the UI shows such experiments as training runs
+RUN_REF = "mlflow_run.json"  # in a unit's directory: which MLflow run holds its metrics
+_FLUENT = threading.Lock()  # the fluent API (mlflow.transformers.log_model) uses process-wide state
 # a secret-looking word as a whole part of a key: `hf_token`, `db.password`, `apiKey`; not `tokenizer`, `min_tokens`
 _SECRET_WORD = r"(?:password|passwd|secrets?|token|api[_-]?key|access[_-]?key|private[_-]?key|credentials?|auth)"
 _SECRET_KEY = re.compile(rf"(?:^|[_.\-]){_SECRET_WORD}$|(?:^|[_.\-]){_SECRET_WORD}[_.\-]", re.I)
@@ -105,35 +112,38 @@ class MLflowTracker:
         run_name: Optional[str] = None,
         tags: Optional[Mapping[str, str]] = None,
         parent_run_id: Optional[str] = None,
+        run_id: Optional[str] = None,
+        attach: bool = False,
     ) -> None:
+        """A new run, or with ``run_id`` the existing run reopened (RUNNING again, moved under
+        ``parent_run_id``); with ``attach`` too, that run is only written to (another process owns it)."""
         self.uri = resolve_uri(uri)
         self.experiment = experiment
         self.run_name = run_name
         self.parent_run_id = parent_run_id
         self.run_id: Optional[str] = None
+        self.reopened = False
+        self._attach = attach
         self.experiment_id: Optional[str] = None
         self.error: Optional[str] = None
         self.dropped = 0
         self._lock = threading.Lock()
         self._client: Any = None
         if self.error is None:
-            self._guard("start the run", self._start, dict(tags or {}))
+            if run_id:
+                self._guard("reopen the run", self._reopen, run_id, dict(tags or {}))
+            else:
+                self._guard("start the run", self._start, dict(tags or {}))
 
     # -- set-up -----------------------------------------------------------------------------------
     def _start(self, tags: dict[str, str]) -> None:
-        if self.uri.startswith(("http://", "https://")):
-            # fail within seconds, not minutes, when the server is down
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        from mlflow.tracking import MlflowClient
-
-        self._client = MlflowClient(tracking_uri=self.uri)
+        self._connect()
         exp = self._client.get_experiment_by_name(self.experiment)
         if exp is None:
             try:
                 self.experiment_id = self._client.create_experiment(
-                    self.experiment, artifact_location=_artifact_location(self.uri)
+                    self.experiment, artifact_location=_artifact_location(self.uri),
+                    tags={"mlflow.experimentKind": EXPERIMENT_KIND},
                 )
             except Exception:  # created meanwhile by a parallel process
                 exp = self._client.get_experiment_by_name(self.experiment)
@@ -142,10 +152,46 @@ class MLflowTracker:
                 self.experiment_id = exp.experiment_id
         else:
             self.experiment_id = exp.experiment_id
+        if exp is not None and "mlflow.experimentKind" not in (exp.tags or {}):  # made by an older dograph
+            self._client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+        tags = {**source_tags(), **tags}
         if self.parent_run_id:
             tags = {"mlflow.parentRunId": self.parent_run_id, **tags}
         run = self._client.create_run(self.experiment_id, tags=tags, run_name=self.run_name)
         self.run_id = run.info.run_id
+
+    def _connect(self) -> None:
+        if self.uri.startswith(("http://", "https://")):
+            # fail within seconds, not minutes, when the server is down
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        from mlflow.tracking import MlflowClient
+
+        self._client = MlflowClient(tracking_uri=self.uri)
+
+    def _reopen(self, run_id: str, tags: dict[str, str]) -> None:
+        self._connect()
+        try:
+            run = self._client.get_run(run_id)
+        except Exception as e:  # noqa: BLE001
+            if self._attach or "RESOURCE_DOES_NOT_EXIST" not in str(getattr(e, "error_code", "")):
+                raise
+            run = None
+        if run is None or run.info.lifecycle_stage == "deleted":  # deleted in the UI, or a fresh store
+            log.info("MLflow run %s of %s is gone; starting a new run", run_id, self.run_name)
+            return self._start(tags)
+        self.run_id = run_id
+        self.experiment_id = run.info.experiment_id
+        if self._attach:
+            return
+        self.reopened = True
+        self._client.update_run(run_id, status="RUNNING")
+        if self.parent_run_id and run.data.tags.get("mlflow.parentRunId") != self.parent_run_id:
+            tags = {"mlflow.parentRunId": self.parent_run_id,  # the comparison of the pipeline run now holds it
+                    "dograph.previous_parent_run_id": run.data.tags.get("mlflow.parentRunId", ""), **tags}
+        for k, v in tags.items():
+            self._client.set_tag(run_id, k, redact(str(v)))
 
     def _guard(self, what: str, fn, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
@@ -202,6 +248,79 @@ class MLflowTracker:
         if ms:
             self._guard("log metrics", send)
 
+    def log_metric_history(self, records: list[tuple[Optional[int], Mapping[str, Any]]]) -> None:
+        """Many steps' metrics (``[(step, {name: value})]``) in batches of 1000, not one request per step."""
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        ms = []
+        for step, metrics in records:
+            for k, v in metrics.items():
+                try:
+                    fv = float(v)
+                except (TypeError, ValueError):
+                    continue
+                if math.isfinite(fv):
+                    ms.append(Metric(_BAD_KEY_CHARS.sub("_", str(k))[:250], fv, ts, int(step or 0)))
+
+        def send() -> None:
+            for i in range(0, len(ms), 1000):
+                self._client.log_batch(self.run_id, metrics=ms[i : i + 1000])
+
+        if ms:
+            self._guard("log metrics", send)
+
+    def log_corpus(self, tokenized_dir: str | Path, digest: str, context: str = "training") -> None:
+        """The tokenized corpus as an MLflow dataset input: one row per domain (tokens, docs, share),
+        named ``corpus-<digest>``, with ``digest`` the pipeline's ``data_version``."""
+
+        def send() -> None:
+            import mlflow.data
+            import pandas as pd
+            from mlflow.entities import DatasetInput, InputTag
+
+            meta = _read_json(Path(tokenized_dir) / "corpus.json")
+            rows = [{"domain": r["domain"], "heldout": bool(r.get("heldout")), "share": float(r.get("share") or 0.0),
+                     **{f"tokens_{k}": int(v) for k, v in (r.get("tokens") or {}).items()},
+                     **{f"docs_{k}": int(v) for k, v in (r.get("docs") or {}).items()}}
+                    for r in meta.get("table", [])]
+            ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(Path(tokenized_dir).resolve()),
+                                         name=f"corpus-{digest}", digest=digest)
+            self._client.log_inputs(self.run_id, datasets=[
+                DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+
+        self._guard("log the dataset", send)
+
+    def log_model(self, model_dir: str | Path, name: str = "model", registered_model_name: Optional[str] = None) -> Optional[str]:
+        """A Hugging Face model folder (``final/``) as an ``mlflow.transformers`` model of this run
+        (text-generation; a LoggedModel in MLflow 3, loadable with ``mlflow.transformers.load_model``),
+        registered under ``registered_model_name`` when given. Returns the model URI."""
+
+        def send() -> str:
+            import mlflow
+            import mlflow.transformers
+            import torch
+            import transformers
+            from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = AutoModelForCausalLM.from_pretrained(model_dir)
+            tok = AutoTokenizer.from_pretrained(model_dir)
+            reqs = [f"torch=={torch.__version__.split('+')[0]}", f"transformers=={transformers.__version__}"]
+            with _FLUENT, _use_tracking_uri(self.uri):
+                mlflow.start_run(run_id=self.run_id)  # the fluent API links the model to the active run
+                try:
+                    info = mlflow.transformers.log_model(
+                        {"model": model, "tokenizer": tok}, name=name, task="text-generation",
+                        registered_model_name=registered_model_name, pip_requirements=reqs)
+                finally:
+                    mlflow.end_run("RUNNING")  # leave the run's status to end()
+            return info.model_uri
+
+        return self._guard(f"log the model {model_dir}", send)
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         p = Path(path)
         if not p.exists():
@@ -228,7 +347,13 @@ class MLflowTracker:
         """Plain data from which another thread or process attaches nested runs (:func:`tracker_for`)."""
         return {"uri": self.uri, "experiment": self.experiment, "parent_run_id": self.run_id, "enabled": self.ok}
 
+    def run_spec(self) -> dict[str, Any]:
+        """Plain data from which another process writes into this very run (:func:`attached_tracker`)."""
+        return {"uri": self.uri, "experiment": self.experiment, "run_id": self.run_id, "enabled": self.ok}
+
     def end(self, status: str = "FINISHED") -> None:
+        if self._attach:  # the process that opened the run ends it
+            return
         if self.run_id is not None:
             self._guard("end the run", self._client.set_terminated, self.run_id, status)
         if self.dropped:
@@ -247,10 +372,67 @@ class MLflowTracker:
         return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
 
 
-def tracker_for(spec: Optional[Mapping[str, Any]], run_name: str, tags: Optional[Mapping[str, str]] = None):
-    """A nested MLflow run under ``spec["parent_run_id"]``, or a do-nothing tracker when tracking is off."""
+def tracker_for(spec: Optional[Mapping[str, Any]], run_name: str, tags: Optional[Mapping[str, str]] = None,
+                run_id: Optional[str] = None):
+    """A nested MLflow run under ``spec["parent_run_id"]`` (with ``run_id``: that run reopened and moved
+    there), or a do-nothing tracker when tracking is off."""
     from dograph_core.tracking import NullTracker
 
     if not spec or not spec.get("enabled"):
         return NullTracker()
-    return MLflowTracker(spec["uri"], spec["experiment"], run_name=run_name, tags=tags, parent_run_id=spec["parent_run_id"])
+    return MLflowTracker(spec["uri"], spec["experiment"], run_name=run_name, tags=tags,
+                         parent_run_id=spec["parent_run_id"], run_id=run_id)
+
+
+def attached_tracker(spec: Optional[Mapping[str, Any]]):
+    """A tracker writing into the existing run ``spec["run_id"]`` (:meth:`MLflowTracker.run_spec`) from
+    another process, e.g. rank 0 of a torchrun training; it never ends the run."""
+    from dograph_core.tracking import NullTracker
+
+    if not spec or not spec.get("enabled") or not spec.get("run_id"):
+        return NullTracker()
+    return MLflowTracker(spec["uri"], spec["experiment"], run_id=spec["run_id"], attach=True)
+
+
+def source_tags(name: str = "dograph") -> dict[str, str]:
+    """The reserved tags the MLflow UI shows in its Source and User columns."""
+    import getpass
+
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "LOCAL"}
+    commit = git_commit(Path(__file__).resolve().parent.parent)
+    if commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        pass
+    return tags
+
+
+def _read_json(path: Path) -> Any:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def save_run_ref(out: str | Path, tracker: Any) -> None:
+    """Keep the MLflow run of a unit in its directory (``mlflow_run.json``), so a resume reopens it."""
+    if not isinstance(tracker, MLflowTracker) or not tracker.ok:
+        return
+    from dograph_core.io import write_json
+
+    write_json(Path(out) / RUN_REF, {"uri": redact(tracker.uri), "experiment": tracker.experiment,
+                                     "run_id": tracker.run_id})
+
+
+def load_run_ref(out: str | Path, spec: Optional[Mapping[str, Any]]) -> Optional[str]:
+    """The run id kept in ``out`` when it belongs to the store and experiment of ``spec``."""
+    if not spec or not spec.get("enabled"):
+        return None
+    try:
+        ref = _read_json(Path(out) / RUN_REF)
+    except (OSError, ValueError):
+        return None
+    if ref.get("uri") == redact(resolve_uri(spec.get("uri"))) and ref.get("experiment") == spec.get("experiment"):
+        return ref.get("run_id") or None
+    return None

@@ -69,8 +69,13 @@ def test_pipeline_logs_parent_and_nested_runs_to_mlflow(run):
     assert "val_loss_mean" in uni.data.metrics and "weight/code" in uni.data.metrics
     assert len(client.get_metric_history(uni.info.run_id, "loss")) == 6
     arts = {a.path for a in client.list_artifacts(uni.info.run_id)}
-    assert {"model", "weights.json", "eval.json", "summary.json"} <= arts
-    assert "config.json" in {Path(a.path).name for a in client.list_artifacts(uni.info.run_id, "model")}
+    assert {"weights.json", "eval.json", "summary.json"} <= arts
+    (model,) = uni.outputs.model_outputs  # the final model: MLflow's transformers flavor, a LoggedModel of the run
+    from mlflow.artifacts import download_artifacts
+
+    local = download_artifacts(client.get_logged_model(model.model_id).artifact_location,
+                               tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", dst_path=str(tmp / "dl"))
+    assert (Path(local) / "MLmodel").exists() and (Path(local) / "model" / "config.json").exists()
     assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert parent.info.status == "FINISHED"
 

@@ -54,6 +54,7 @@ def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
 
 
 def test_pipeline_tracks_to_an_mlflow_server(tmp_path):
+    from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
@@ -79,8 +80,10 @@ def test_pipeline_tracks_to_an_mlflow_server(tmp_path):
         assert odm.data.tags["method"] == "odm" and odm.data.params["method.type"] == "odm"
         assert len(client.get_metric_history(odm.info.run_id, "loss")) == 6
         assert {"weight/code", "weight/notes", "weight/prose", "val_loss_mean"} <= set(odm.data.metrics)
-        model_dir = client.download_artifacts(odm.info.run_id, "model", str(tmp_path / "dl"))
-        assert AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size > 256
+        (model,) = odm.outputs.model_outputs  # the transformers flavor (a LoggedModel); its weights load with HF too
+        model_dir = download_artifacts(client.get_logged_model(model.model_id).artifact_location, tracking_uri=uri,
+                                       dst_path=str(tmp_path / "dl"))
+        assert AutoModelForCausalLM.from_pretrained(Path(model_dir) / "model").config.vocab_size > 256
         assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
     finally:
         _stop(server)
