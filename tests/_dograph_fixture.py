@@ -59,3 +59,10 @@ def nano_model(seed: int = 0, n_embd: int = 32, n_layer: int = 2, seq_len: int =
                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=EOT, eos_token_id=EOT,
                      attn_implementation="eager")
     return GPT2LMHeadModel(cfg)
+
+
+def ip_corr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Correlation of the pairwise inner products of two feature sets (rows = the same examples)."""
+    A, B = a @ a.T, b @ b.T
+    iu = torch.triu_indices(len(a), len(a), 1)
+    return torch.corrcoef(torch.stack([A[iu[0], iu[1]], B[iu[0], iu[1]]]))[0, 1].item()

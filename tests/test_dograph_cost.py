@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _dograph_fixture import VOCAB, make_corpus, nano_model
+from _dograph_fixture import VOCAB, ip_corr, make_corpus, nano_model
 from torch.utils.flop_counter import FlopCounterMode
 
 from dograph_core.data.corpus import TokenCorpus
@@ -33,12 +33,6 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ids(corpus):
     return draw_probe(corpus, corpus.train_domains, 48, T, seed=0)[0]
-
-
-def _ip_corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    A, B = a @ a.T, b @ b.T
-    iu = torch.triu_indices(len(a), len(a), 1)
-    return torch.corrcoef(torch.stack([A[iu[0], iu[1]], B[iu[0], iu[1]]]))[0, 1].item()
 
 
 def test_count_sketch_is_the_exact_gradient_under_a_signed_bucket_matrix(ids):
@@ -99,7 +93,7 @@ def test_token_subsample_fidelity_is_measured_not_assumed(corpus, ids, tokens, f
     full = output_features(o.hidden_states[-1], o.logits, ids[:, 1:], p)
     sub = output_features(o.hidden_states[-1], o.logits, ids[:, 1:], p, tokens=tokens,
                           generator=torch.Generator().manual_seed(0))
-    r_full, r_sub = _ip_corr(full, exact), _ip_corr(sub, exact)
+    r_full, r_sub = ip_corr(full, exact), ip_corr(sub, exact)
     assert r_full > 0.8 and floor < r_sub < r_full
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _dograph_fixture import VOCAB, make_corpus, nano_model
+from _dograph_fixture import VOCAB, ip_corr, make_corpus, nano_model
 
 from dograph_core.data.corpus import TokenCorpus
 from dograph_core.gradients import (
@@ -33,12 +33,6 @@ def corpus(tmp_path_factory):
 def probe(corpus):
     ids, src = draw_probe(corpus, corpus.train_domains, 48, T, seed=0)
     return ids, src
-
-
-def _ip_corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    A, B = a @ a.T, b @ b.T
-    iu = torch.triu_indices(len(a), len(a), 1)
-    return torch.corrcoef(torch.stack([A[iu[0], iu[1]], B[iu[0], iu[1]]]))[0, 1].item()
 
 
 def _train(model, corpus, steps: int) -> None:
@@ -86,9 +80,9 @@ def test_cheap_features_preserve_exact_inner_products(corpus, probe, sketch, ste
     model.eval()
     exact = exact_features(model, ids, {"lm_head.weight": (0, 0, 0)}, project=False)  # raw, 8224 dims
     (cheap,), _ = probe_features(model, ids, [Projection(VOCAB, 32, 32, 64, seed=0, sketch=sketch)])
-    r = _ip_corr(cheap, exact)
+    r = ip_corr(cheap, exact)
     assert r > 0.8, f"{sketch}: inner-product correlation {r:.3f} (measured {measured} when written)"
-    assert _ip_corr(unit_normalize(cheap), unit_normalize(exact)) > 0.75
+    assert ip_corr(unit_normalize(cheap), unit_normalize(exact)) > 0.75
 
 
 def test_token_subsample_is_an_estimate_of_the_same_feature(probe):
