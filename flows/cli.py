@@ -370,7 +370,7 @@ def cmd_run(a: argparse.Namespace) -> int:
     con.print("where to look next:")
     con.print(f"  report:   {res['report']}  (plots in {Path(res['report']).parent / 'plots'})")
     if res["mlflow_ui"]:
-        con.print(f"  MLflow:   {res['mlflow_ui']}  then open http://127.0.0.1:5000")
+        con.print(f"  MLflow:   {res['mlflow_ui']}")
     if res["tracking_error"]:
         con.print(f"  [yellow]MLflow tracking failed: {res['tracking_error']} (results above are complete)[/yellow]")
     con.print(f"  rerun:    the same command resumes run {res['run_id']} and skips finished work")

@@ -131,6 +131,7 @@ def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[
                                    tags={"pipeline_run": run_id, "preset": preset or "default",
                                          "git_commit": git_commit(), "data_version": data["data_version"]})
             parent.log_params(p.model_dump())
+            parent.log_corpus(data["out_dir"], str(data["data_version"]))  # the runs table's Dataset column
         try:
             units = run_units.with_options(task_runner=task_runner(p))(p, data, str(run_dir),
                                                                         parent.spec() if parent else None)

@@ -365,11 +365,17 @@ class MLflowTracker:
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FAILED" if exc_type else "FINISHED")
 
+    def ui_path(self) -> str:
+        """Where in the MLflow UI these runs are: the experiment's runs table in the UI's "Model training"
+        mode (MLflow 3.17's UI opens in its GenAI mode, on the traces overview, unless told otherwise)."""
+        return f"/#/experiments/{self.experiment_id or ''}?workflowType=machine_learning"
+
     def ui_hint(self) -> str:
-        """The command that shows these runs."""
+        """How to see these runs."""
         if self.uri.startswith(("http://", "https://")):
-            return f"open {redact(self.uri)} in a browser"
-        return f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1"
+            return f"open {redact(self.uri).rstrip('/')}{self.ui_path()} in a browser"
+        return (f"mlflow ui --backend-store-uri {self.uri} --host 127.0.0.1, "
+                f"then open http://127.0.0.1:5000{self.ui_path()}")
 
 
 def tracker_for(spec: Optional[Mapping[str, Any]], run_name: str, tags: Optional[Mapping[str, str]] = None,

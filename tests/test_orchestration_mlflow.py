@@ -148,6 +148,8 @@ def test_the_experiment_opens_as_model_training_with_dataset_source_and_model(st
     assert ds.dataset.digest == dv and ds.dataset.name == f"corpus-{dv}"
     assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
     assert "domain" in ds.dataset.schema and "tokens_train" in ds.dataset.schema
+    (pds,) = client.get_run(second.info.run_id).inputs.dataset_inputs  # the pipeline run's row too
+    assert pds.dataset.digest == dv
     # Model: the transformers flavor, a LoggedModel of this run
     models = client.search_logged_models([exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(models) == 1 and models[0].name == "model"

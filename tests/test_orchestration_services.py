@@ -70,8 +70,10 @@ def test_pipeline_tracks_to_an_mlflow_server(tmp_path):
     try:
         _wait_healthy(f"{uri}/health", server, log)
         res = pipeline(params=PARAMS, preset="nano", overrides=nano_overrides(tmp_path, corpus, "[uniform,odm]", uri))
-        assert res["tracking_error"] is None and res["mlflow_ui"] == f"open {uri} in a browser"
         client = MlflowClient(uri)
+        exp_id = client.get_experiment_by_name("dograph").experiment_id
+        assert res["tracking_error"] is None
+        assert res["mlflow_ui"] == f"open {uri}/#/experiments/{exp_id}?workflowType=machine_learning in a browser"
         runs = client.search_runs([client.get_experiment_by_name("dograph").experiment_id])
         parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
         kids = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
