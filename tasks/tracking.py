@@ -227,29 +227,11 @@ class MLflowTracker:
         self._guard("log params", send)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        import time
-
-        from mlflow.entities import Metric
-
-        ts = int(time.time() * 1000)
-        ms = []
-        for k, v in metrics.items():
-            try:
-                fv = float(v)
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(fv):
-                ms.append(Metric(_BAD_KEY_CHARS.sub("_", str(k))[:250], fv, ts, int(step or 0)))
-
-        def send() -> None:
-            for i in range(0, len(ms), 1000):
-                self._client.log_batch(self.run_id, metrics=ms[i : i + 1000])
-
-        if ms:
-            self._guard("log metrics", send)
+        self.log_metric_history([(step, metrics)])
 
     def log_metric_history(self, records: list[tuple[Optional[int], Mapping[str, Any]]]) -> None:
-        """Many steps' metrics (``[(step, {name: value})]``) in batches of 1000, not one request per step."""
+        """Many steps' metrics (``[(step, {name: value})]``) in batches of 1000, not one request per step;
+        values that are not finite numbers are left out."""
         import time
 
         from mlflow.entities import Metric
