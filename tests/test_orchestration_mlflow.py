@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from _orch_fixture import ROOT, VENV_BIN, free_port, nano_overrides, service_env, write_local_corpus
-from test_orchestration_services import _start, _stop, _wait_healthy
+from _orch_fixture import ROOT, nano_overrides, write_local_corpus
+from test_orchestration_services import mlflow_server
 
 pytestmark = pytest.mark.slow
 PARAMS = str(ROOT / "params.yaml")
@@ -21,18 +21,8 @@ TRAININGS = ("uniform@nano", "odm@nano", "doge@nano")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**service_env(tmp), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = tmp / "mlflow.log"
-    proc = _start([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}",
-                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp, env, log)
-    try:
-        _wait_healthy(f"{uri}/health", proc, log)
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
         yield uri
-    finally:
-        _stop(proc)
 
 
 def _children(client, parent_id: str) -> dict:

@@ -2,6 +2,7 @@
 with a process worker running the deployment of prefect.yaml. Both on the nano preset, a few steps."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -53,6 +55,22 @@ def _start(cmd: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@contextlib.contextmanager
+def mlflow_server(tmp: Path) -> Iterator[str]:
+    """An MLflow tracking server on 127.0.0.1 with its store under ``tmp``; yields its URI, stops it after."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**service_env(tmp), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = tmp / "mlflow.log"
+    proc = _start([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}",
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp, env, log)
+    try:
+        _wait_healthy(f"{uri}/health", proc, log)
+        yield uri
+    finally:
+        _stop(proc)
+
+
 def test_pipeline_tracks_to_an_mlflow_server(tmp_path):
     from mlflow.artifacts import download_artifacts
     from mlflow.tracking import MlflowClient
@@ -60,15 +78,8 @@ def test_pipeline_tracks_to_an_mlflow_server(tmp_path):
 
     from flows.pipeline import pipeline
 
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    env = {**service_env(tmp_path), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    log = tmp_path / "mlflow.log"
-    server = _start([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-                     "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], tmp_path, env, log)
     corpus = write_local_corpus(tmp_path / "corpus")
-    try:
-        _wait_healthy(f"{uri}/health", server, log)
+    with mlflow_server(tmp_path) as uri:
         res = pipeline(params=PARAMS, preset="nano", overrides=nano_overrides(tmp_path, corpus, "[uniform,odm]", uri))
         client = MlflowClient(uri)
         exp_id = client.get_experiment_by_name("dograph").experiment_id
@@ -87,8 +98,6 @@ def test_pipeline_tracks_to_an_mlflow_server(tmp_path):
                                        dst_path=str(tmp_path / "dl"))
         assert AutoModelForCausalLM.from_pretrained(Path(model_dir) / "model").config.vocab_size > 256
         assert "report" in {a.path for a in client.list_artifacts(parent.info.run_id)}
-    finally:
-        _stop(server)
     # with the server gone, the pipeline still trains and reports, and says tracking failed
     with pytest.warns(UserWarning, match="training goes on"):
         res = pipeline(params=PARAMS, preset="nano", overrides=nano_overrides(tmp_path, corpus, "[uniform]", uri),
