@@ -18,7 +18,7 @@ James-Stein factor
     s = max(0, 1 - mean_j se_j^2 / mean_j dbar_j^2)
 
 so when the differences between nodes are within their noise (late in a cosine schedule, say)
-``s`` is 0 and beta is uniform; when they stand well above it ``s`` is 1. Finally
+``s`` is 0 and beta is the prior; when they stand well above it ``s`` is 1. Finally
 
     u_j = s * dbar_j / mean_i |dbar_i|,        beta_j = prior_j exp(u_j / tau) / Z
 

@@ -43,8 +43,8 @@ class DoGraphConfig(MixerConfig):
     min_node_samples: int = Field(4, ge=1, description="a node with fewer sequences in a window is not fresh: "
                                                        "no progress score, mean kept")
     horizon: int = Field(5, ge=2, description="updates over which each node's relative loss change is averaged")
-    min_windows: int = Field(3, ge=2, description="changes needed before the noise can be estimated (uniform before)")
-    shrink: bool = Field(True, description="shrink the progress contrast towards uniform by its noise (James-Stein)")
+    min_windows: int = Field(3, ge=2, description="changes needed before the noise can be estimated (beta is the prior before)")
+    shrink: bool = Field(True, description="shrink the progress contrast towards the prior by its noise (James-Stein)")
     tau: float = Field(1.0, gt=0, description="temperature of beta = prior * exp(u / tau) / Z")
     prior: Literal["base", "uniform"] = Field(
         "base", description="nodes: model: beta without a progress signal is the clusters' frequency under the base "
