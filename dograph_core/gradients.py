@@ -156,28 +156,31 @@ def output_features(
     projs = proj if isinstance(proj, list) else [proj]
     for p_ in projs:
         _check_shapes(hidden, logits, targets, p_)
-    if any(p_.sketch != "dense" for p_ in projs):
-        outs = _mixed_features(hidden, logits, targets, projs, chunk, tokens, generator)
-        return outs if isinstance(proj, list) else outs[0]
     B, T, _ = hidden.shape
-    R_b = torch.cat([p_.R_b for p_ in projs]).to(device=logits.device)  # [n r1, V]
-    R_h = torch.cat([p_.R_h for p_ in projs]).to(device=hidden.device)  # [n r2, H]
+    dense = [p_.R_b for p_ in projs if p_.sketch == "dense"]
+    R_bT = torch.cat(dense).to(device=logits.device).T.contiguous() if dense else None  # [V, n r1]
+    R_h = torch.cat([p_.R_h for p_ in projs]).to(device=hidden.device)                 # [n r2, H]
     if tokens is not None and tokens < T:
         idx = torch.randperm(T, generator=generator)[:tokens].sort().values.to(hidden.device)
         hidden, logits, targets = hidden[:, idx], logits[:, idx], targets[:, idx]
         T = tokens
     outs = [torch.empty(B, p_.dim, dtype=torch.float32, device=hidden.device) for p_ in projs]
-    R_bT = R_b.T.contiguous()
     for s in range(0, B, chunk):
         e = min(B, s + chunk)
-        pb = torch.softmax(logits[s:e].float(), dim=-1) @ R_bT      # [b, T, n r1]
-        pb -= R_bT[targets[s:e]]                                    # minus R_b[:, y_t]
+        probs = torch.softmax(logits[s:e].float(), dim=-1)
+        if R_bT is not None:  # every dense projection's left side in one matmul
+            pd = probs @ R_bT                                       # [b, T, n r1]
+            pd -= R_bT[targets[s:e]]                                # minus R_b[:, y_t]
         hh = hidden[s:e].float() @ R_h.T                            # [b, T, n r2]
         o1 = o2 = 0
         for out, p_ in zip(outs, projs):
-            z = torch.einsum("btr,bts->brs", pb[..., o1: o1 + p_.r1], hh[..., o2: o2 + p_.r2])
+            if p_.sketch == "dense":
+                pb, o1 = pd[..., o1: o1 + p_.r1], o1 + p_.r1
+            else:
+                pb = _left_count(probs, targets[s:e], p_)
+            z = torch.einsum("btr,bts->brs", pb, hh[..., o2: o2 + p_.r2])
             out[s:e] = z.reshape(e - s, -1) / T
-            o1, o2 = o1 + p_.r1, o2 + p_.r2
+            o2 += p_.r2
     return outs if isinstance(proj, list) else outs[0]
 
 
@@ -188,31 +191,6 @@ def _left_count(probs: torch.Tensor, targets: torch.Tensor, p_: Projection) -> t
     out.index_add_(-1, bucket, probs * sign)
     out.scatter_add_(-1, bucket[targets].unsqueeze(-1), -sign[targets].unsqueeze(-1))
     return out
-
-
-def _mixed_features(hidden, logits, targets, projs: list[Projection], chunk: int, tokens: Optional[int],
-                    generator: Optional[torch.Generator]) -> list[torch.Tensor]:
-    """:func:`output_features` when some projection is not dense: one softmax per chunk, each projection's
-    left side computed its own way (dense: one matmul; count: bucket sums)."""
-    B, T, _ = hidden.shape
-    if tokens is not None and tokens < T:
-        idx = torch.randperm(T, generator=generator)[:tokens].sort().values.to(hidden.device)
-        hidden, logits, targets = hidden[:, idx], logits[:, idx], targets[:, idx]
-        T = tokens
-    outs = [torch.empty(B, p_.dim, dtype=torch.float32, device=hidden.device) for p_ in projs]
-    for s in range(0, B, chunk):
-        e = min(B, s + chunk)
-        probs = torch.softmax(logits[s:e].float(), dim=-1)
-        h = hidden[s:e].float()
-        for out, p_ in zip(outs, projs):
-            if p_.sketch == "dense":
-                R_bT = p_.R_b.T.to(probs.device)
-                pb = probs @ R_bT - R_bT[targets[s:e]]
-            else:
-                pb = _left_count(probs, targets[s:e], p_)
-            hh = h @ p_.R_h.T.to(h.device)
-            out[s:e] = torch.einsum("btr,bts->brs", pb, hh).reshape(e - s, -1) / T
-    return outs
 
 
 def sequence_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
