@@ -34,10 +34,12 @@ def writable_dir(path: str | Path) -> Path:
     return path
 
 
-def remove_leftovers(directory: str | Path) -> list[Path]:
-    """Remove what a killed writer left in ``directory``: ``atomic_path``'s ``.name.*.tmp`` and ``.name.old-*``."""
+def remove_leftovers(directory: str | Path, name: str = "*") -> list[Path]:
+    """Remove what a killed writer left in ``directory``: ``atomic_path``'s ``.name.*.tmp`` and
+    ``.name.old-*`` (every name, or only those of ``name``)."""
     directory = Path(directory)
-    gone = [p for pattern in (".*.tmp", ".*.old-*") for p in directory.glob(pattern)] if directory.is_dir() else []
+    patterns = (f".{name}.*.tmp", f".{name}.old-*") if name != "*" else (".*.tmp", ".*.old-*")
+    gone = [p for pattern in patterns for p in directory.glob(pattern)] if directory.is_dir() else []
     for p in gone:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -57,8 +59,29 @@ def file_mode() -> int:
     return 0o666 & ~umask
 
 
+def is_transient(e: BaseException) -> bool:
+    """A failure that may pass on a retry: an OS or network error that is not a missing or forbidden path."""
+    return isinstance(e, OSError) and not isinstance(
+        e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
 class RunLockedError(RuntimeError):
     """Another process is working in the same directory."""
+
+
+def try_flock(fd: int, exclusive: bool = True) -> bool:
+    """Take ``flock`` on the open ``fd`` without waiting. False (``fd`` closed) when another process
+    holds it; any other error closes ``fd`` and is raised."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        return True
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
 
 
 class RunLock:
@@ -71,23 +94,16 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def __enter__(self) -> "RunLock":
-        import fcntl
-
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise output_error(self.path.parent, e) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                holder = self.path.read_text().strip() or "another process"
-                raise RunLockedError(
-                    f"{self.what} {self.path.parent} is in use by {holder}; wait for it to finish, or {self.hint}"
-                ) from None
-            raise
+        if not try_flock(fd):
+            holder = self.path.read_text().strip() or "another process"
+            raise RunLockedError(
+                f"{self.what} {self.path.parent} is in use by {holder}; wait for it to finish, or {self.hint}"
+            )
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()}".encode())
         self._fd = fd

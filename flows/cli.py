@@ -209,6 +209,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from dograph_core.mixers import REGISTRY
     from dograph_core.train import train
     from tasks.params import check_params, method_spec
+    from tasks.steps import end_tracker, log_final_model
 
     p = _params(a)
     _check_scale(a.scale)
@@ -236,13 +237,10 @@ def cmd_train(a: argparse.Namespace) -> int:
             summary = train(cfg, TokenCorpus(p.tokenize.out_dir), a.method, {"type": mtype, **mparams}, a.out,
                             tracker=tracker, resume=a.resume)
     except BaseException:
-        getattr(tracker, "end", lambda s: None)("FAILED")
+        end_tracker(tracker, "FAILED")
         raise
-    if (Path(a.out) / "final").is_dir() and p.tracking.log_model:
-        log_model = getattr(tracker, "log_model", None)  # MLflow: the transformers flavor
-        if log_model is not None:
-            log_model(Path(a.out) / "final", "model", p.tracking.registered_model)
-    getattr(tracker, "end", lambda s: None)("FINISHED")
+    log_final_model(p, tracker, Path(a.out))
+    end_tracker(tracker, "FINISHED")
     print(f"trained {a.method} at {cfg.scale}: {a.out}")
     for k in ("val_loss_mean", "val_loss_worst", "wall_time_s"):
         if isinstance(summary, dict) and k in summary:

@@ -11,14 +11,13 @@ pipelines started with the same run id cannot write over each other.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any, Optional
 
-from dograph_core.io import RunLock, RunLockedError, read_json, write_json  # noqa: F401 - the locks live in the core
+from dograph_core.io import RunLock, RunLockedError, read_json, try_flock, write_json  # noqa: F401 - the locks live in the core
 
 MARKER_FORMAT = "dograph-done/1"
 
@@ -79,25 +78,23 @@ class DataLock:
         self._fds: list[int] = []
 
     def acquire(self, exclusive: bool) -> "DataLock":
-        import fcntl
-
         self.release()
         for path in self.paths:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-            except OSError as e:
-                os.close(fd)
+                held = not try_flock(fd, exclusive)
+            except OSError:
                 self.release()
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    data = path.with_suffix("") if path.suffix == ".lock" else path
-                    raise RunLockedError(
-                        f"{data} is being {'read' if exclusive else 'written'} by another pipeline run or dograph "
-                        f"command, and this one would {'rewrite' if exclusive else 'read'} it; wait for it, or give this run its own "
-                        f"data directories (--set prepare.out_dir=... --set tokenize.out_dir=...)"
-                    ) from None
                 raise
+            if held:
+                self.release()
+                data = path.with_suffix("") if path.suffix == ".lock" else path
+                raise RunLockedError(
+                    f"{data} is being {'read' if exclusive else 'written'} by another pipeline run or dograph "
+                    f"command, and this one would {'rewrite' if exclusive else 'read'} it; wait for it, or give this run its own "
+                    f"data directories (--set prepare.out_dir=... --set tokenize.out_dir=...)"
+                )
             self._fds.append(fd)
         return self
 

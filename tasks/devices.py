@@ -10,12 +10,12 @@ parallel units than GPUs the extra ones share, still round-robin (``cuda:<slot m
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 from pathlib import Path
 from typing import Iterator, Optional
 
 from dograph_core.config import Params
+from dograph_core.io import try_flock
 
 
 def visible_gpus() -> int:
@@ -43,13 +43,8 @@ def device_lease(p: Params, lock_dir: str | Path, slot: int) -> Iterator[Optiona
 
     for i in [(slot + k) % n for k in range(n)]:
         fd = os.open(lock_dir / f"cuda{i}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            os.close(fd)
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                continue
-            raise
+        if not try_flock(fd):
+            continue
         try:
             yield f"cuda:{i}"
         finally:

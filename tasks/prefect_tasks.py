@@ -24,6 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from dograph_core.config import Params
+from dograph_core.io import is_transient
 from tasks import steps
 from tasks.devices import device_lease
 from tasks.results import collect_results, dvc_metrics
@@ -40,9 +41,7 @@ def io_errors_only(task: Any, task_run: Any, state: Any) -> bool:
         transient = getattr(e, "transient", None)  # FetchError, PrepareError of a network failure
         if transient is not None:
             return bool(transient)
-        if isinstance(e, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
-            return False
-        return isinstance(e, (OSError, ConnectionError, TimeoutError))
+        return is_transient(e)
     return False
 
 

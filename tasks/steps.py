@@ -209,13 +209,13 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
         tracker.log_artifact(weights, "weights")
     except BaseException:
         for t in (*stage_trackers, tracker):
-            _end(t, "FAILED")
+            end_tracker(t, "FAILED")
         raise
     for t in stage_trackers:
-        _end(t, "FINISHED")
+        end_tracker(t, "FINISHED")
     elapsed = time.time() - t0
     tracker.log_metrics({"search_time_s": elapsed})
-    _end(tracker, "FINISHED")
+    end_tracker(tracker, "FINISHED")
     mark_done(out, key, {"time_s": elapsed})
     return {"method": method, "weights": str(weights), "time_s": elapsed, "cached": False}
 
@@ -304,16 +304,11 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
             tracker.log_artifact(out / "metrics.jsonl")
         for png in method_plots(out):  # e.g. DoGraph's gradient graph and gradient PCA figures
             tracker.log_artifact(png, "plots")
-        if (out / "final").is_dir() and p.tracking.log_model:
-            log_model = getattr(tracker, "log_model", None)  # MLflow: the transformers flavor, a LoggedModel
-            if log_model is not None:
-                log_model(out / "final", "model", p.tracking.registered_model)
-            else:
-                tracker.log_artifact(out / "final", "model")
+        log_final_model(p, tracker, out)
     except BaseException:
-        _end(tracker, "FAILED")
+        end_tracker(tracker, "FAILED")
         raise
-    _end(tracker, "FINISHED")
+    end_tracker(tracker, "FINISHED")
     mark_done(out, key, {"wall_time_s": (summary or {}).get("wall_time_s")})
     return {**unit, "cached": False}
 
@@ -422,10 +417,22 @@ def link_cached(tracking: Optional[Mapping[str, Any]], out: Path, run_name: str,
     if log_corpus is not None and data.get("out_dir") and data.get("data_version"):
         log_corpus(data["out_dir"], str(data["data_version"]))
     replay_metrics(out, tracker)
-    _end(tracker, "FINISHED")
+    end_tracker(tracker, "FINISHED")
 
 
-def _end(tracker: Any, status: str) -> None:
+def log_final_model(p: Params, tracker: Any, out: Path) -> None:
+    """The run's ``final/`` model: MLflow's transformers flavor (a LoggedModel, optionally registered),
+    else a plain artifact; nothing when ``tracking.log_model`` is off or there is no model."""
+    if not ((out / "final").is_dir() and p.tracking.log_model):
+        return
+    log_model = getattr(tracker, "log_model", None)
+    if log_model is not None:
+        log_model(out / "final", "model", p.tracking.registered_model)
+    else:
+        tracker.log_artifact(out / "final", "model")
+
+
+def end_tracker(tracker: Any, status: str) -> None:
     end = getattr(tracker, "end", None)
     if end is not None:
         end(status)

@@ -27,8 +27,11 @@ import re
 import subprocess
 import threading
 import warnings
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Optional
+
+from dograph_core.io import read_json, write_json
 
 log = logging.getLogger("dograph.tracking")
 
@@ -86,7 +89,9 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+@lru_cache(maxsize=None)
 def git_commit(cwd: str | Path | None = None) -> str:
+    """The checked-out commit (once per process and folder: every MLflow run is tagged with it)."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() or "unknown"
@@ -263,7 +268,7 @@ class MLflowTracker:
             import pandas as pd
             from mlflow.entities import DatasetInput, InputTag
 
-            meta = _read_json(Path(tokenized_dir) / "corpus.json")
+            meta = read_json(Path(tokenized_dir) / "corpus.json")
             rows = [{"domain": r["domain"], "heldout": bool(r.get("heldout")), "share": float(r.get("share") or 0.0),
                      **{f"tokens_{k}": int(v) for k, v in (r.get("tokens") or {}).items()},
                      **{f"docs_{k}": int(v) for k, v in (r.get("docs") or {}).items()}}
@@ -397,17 +402,10 @@ def source_tags(name: str = "dograph") -> dict[str, str]:
     return tags
 
 
-def _read_json(path: Path) -> Any:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
 def save_run_ref(out: str | Path, tracker: Any) -> None:
     """Keep the MLflow run of a unit in its directory (``mlflow_run.json``), so a resume reopens it."""
     if not isinstance(tracker, MLflowTracker) or not tracker.ok:
         return
-    from dograph_core.io import write_json
 
     write_json(Path(out) / RUN_REF, {"uri": redact(tracker.uri), "experiment": tracker.experiment,
                                      "run_id": tracker.run_id})
@@ -418,7 +416,7 @@ def load_run_ref(out: str | Path, spec: Optional[Mapping[str, Any]]) -> Optional
     if not spec or not spec.get("enabled"):
         return None
     try:
-        ref = _read_json(Path(out) / RUN_REF)
+        ref = read_json(Path(out) / RUN_REF)
     except (OSError, ValueError):
         return None
     if ref.get("uri") == redact(resolve_uri(spec.get("uri"))) and ref.get("experiment") == spec.get("experiment"):

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 
 from dograph_core.config import HFSourceConfig, LocalSourceConfig
 from dograph_core.data.text import Issues, PrepareError, RawDoc, decode, dotted_get, normalise
+from dograph_core.io import is_transient
 
 _JSONL = (".jsonl", ".jsonl.gz")
 
@@ -185,9 +186,7 @@ def iter_hf(cfg: HFSourceConfig, issues: Issues) -> Iterator[RawDoc]:
             f"the local cache or local files load."
         )
         # a network failure may pass on a retry; a missing dataset or a bad config will not
-        err.transient = isinstance(e, (ConnectionError, TimeoutError)) or (
-            isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError,
-                                                          NotADirectoryError)))
+        err.transient = is_transient(e)
         raise err from None
     label = f"{cfg.name}[{cfg.split}]"
     for i, rec in enumerate(ds):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -37,7 +36,7 @@ from dograph_core.data.tokenizer import (
     tokenizer_hash,
     train_tokenizer,
 )
-from dograph_core.io import atomic_path, read_json, write_json
+from dograph_core.io import atomic_path, read_json, remove_leftovers, write_json
 
 __all__ = [
     "TokenizeError",
@@ -178,13 +177,6 @@ def _encode_file(path: Path | None, encode: Callable, writer: ShardWriter) -> No
         writer.add_many(encode(batch))
 
 
-def _remove_leftovers(out_dir: Path) -> None:
-    """Remove temporaries of an earlier killed run (``atomic_path``'s ``.name.*.tmp`` / ``.name.old-*``)."""
-    if out_dir.parent.is_dir():
-        for p in [*out_dir.parent.glob(f".{out_dir.name}.*.tmp"), *out_dir.parent.glob(f".{out_dir.name}.old-*")]:
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def tokenize(
     prepared_dir: str | Path, cfg: TokenizeConfig, cache_dir: str | Path = "data/raw", progress: bool = True
 ) -> dict[str, Any]:
@@ -208,7 +200,7 @@ def tokenize(
         path = files[("train", domain)]
         if path is not None and path.stat().st_size == 0:
             _check_size(domain, False, 0, path, cfg.min_tokens)
-    _remove_leftovers(out_dir)
+    remove_leftovers(out_dir.parent, out_dir.name)
     with atomic_path(out_dir) as tmp:
         tmp.mkdir()
         tok_dir = tmp / "tokenizer"

@@ -273,7 +273,6 @@ def read_weights(path: str | Path, domains: Optional[list[str]] = None) -> dict[
         if sorted(file_domains) != sorted(domains):
             raise MixerError(f"{path}: domains {file_domains} do not match the corpus domains {domains}")
         order = [file_domains.index(d) for d in domains]
-        doc = dict(doc)
         doc["weights"] = [doc["weights"][i] for i in order]
         doc["schedule"] = [dict(s, weights=[s["weights"][i] for i in order]) for s in doc.get("schedule", [])]
         doc["domains"] = list(domains)
