@@ -305,9 +305,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from dograph_core.io import write_json
-    from dograph_core.report import comparison_rows, rich_table, write_report
-    from tasks.results import collect_results, dvc_metrics
+    from dograph_core.report import comparison_rows, rich_table
+    from tasks.results import write_outputs
 
     p = _params(a)
     run_dir = Path(a.run_dir)
@@ -320,9 +319,7 @@ def cmd_report(a: argparse.Namespace) -> int:
                           "search_time_s": _search_time(run_dir, method)})
     if not units:
         raise FileNotFoundError(f"{run_dir}: no finished training runs (train/<method>__<scale>__s<seed>/ with a done marker)")
-    results = collect_results(run_dir.name, units, p.tokenize.out_dir, p.model_dump())
-    report = write_report(results, run_dir, title=f"dograph comparison, run {run_dir.name}")
-    write_json(run_dir / "metrics.json", dvc_metrics(results))  # as the pipeline's report task does
+    results, report = write_outputs(run_dir.name, units, run_dir, p.tokenize.out_dir, p.model_dump())
     Console(width=None if sys.stdout.isatty() else 132).print(rich_table(comparison_rows(results)))
     print(f"report: {report}")
     return 0

@@ -27,7 +27,7 @@ from dograph_core.config import Params
 from dograph_core.io import is_transient
 from tasks import steps
 from tasks.devices import device_lease
-from tasks.results import collect_results, dvc_metrics
+from tasks.results import write_outputs
 
 CORE_LOGGER = "dograph_core"
 WARNINGS_LOGGER = "dograph.warnings"  # the core's warnings.warn(...), sent to the run's logs only
@@ -172,12 +172,9 @@ def report_task(run_id: str, units: list[dict], run_dir: str, tokenized_dir: str
                 tracker: Any = None) -> dict[str, Any]:
     """Write report.md, results.json, metrics.json and plots; log them to the pipeline's MLflow run;
     publish the comparison table and the report as artifacts of the flow run."""
-    from dograph_core.io import write_json
-    from dograph_core.report import comparison_rows, markdown_table, write_report
+    from dograph_core.report import comparison_rows, markdown_table
 
-    results = collect_results(run_id, units, tokenized_dir, params)
-    report = write_report(results, run_dir, title=f"dograph comparison, run {run_id}")
-    write_json(Path(run_dir) / "metrics.json", dvc_metrics(results))
+    results, report = write_outputs(run_id, units, run_dir, tokenized_dir, params)
     rows = comparison_rows(results)
     if tracker is not None:
         for r in rows:

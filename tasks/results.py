@@ -87,6 +87,19 @@ def collect_results(run_id: str, units: Iterable[Mapping[str, Any]], tokenized_d
     }
 
 
+def write_outputs(run_id: str, units: Iterable[Mapping[str, Any]], run_dir: str | Path, tokenized_dir: str | Path,
+                  params: Optional[Mapping[str, Any]] = None) -> tuple[dict[str, Any], Path]:
+    """The report of a run directory: ``report.md`` and its plots, and ``metrics.json`` for DVC.
+    Returns the results document and the report's path."""
+    from dograph_core.io import write_json
+    from dograph_core.report import write_report
+
+    results = collect_results(run_id, units, tokenized_dir, params)
+    report = write_report(results, run_dir, title=f"dograph comparison, run {run_id}")
+    write_json(Path(run_dir) / "metrics.json", dvc_metrics(results))
+    return results, report
+
+
 def dvc_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
     """A flat, small metrics document for ``dvc metrics show``: method -> scale -> numbers."""
     from dograph_core.report import comparison_rows
