@@ -90,12 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (weights.json goes here)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
 
-    p = sub.add_parser("evaluate", help="evaluate a trained model per domain on the validation and test splits",
+    p = sub.add_parser("evaluate", help="evaluate a trained model per domain, or any model's bits per byte on text",
                        description="Load a trained model (a train run's directory or its final/) and report "
-                                   "per-domain loss, mean, worst and held-out loss, and last-word accuracy.")
+                                   "per-domain loss, mean, worst and held-out loss, and last-word accuracy. "
+                                   "With --text DIR: bits per byte of any Hugging Face causal LM (with its own "
+                                   "tokenizer) on every text file under DIR, per file, mean and pooled; "
+                                   "tokenizer-independent, so models with different vocabularies compare.")
     _common(p)
     p.add_argument("model", help="a train output directory or a Hugging Face model directory")
     p.add_argument("--out", default=None, metavar="FILE", help="also write the evaluation as JSON here")
+    p.add_argument("--text", default=None, metavar="DIR", help="score bits per byte on the UTF-8 text files under DIR")
+    p.add_argument("--glob", default="**/*", metavar="PATTERN", help="with --text: which files (default: all, "
+                                                                      "hidden ones excepted)")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="with --text: tokens of context per window (default: the model's n_positions)")
 
     p = sub.add_parser("report", help="(re)write the comparison report of a pipeline run",
                        description="Collect every finished training run of a run directory and write report.md, "
@@ -287,6 +295,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if Path(a.out).is_dir():
             raise OutputError(f"--out {a.out} is a directory; give a file name, e.g. {Path(a.out) / 'eval.json'}")
         writable_dir(Path(a.out).parent)
+    if a.text is not None:
+        return _evaluate_text(a, device)
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         corpus = TokenCorpus(p.tokenize.out_dir)
         model = load_model(a.model, corpus).to(device)  # refuses another tokenizer's model or a truncated file
@@ -297,6 +307,31 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for d, v in {**val["domains"], **val["heldout"]}.items():
         print(f"  {d:24s} val loss {v['loss']:.4f}" + ("   (held out)" if d in val["heldout"] else ""))
     print(f"  mean {val['loss_mean']:.4f}   worst {val['loss_worst']:.4f} ({val['worst_domain']})")
+    if a.out:
+        write_json(a.out, res)
+    return 0
+
+
+def _evaluate_text(a: argparse.Namespace, device) -> int:
+    from dograph_core.config import ConfigError
+    from dograph_core.io import write_json
+    from dograph_core.textscore import bits_per_byte, load_scorer, read_texts
+
+    if a.context is not None and a.context < 1:
+        raise ConfigError(f"--context must be at least 1 token, got {a.context}")
+    texts = read_texts(a.text, a.glob)  # before the model loads: a bad directory fails in a second
+    model, tokenizer = load_scorer(a.model)
+    res = bits_per_byte(model.to(device), tokenizer, texts, device, context=a.context,
+                        progress=lambda name: print(f"  scoring {name}", file=sys.stderr))
+    res["model"] = str(a.model)
+    res["text"] = str(a.text)
+    for name, v in res["files"].items():
+        flag = "" if v["lossless"] else "   (tokenizer not lossless on this file)"
+        print(f"  {name:32s} {v['bits_per_byte']:.4f} bits/byte   {v['tokens']} tokens, {v['bytes']} bytes{flag}")
+    for name in res["skipped"]:
+        print(f"  {name:32s} skipped (empty)")
+    print(f"  mean {res['bits_per_byte_mean']:.4f} bits/byte over {len(res['files'])} files   "
+          f"pooled {res['bits_per_byte_pooled']:.4f}   context {res['context']} tokens")
     if a.out:
         write_json(a.out, res)
     return 0

@@ -1,0 +1,158 @@
+"""Bits per byte of any causal language model on a directory of text files.
+
+A loss in nats per token depends on the tokenizer: a model with a larger vocabulary predicts fewer,
+harder tokens. Bits per byte does not: the summed negative log-likelihood of a file's tokens, in
+bits, over the file's length in UTF-8 bytes. Two models with different tokenizers (ours, GPT-2's,
+anyone's) are comparable on the same files.
+
+How a file is scored (:func:`score_text`):
+
+* the text is tokenized by the model's own tokenizer, without special tokens, and the sequence is
+  prefixed with the tokenizer's BOS token (or its end-of-text token, as GPT-2 uses), so that the
+  first token is predicted too: every token of the text counts;
+* the sequence is cut into windows of ``context`` predicted tokens; each window is given the
+  ``context`` tokens before it as input, so every token is scored exactly once, with its context
+  reset at window boundaries (non-overlapping windows, as lm-evaluation-harness's rolling
+  log-likelihood uses by default);
+* ``bits_per_byte = sum(NLL) / ln 2 / len(text.encode("utf-8"))``.
+
+The result holds, per file, bytes, tokens, nats per token and bits per byte, and over the files
+their mean and the pooled figure (all bits over all bytes). A tokenizer that does not give the text
+back from its tokens (a normalising one) is flagged per file (``lossless``): its bits per byte is
+then of the normalised text.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class TextScoreError(ValueError):
+    """Text that cannot be scored (no files, not UTF-8) or a model/tokenizer that cannot score it."""
+
+
+def read_texts(root: str | Path, pattern: str = "**/*") -> dict[str, str]:
+    """The UTF-8 text of every regular, non-hidden file under ``root`` matching ``pattern``, by relative path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TextScoreError(f"--text {root}: not a directory")
+    files = sorted(p for p in root.glob(pattern)
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise TextScoreError(f"--text {root}: no files match {pattern!r}")
+    texts = {}
+    for p in files:
+        try:
+            texts[str(p.relative_to(root))] = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TextScoreError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); "
+                                 "convert it, or narrow the files with --glob") from None
+    return texts
+
+
+def load_scorer(path: str | Path) -> tuple[torch.nn.Module, Any]:
+    """A causal LM and its tokenizer from a Hugging Face model directory (or a training run's ``final/``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(path)
+    if (model_dir / "final").is_dir():
+        model_dir = model_dir / "final"
+    if not (model_dir / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no model (expected config.json there or in final/)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - many kinds; name the directory and why
+        raise TextScoreError(f"{model_dir}: no tokenizer to score text with ({type(e).__name__}: {e}); "
+                             "bits per byte needs the model's own tokenizer files next to it") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise TextScoreError(f"{model_dir}: cannot load the model ({type(e).__name__}: {e})") from None
+    return model, tokenizer
+
+
+def _start_token(tokenizer) -> int:
+    for name in ("bos_token_id", "eos_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None:
+            return int(tid)
+    raise TextScoreError("the tokenizer has neither a BOS nor an end-of-text token, so the first token of a "
+                         "file cannot be predicted; bits per byte would leave it out")
+
+
+@torch.no_grad()
+def score_text(model: torch.nn.Module, tokenizer, text: str, context: int, device: torch.device,
+               batch: int = 8) -> dict[str, Any]:
+    """Bits per byte of ``text`` under ``model`` (see the module docstring for the windows)."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    n_bytes = len(text.encode("utf-8"))
+    seq = torch.tensor([_start_token(tokenizer), *ids], dtype=torch.long)
+    n = len(ids)
+    nll = 0.0
+    starts = list(range(0, n, context))  # window j predicts seq[s+1 : s+1+context] from seq[s : s+context]
+    for i in range(0, len(starts), batch):
+        chunk = starts[i:i + batch]
+        width = min(context, n - chunk[0])
+        x = torch.zeros(len(chunk), width, dtype=torch.long)
+        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # padded positions are not scored
+        for r, s in enumerate(chunk):
+            m = min(context, n - s)
+            x[r, :m] = seq[s:s + m]
+            y[r, :m] = seq[s + 1:s + 1 + m]
+        logits = model(input_ids=x.to(device), use_cache=False).logits.float()
+        nll += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
+                                     reduction="sum"))
+    lossless = tokenizer.decode(ids) == text
+    return {
+        "bytes": n_bytes,
+        "tokens": n,
+        "nats_per_token": nll / n if n else float("nan"),
+        "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else float("nan"),
+        "bits": nll / math.log(2),
+        "lossless": lossless,
+    }
+
+
+def bits_per_byte(model: torch.nn.Module, tokenizer, texts: dict[str, str], device: torch.device,
+                  context: Optional[int] = None, batch: int = 8,
+                  progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+    """Per file and over all files: bits per byte of ``texts`` (name -> text) under ``model``.
+
+    Empty files are listed under ``skipped`` (no bytes to score). ``context`` defaults to the model's
+    ``n_positions``.
+    """
+    context = int(context or getattr(model.config, "n_positions", 0) or 1024)
+    if context < 1:
+        raise TextScoreError(f"context must be at least 1 token, got {context}")
+    was_training = model.training
+    model.eval()
+    files, skipped = {}, []
+    try:
+        for name, text in texts.items():
+            if not text:
+                skipped.append(name)
+                continue
+            if progress:
+                progress(name)
+            files[name] = score_text(model, tokenizer, text, context, device, batch)
+    finally:
+        model.train(was_training)
+    if not files:
+        raise TextScoreError(f"every file is empty: {skipped}")
+    bpb = [v["bits_per_byte"] for v in files.values()]
+    total_bits = sum(v["bits"] for v in files.values())
+    total_bytes = sum(v["bytes"] for v in files.values())
+    return {
+        "files": files,
+        "skipped": skipped,
+        "bits_per_byte_mean": float(np.mean(bpb)),
+        "bits_per_byte_pooled": total_bits / total_bytes,
+        "bytes": total_bytes,
+        "context": context,
+        "lossless": all(v["lossless"] for v in files.values()),
+    }
