@@ -10,10 +10,10 @@ How a file is scored (:func:`score_text`):
 * the text is tokenized by the model's own tokenizer, without special tokens, and the sequence is
   prefixed with the tokenizer's BOS token (or its end-of-text token, as GPT-2 uses), so that the
   first token is predicted too: every token of the text counts;
-* the sequence is cut into windows of ``context`` predicted tokens; each window is given the
-  ``context`` tokens before it as input, so every token is scored exactly once, with its context
-  reset at window boundaries (non-overlapping windows, as lm-evaluation-harness's rolling
-  log-likelihood uses by default);
+* the sequence is cut into windows of ``context`` predicted tokens, each scored from the tokens
+  before it within the window, so every token is scored exactly once and the context resets at
+  window boundaries; a last, shorter window is right-aligned to take a full ``context`` of input
+  (lm-evaluation-harness's rolling log-likelihood does the same; the test checks the two agree);
 * ``bits_per_byte = sum(NLL) / ln 2 / len(text.encode("utf-8"))``.
 
 The result holds, per file, bytes, tokens, nats per token and bits per byte, and over the files
@@ -94,16 +94,18 @@ def score_text(model: torch.nn.Module, tokenizer, text: str, context: int, devic
     seq = torch.tensor([_start_token(tokenizer), *ids], dtype=torch.long)
     n = len(ids)
     nll = 0.0
-    starts = list(range(0, n, context))  # window j predicts seq[s+1 : s+1+context] from seq[s : s+context]
-    for i in range(0, len(starts), batch):
-        chunk = starts[i:i + batch]
-        width = min(context, n - chunk[0])
+    # window [s, e) predicts seq[s+1 : e+1] from seq[lo : e]; lo = s except for a last, partial window,
+    # which is right-aligned to keep a full context (its tokens before s are context only)
+    windows = [(s, min(s + context, n)) for s in range(0, n, context)]
+    windows = [(s, e, max(0, e - context)) for s, e in windows]
+    for i in range(0, len(windows), batch):
+        chunk = windows[i:i + batch]
+        width = max(e - lo for _, e, lo in chunk)
         x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # padded positions are not scored
-        for r, s in enumerate(chunk):
-            m = min(context, n - s)
-            x[r, :m] = seq[s:s + m]
-            y[r, :m] = seq[s + 1:s + 1 + m]
+        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # context and padding are not scored
+        for r, (s, e, lo) in enumerate(chunk):
+            x[r, :e - lo] = seq[lo:e]
+            y[r, s - lo:e - lo] = seq[s + 1:e + 1]
         logits = model(input_ids=x.to(device), use_cache=False).logits.float()
         nll += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
                                      reduction="sum"))

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                       "hidden ones excepted)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="with --text: tokens of context per window (default: the model's n_positions)")
+    p.add_argument("--lm-eval", default=None, metavar="TASKS",
+                   help="run lm-evaluation-harness tasks (comma-separated, e.g. arc_easy,hellaswag,piqa,sciq,"
+                        "lambada_openai; those need hub access) on the model; needs the lm-eval extra")
+    p.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                   help="with --lm-eval: a directory of task YAML files of your own (local data files run offline)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="with --lm-eval: at most N examples per task")
 
     p = sub.add_parser("report", help="(re)write the comparison report of a pipeline run",
                        description="Collect every finished training run of a run directory and write report.md, "
@@ -284,6 +290,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
+    from dograph_core.config import ConfigError
     from dograph_core.data.corpus import TokenCorpus
     from dograph_core.distributed import resolve_device
     from dograph_core.evaluate import evaluate_final, load_model
@@ -295,8 +302,12 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         if Path(a.out).is_dir():
             raise OutputError(f"--out {a.out} is a directory; give a file name, e.g. {Path(a.out) / 'eval.json'}")
         writable_dir(Path(a.out).parent)
+    if a.text is not None and a.lm_eval is not None:
+        raise ConfigError("--text and --lm-eval: give one of them per call")
     if a.text is not None:
         return _evaluate_text(a, device)
+    if a.lm_eval is not None:
+        return _evaluate_lm_eval(a, device)
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         corpus = TokenCorpus(p.tokenize.out_dir)
         model = load_model(a.model, corpus).to(device)  # refuses another tokenizer's model or a truncated file
@@ -332,6 +343,24 @@ def _evaluate_text(a: argparse.Namespace, device) -> int:
         print(f"  {name:32s} skipped (empty)")
     print(f"  mean {res['bits_per_byte_mean']:.4f} bits/byte over {len(res['files'])} files   "
           f"pooled {res['bits_per_byte_pooled']:.4f}   context {res['context']} tokens")
+    if a.out:
+        write_json(a.out, res)
+    return 0
+
+
+def _evaluate_lm_eval(a: argparse.Namespace, device) -> int:
+    from dograph_core.config import ConfigError
+    from dograph_core.io import write_json
+    from dograph_core.lmeval import run_lm_eval
+
+    if a.limit is not None and a.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {a.limit}")
+    tasks = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
+    res = run_lm_eval(a.model, tasks, device=str(device), include=a.lm_eval_include, limit=a.limit)
+    for task, metrics in res["results"].items():
+        shown = "   ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
+                           if isinstance(v, float) and "stderr" not in k)
+        print(f"  {task:24s} {shown}   (n {res['n_samples'].get(task, {}).get('effective', '?')})")
     if a.out:
         write_json(a.out, res)
     return 0
