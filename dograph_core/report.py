@@ -18,7 +18,13 @@ build one by hand (tests do). Schema (``results.json``)::
                "curves": [{"step": int, "val_loss": {domain: float}}, ...],
                "plots": [path, ...]}]}           # optional: the method's own figures (linked)
 
-Numbers over several seeds are averaged; the table says how many seeds each row has.
+Numbers over several seeds are averaged, with their standard deviation over seeds; the table says
+how many seeds each row has. Methods that ran with several seeds are also compared *paired by seed*
+(:func:`paired_rows`): against uniform and against the best baseline at their scale (the non-DoGraph
+method with the lowest worst-domain loss; a method's type comes from ``results["params"]["methods"]``
+when present, else from its name), the mean difference, its spread, the paired t-test's p-value and
+the 95% confidence interval, for the mean, worst and held-out loss. ``write_report`` adds them to
+``results.json`` as ``"paired"``.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from dograph_core.io import atomic_path, write_json
+from dograph_core.stats import fmt_p, mean_std, paired
 
 COLUMNS = ("method", "scale", "seeds", "val_mean", "val_worst", "worst_domain", "heldout", "train_s", "search_s")
 
@@ -76,20 +83,66 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     for (method, scale), rs in groups.items():
         scores = [run_scores(r) for r in rs]
         worst = max(scores, key=lambda s: s["val_worst"])
-        rows.append(
-            {
-                "method": method,
-                "scale": scale,
-                "seeds": len(rs),
-                "val_mean": _mean(s["val_mean"] for s in scores),
-                "val_worst": _mean(s["val_worst"] for s in scores),
-                "worst_domain": worst["worst_domain"],
-                "heldout": _mean(s["heldout"] for s in scores),
-                "train_s": _mean(r.get("wall_time_s") for r in rs),
-                "search_s": _mean(r.get("search_time_s") for r in rs),
-            }
-        )
+        row = {"method": method, "scale": scale, "seeds": len(rs), "worst_domain": worst["worst_domain"],
+               "train_s": _mean(r.get("wall_time_s") for r in rs),
+               "search_s": _mean(r.get("search_time_s") for r in rs)}
+        for col in SCORES:
+            ms = mean_std(s[col] for s in scores)
+            row[col], row[f"{col}_sd"] = ms["mean"], ms["std"]
+        rows.append(row)
     return rows
+
+
+SCORES = ("val_mean", "val_worst", "heldout")
+
+
+def is_dograph(results: dict[str, Any], method: str) -> bool:
+    spec = ((results.get("params") or {}).get("methods") or {}).get(method) or {}
+    return str(spec.get("type") or method).startswith("dograph")
+
+
+def paired_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per scale, every method minus uniform and minus the best baseline, paired by seed.
+
+    One row per (scale, method, reference) with ``{score: stats.paired(...)}`` for the mean, worst
+    and held-out loss; only where the two share at least two seeds.
+    """
+    by: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in results.get("runs") or []:
+        by[(str(r["scale"]), str(r["method"]))][int(r.get("seed") or 0)] = run_scores(r)
+    rows = comparison_rows(results)
+    out = []
+    for scale in dict.fromkeys(r["scale"] for r in rows):
+        here = [r for r in rows if r["scale"] == scale]
+        base = [r for r in here if not is_dograph(results, r["method"]) and math.isfinite(r["val_worst"])]
+        refs = [("uniform", "uniform")] if any(r["method"] == "uniform" for r in here) else []
+        if base:
+            best = min(base, key=lambda r: r["val_worst"])["method"]
+            refs.append((best, f"best ({best})"))
+        for r in here:
+            for ref, label in refs:
+                a, b = by[(scale, r["method"])], by[(scale, ref)]
+                if r["method"] == ref or len(set(a) & set(b)) < 2:
+                    continue
+                out.append({"scale": scale, "method": r["method"], "vs": label, "reference": ref,
+                            **{col: paired({s: v[col] for s, v in a.items()}, {s: v[col] for s, v in b.items()})
+                               for col in SCORES}})
+    return out
+
+
+def _delta(d: dict[str, Any]) -> str:
+    if not math.isfinite(d["mean"]):
+        return "–"
+    lo, hi = d["ci"]
+    return f"{d['mean']:+.3f} ± {d['std']:.3f} [{lo:+.3f}, {hi:+.3f}] (p {fmt_p(d['p'])})"
+
+
+def paired_table(prs: list[dict[str, Any]]) -> str:
+    lines = ["| scale | method | vs | seeds | Δ mean | Δ worst | Δ held-out |", "|---|---|---|---:|---:|---:|---:|"]
+    for r in prs:
+        lines.append(f"| {r['scale']} | {r['method']} | {r['vs']} | {r['val_mean']['n']} | {_delta(r['val_mean'])} | "
+                     f"{_delta(r['val_worst'])} | {_delta(r['heldout'])} |")
+    return "\n".join(lines)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -107,7 +160,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
     def cell(r: dict[str, Any], col: str) -> str:
         s = _fmt(r[col])
-        return f"**{s}**" if math.isfinite(r[col]) and r[col] == best.get((r["scale"], col)) else s
+        s = f"**{s}**" if math.isfinite(r[col]) and r[col] == best.get((r["scale"], col)) else s
+        sd = r.get(f"{col}_sd", math.nan)
+        return f"{s} ± {_fmt(sd)}" if sd is not None and math.isfinite(sd) else s
 
     lines = [
         "| method | scale | seeds | mean val loss | worst val loss (domain) | held-out loss | train time (s) | search time (s) |",
@@ -249,6 +304,13 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
         markdown_table(rows),
         "",
     ]
+    prs = paired_rows(results)
+    if prs:
+        parts += ["## Paired differences by seed", "",
+                  "Method minus reference over the seeds both ran (negative = lower loss = better): mean ± sd "
+                  "of the differences, [95% confidence interval], (paired t-test p-value). The best baseline "
+                  "is the non-DoGraph method with the lowest worst-domain loss at that scale.", "",
+                  paired_table(prs), ""]
     for caption, p in made:
         if p is not None:
             parts += [f"## {caption}", "", f"![{caption}](plots/{p.name})", ""]
@@ -259,7 +321,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
             rel = os.path.relpath(f, out) if f.is_absolute() else str(f)
             parts.append(f"- {_label(run)}: [{f.stem}]({rel})")
         parts.append("")
-    write_json(out / "results.json", results)
+    write_json(out / "results.json", {**results, "paired": prs})
     report = out / "report.md"
     with atomic_path(report) as tmp:
         tmp.write_text("\n".join(parts))

@@ -45,8 +45,9 @@ def mean_std(xs: Iterable[Any]) -> dict[str, float]:
 def paired(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> dict[str, Any]:
     """Paired differences ``a[s] - b[s]`` over the seeds ``s`` both arms have (finite values only).
 
-    Returns ``{"mean", "std", "n", "diffs", "seeds", "t", "p"}``; ``t`` and ``p`` (two-sided paired
-    t-test) are NaN with fewer than two pairs, and ``p`` is 1.0 when every difference is zero.
+    Returns ``{"mean", "std", "n", "diffs", "seeds", "t", "p", "ci"}``; ``t`` and ``p`` (two-sided
+    paired t-test) are NaN with fewer than two pairs, and ``p`` is 1.0 when every difference is zero;
+    ``ci`` is the 95% confidence interval of the mean difference (Student's t), NaNs below two pairs.
     """
     seeds = sorted(s for s in set(a) & set(b) if _finite([a[s]]) and _finite([b[s]]))
     diffs = [float(a[s]) - float(b[s]) for s in seeds]
@@ -60,7 +61,13 @@ def paired(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> dict[str, Any]:
 
             res = ttest_rel([float(a[s]) for s in seeds], [float(b[s]) for s in seeds])
             t, p = float(res.statistic), float(res.pvalue)
-    return {**ms, "diffs": diffs, "seeds": seeds, "t": t, "p": p}
+    ci = (math.nan, math.nan)
+    if len(diffs) >= 2:
+        from scipy.stats import t as student_t
+
+        half = float(student_t.ppf(0.975, len(diffs) - 1)) * ms["std"] / math.sqrt(len(diffs))
+        ci = (ms["mean"] - half, ms["mean"] + half)
+    return {**ms, "diffs": diffs, "seeds": seeds, "t": t, "p": p, "ci": ci}
 
 
 def gain_fraction(delta: float, yardstick: float) -> float:

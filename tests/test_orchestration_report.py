@@ -54,7 +54,7 @@ def test_markdown_marks_the_best_per_scale(tmp_path):
     rows = [ln.split("|") for ln in text.splitlines() if ln.startswith("| ") and ln.split("|")[2].strip() in ("nano", "micro")]
     lines = {f"{r[1].strip()}@{r[2].strip()}": "|".join(r) for r in rows}
     assert "**3.867**" in lines["dograph@nano"]          # best mean at nano (uniform: 4.000)
-    assert "**4.500** (math)" in lines["dograph@nano"]   # best worst-domain loss at nano
+    assert "**4.500** ± 0.141 (math)" in lines["dograph@nano"]   # best worst-domain loss at nano, sd over seeds
     assert "**5.600**" in lines["dograph@nano"]          # best held-out at nano
     assert "**" not in lines["uniform@nano"]
     assert lines["uniform@micro"].count("**") == 6       # alone at its scale: best of all three
@@ -62,6 +62,39 @@ def test_markdown_marks_the_best_per_scale(tmp_path):
         assert (tmp_path / "plots" / png).read_bytes()[:4] == b"\x89PNG"
         assert f"plots/{png}" in text
     assert json.loads((tmp_path / "results.json").read_text())["run_id"] == "t"
+
+
+def test_paired_differences_by_seed_against_uniform_and_the_best_baseline(tmp_path):
+    from scipy.stats import t as student_t
+    from scipy.stats import ttest_rel
+
+    from dograph_core.report import paired_rows, write_report
+
+    uni = [[3.0, 4.0, 5.0], [3.1, 4.2, 5.3], [2.9, 3.9, 4.8]]
+    odm = [[3.0, 4.0, 4.9], [3.1, 4.1, 5.1], [2.9, 3.9, 4.7]]  # the best baseline: lowest worst-domain loss
+    nat = [[3.0, 4.0, 5.2], [3.1, 4.2, 5.4], [2.9, 3.9, 5.0]]
+    dg = [[3.0, 4.0, 4.6], [3.1, 4.1, 5.0], [2.9, 3.9, 4.4]]
+    runs = [_run(m, "nano", v, 6.0 - 0.1 * i, seed=i) for m, vals in
+            (("uniform", uni), ("odm", odm), ("natural", nat), ("mine", dg)) for i, v in enumerate(vals)]
+    runs.append(_run("mine", "micro", [1.0, 1.0, 1.0], 2.0))  # one seed, no uniform: nothing to pair
+    res = {"run_id": "p", "domains": DOMAINS, "heldout": ["email"], "runs": runs,
+           "params": {"methods": {"mine": {"type": "dograph"}, "odm": {"type": "odm"}}}}
+    rows = {(r["method"], r["vs"]): r for r in paired_rows(res)}
+    assert set(rows) == {("odm", "uniform"), ("natural", "uniform"), ("natural", "best (odm)"),
+                         ("mine", "uniform"), ("mine", "best (odm)"), ("uniform", "best (odm)")}
+    d = rows[("mine", "best (odm)")]["val_worst"]
+    a, b = [v[2] for v in dg], [v[2] for v in odm]
+    assert d["diffs"] == pytest.approx([x - y for x, y in zip(a, b)])
+    assert d["p"] == pytest.approx(ttest_rel(a, b).pvalue)
+    half = student_t.ppf(0.975, 2) * d["std"] / 3 ** 0.5
+    assert d["ci"] == pytest.approx((d["mean"] - half, d["mean"] + half))
+    assert rows[("mine", "uniform")]["heldout"]["mean"] == pytest.approx(0.0)  # same held-out loss per seed
+    text = write_report(res, tmp_path).read_text()
+    assert "## Paired differences by seed" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| nano | mine | best (odm) |"))
+    assert f"{d['mean']:+.3f} ± {d['std']:.3f}" in line
+    saved = json.loads((tmp_path / "results.json").read_text())["paired"]
+    assert len(saved) == len(rows)
 
 
 def test_report_refuses_results_without_runs_or_losses(tmp_path):
