@@ -16,7 +16,10 @@ part of the method has a row that removes it:
   F2 (weighted max-min) for F1 and no noise shrinkage (``shrink: false``), both measured against
   ``rho: 1.0`` (the default when they were run);
 * the progress signal: model-node progress from the training windows instead of the fixed probe
-  (``progress_from: batch``); a uniform prior over clusters instead of their base frequency
+  (``progress_from: batch``), or a probe of 32 sequences instead of 96 (``progress_probe: 32``; both
+  are the cost issue's levers: the probe is most of model-node DoGraph's overhead);
+* cost: online features for 4 sequences of each micro-batch (``feature_sequences: 4``), progress from
+  the training windows and a re-clustering every 250 steps instead of 100, together (``cheap``); a uniform prior over clusters instead of their base frequency
   (``prior: uniform``, against tempered loss weights with ``rho: 1.0``);
 * model-perceived domains: frozen between re-clusterings (``live: false``) vs live; no occupancy guard
   (``balance: 0``); K = 4; exact per-example gradients (``features: exact``);
@@ -63,6 +66,9 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "dograph_model_loss_F3": ("dograph_model_loss", "F3 constraint", {"rho": 1.0}),
     "dograph_model_prior_uniform": ("dograph_model_loss_F3", "progress prior", {"prior": "uniform"}),
     "dograph_model_batch_progress": ("dograph_model", "progress source", {"progress_from": "batch"}),
+    "dograph_model_probe32": ("dograph_model", "progress probe size", {"progress_probe": 32}),
+    "dograph_model_cheap": ("dograph_model", "cost levers", {"feature_sequences": 4, "progress_from": "batch",
+                                                             "recluster_every": 250}),
     "dograph_model_fixed": ("dograph_model", "live clusters", {"live": False}),
     "dograph_model_no_balance": ("dograph_model", "occupancy guard", {"balance": 0.0}),
     "dograph_model_k4": ("dograph_model", "K", {"k": 4}),

@@ -34,6 +34,11 @@ Variants are DoGraph parameter overrides: ``--variant name:key=value,key=value``
     .venv/bin/python bench/overhead.py --scales nano --blocks 6 --block-steps 5 \\
         --variant count:sketch=count --variant tok32:feature_tokens=32
 
+On a GPU (every arm on the same device, bf16 autocast as the ``gpu`` preset trains; the timers read
+after ``torch.cuda.synchronize``), GPT-2 small and medium shapes:
+
+    python bench/overhead.py --device cuda --dtype bf16 --scales small,medium --batch 32 --seq-len 512
+
 Ends with one line of JSON:
 ``{"bench": "overhead", "overhead": {scale: default's overhead}, "variants": {scale: {name: {...}}}}``.
 """
@@ -67,16 +72,24 @@ from dograph_core.train import make_optimizer  # noqa: E402
 DEFAULT_DATA = ROOT / "runs" / "compare" / "data" / "tokenized"
 
 
+def _sync(device: torch.device) -> None:
+    """GPU work is asynchronous: a timer read after a sync counts the work, not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Arm:
     """One method's training state, stepped exactly as ``dograph_core.train`` steps it."""
 
-    def __init__(self, name: str, method: dict, cfg: TrainConfig, corpus, seed: int):
+    def __init__(self, name: str, method: dict, cfg: TrainConfig, corpus, seed: int,
+                 device: torch.device = torch.device("cpu"), bf16: bool = False):
         self.name = name
+        self.device = device
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.scale, corpus.vocab_size, cfg.seq_len, corpus.eot_id)
+        self.model = build_model(cfg.scale, corpus.vocab_size, cfg.seq_len, corpus.eot_id).to(device)
         self.cfg = cfg
         ctx = MixerContext(domains=corpus.train_domains, natural=corpus.natural_weights, total_steps=cfg.steps,
-                           seq_len=cfg.seq_len, vocab_size=corpus.vocab_size, device=torch.device("cpu"),
+                           seq_len=cfg.seq_len, vocab_size=corpus.vocab_size, device=device,
                            seed=cfg.seed, corpus=corpus, heldout_domains=corpus.heldout_domains, out_dir=None,
                            scale=cfg.scale, rank=0, world_size=1)
         params = dict(method)
@@ -84,8 +97,8 @@ class Arm:
         self.sampler = MixtureSampler({d: corpus.tokens("train", d) for d in corpus.train_domains},
                                       corpus.train_domains, cfg.seq_len, cfg.batch_size,
                                       self.mixer.sampling_weights(), seed=cfg.seed, max_epochs=cfg.max_epochs)
-        self.opt, self.sched = make_optimizer(self.model, cfg, torch.device("cpu"))
-        self.fwd = LMLoss(self.model, False)
+        self.opt, self.sched = make_optimizer(self.model, cfg, device)
+        self.fwd = LMLoss(self.model, bf16)
         self.model.train()
         self.step_no = 0
         self.events: dict[str, list[float]] = {"update": [], "recluster": []}
@@ -115,8 +128,8 @@ class Arm:
         step, cfg = self.step_no, self.cfg
         lr = self.sched.get_last_lr()[0]
         draw = self.sampler.draw(step)
-        x = self.sampler.tokens(draw, slice(None))
-        dom = torch.from_numpy(draw.domain_ids)
+        x = self.sampler.tokens(draw, slice(None)).to(self.device, non_blocking=True)
+        dom = torch.from_numpy(draw.domain_ids).to(self.device)
         r = micro_step(self.fwd, self.model, self.mixer, x, dom, step, lr, 1.0)
         float(r.loss), float(r.objective)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -126,15 +139,20 @@ class Arm:
         event = 0.0
         if step % self.mixer.update_every == 0:
             self._inner = {}
+            _sync(self.device)
             t0 = time.perf_counter()
             new = self.mixer.update(step, identity_reduce)
             if new is not None:
                 self.mixer.set_weights(new, step)
             self.sampler.set_weights(self.mixer.sampling_weights())
+            _sync(self.device)
             event = time.perf_counter() - t0
-            rec = self._inner.get("recluster", 0.0)
+            # _maybe_recluster runs at every update and returns at once unless a re-clustering is due:
+            # only the calls that re-clustered are re-clustering events (the others stay in the update)
+            did = getattr(self.mixer, "_last_try", None) == step
+            rec = self._inner.get("recluster", 0.0) if did else 0.0
             self.events["update"].append(event - rec)
-            if rec:
+            if did:
                 self.events["recluster"].append(rec)
             for k in self.parts:
                 self.parts[k].append(self._inner.get(k, 0.0))
@@ -143,8 +161,10 @@ class Arm:
 
     def block(self, n: int) -> float:
         """``n`` steps; seconds without the events (they are amortised separately)."""
+        _sync(self.device)
         t0 = time.perf_counter()
         ev = sum(self.step() for _ in range(n))
+        _sync(self.device)
         return time.perf_counter() - t0 - ev
 
 
@@ -160,10 +180,12 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str, Any]:
     total = args.warmup + args.blocks * args.block_steps + 1
     cfg = TrainConfig(scale=scale, steps=max(total, 100), batch_size=args.batch, seq_len=args.seq_len,
-                      warmup_steps=2, eval_every=0, threads=1, progress=False, seed=args.seed)
+                      warmup_steps=2, eval_every=0, threads=1 if args.device == "cpu" else None, progress=False,
+                      seed=args.seed)
+    device, bf16 = torch.device(args.device), args.dtype == "bf16"
     base = {"type": "dograph", "nodes": args.nodes, "plots": False, "analysis_probes": []}
-    arms = [Arm("uniform", {"type": "uniform"}, cfg, corpus, args.seed)]
-    arms += [Arm(n, {**base, **v}, cfg, corpus, args.seed) for n, v in variants.items()]
+    arms = [Arm("uniform", {"type": "uniform"}, cfg, corpus, args.seed, device, bf16)]
+    arms += [Arm(n, {**base, **v}, cfg, corpus, args.seed, device, bf16) for n, v in variants.items()]
     dg = arms[1:]
     t0 = time.perf_counter()
     # warm-up: past the first update (the first re-clustering), so the timed blocks see model nodes in force
@@ -235,8 +257,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--data", default=None, help=f"a tokenized corpus (default: {DEFAULT_DATA} if present, else synthetic)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
     ap.add_argument("--no-default", action="store_true", help="skip the default DoGraph arm")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every arm on it)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as training on a GPU")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: no CUDA device here")
+    if args.device == "cpu":
+        torch.set_num_threads(1)
     os.environ.setdefault("DO_NOT_TRACK", "true")
     variants: dict[str, dict] = {} if args.no_default else {"default": {}}
     variants.update(dict(parse_variant(v) for v in args.variant))
@@ -247,7 +274,8 @@ def main(argv: Optional[list[str]] = None) -> None:
             from dograph_overhead import synthetic_corpus
 
             corpus, data = synthetic_corpus(Path(tmp) / "corpus"), "synthetic"
-        res: dict[str, Any] = {"bench": "overhead", "data": data, "threads": 1, "batch": args.batch,
+        res: dict[str, Any] = {"bench": "overhead", "data": data, "device": args.device, "dtype": args.dtype,
+                               "threads": 1 if args.device == "cpu" else torch.get_num_threads(), "batch": args.batch,
                                "seq_len": args.seq_len, "nodes": args.nodes, "overhead": {}, "variants": {}}
         for scale in [s for s in args.scales.split(",") if s]:
             r = bench_scale(scale, corpus, args, variants)
