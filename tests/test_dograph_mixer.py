@@ -214,9 +214,9 @@ def test_exact_feature_path_names_a_missing_parameter(corpus):
         run(m, nano_model(seq_len=T), 1)
 
 
-@pytest.mark.parametrize("nodes", ["human", "model"])
-def test_state_survives_weights_only_checkpoint_and_resume_is_exact(corpus, nodes):
-    params = {**SMALL, "nodes": nodes, "min_ari": 0.0}
+@pytest.mark.parametrize("nodes,extra", [("human", {}), ("model", {}), ("model", {"feature_sequences": 5})])
+def test_state_survives_weights_only_checkpoint_and_resume_is_exact(corpus, nodes, extra):
+    params = {**SMALL, "nodes": nodes, "min_ari": 0.0, **extra}
     torch.manual_seed(1)
     model_a = nano_model(seq_len=T)
     model_b = nano_model(seq_len=T)
@@ -247,6 +247,24 @@ def test_bad_config_is_refused_with_the_key(corpus):
         build_mixer("dograph", {"no_such_key": 1}, ctx_for(corpus))
     with pytest.raises(MixerError, match="objective"):
         build_mixer("dograph", {"objective": "A9"}, ctx_for(corpus))
+    with pytest.raises(MixerError, match="feature_sequences needs apply: sample"):
+        build_mixer("dograph", {"nodes": "model", "apply": "loss", "feature_sequences": 4}, ctx_for(corpus))
+
+
+def test_feature_sequences_feed_the_statistics_exact_features_of_a_subset(corpus):
+    """The cost lever keeps each feature exact and only takes fewer of them: a window of 5 micro-batches
+    of 12 sequences adds 5 x 4 features, and the ones it adds are rows of the full batch's features."""
+    m = build_mixer("dograph", {**SMALL, "nodes": "human", "feature_sequences": 4}, ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 4)
+    assert float(m.human.means.counts.sum()) == 16.0
+    model = nano_model(seq_len=T)
+    ids, _ = draw_probe(corpus, corpus.train_domains, 12, T, seed=99)
+    o = model(ids[:, :-1], output_hidden_states=True)
+    st = BatchStats(step=5, domain_ids=torch.arange(12) % 3, example_loss=torch.ones(12), input_ids=ids,
+                    hidden=o.hidden_states[-1].detach(), logits=o.logits.detach(), model=model)
+    idx = m._subset(st)
+    assert idx is not None and len(idx) == 4 and len(set(idx.tolist())) == 4
+    assert torch.allclose(m._features(st, idx), m._features(st)[idx], atol=1e-6)
 
 
 def test_nan_features_skip_the_window_and_keep_weights(corpus, caplog):

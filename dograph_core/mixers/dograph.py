@@ -97,6 +97,7 @@ class DoGraphMixer(Mixer):
         self.events = EventLog(ctx.out_dir, ctx.rank == 0)
         self._analysis_done: set[int] = set()
         self._last_try: Optional[int] = None
+        self._subset_draws = 0
         self._exact_names: Optional[list[str]] = None
         super().__init__(cfg, ctx)
 
@@ -140,20 +141,32 @@ class DoGraphMixer(Mixer):
             self.proj = Projection(vocab, hidden, self.cfg.r1, self.cfg.r2, self._seed, self.cfg.sketch)
         return self.proj
 
-    def _features(self, stats: BatchStats) -> Optional[torch.Tensor]:
+    def _subset(self, stats: BatchStats) -> Optional[torch.Tensor]:
+        """The sequences of this micro-batch whose features are computed (``feature_sequences``), or None for all."""
+        n, b = self.cfg.feature_sequences, stats.example_loss.shape[0]
+        if n is None or n >= b:
+            return None
+        self._subset_draws += 1  # a new subset for every micro-batch, reproducible from the seed
+        gen = torch.Generator().manual_seed(self._seed * 1000003 + self._subset_draws)
+        return torch.randperm(b, generator=gen)[:n].sort().values
+
+    def _features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         if stats.hidden is None or stats.logits is None:
             raise MixerError("dograph needs hidden states and logits (needs = {'hidden'}); the loop did not pass them")
         t0 = time.perf_counter()
+        ids, hidden, logits = stats.input_ids, stats.hidden, stats.logits
+        if idx is not None:
+            dev = idx.to(ids.device)
+            ids, hidden, logits = ids[dev], hidden[dev], logits[dev]
         if self.cfg.features == "exact":
             self._see_model(stats)
             if self._model is None:
                 raise MixerError("dograph with features: exact needs the model in BatchStats.model")
-            (z,) = self._exact(stats.input_ids, [self._seed])
+            (z,) = self._exact(ids, [self._seed])
         else:
-            proj = self._projection(stats.logits.shape[-1], stats.hidden.shape[-1])
+            proj = self._projection(logits.shape[-1], hidden.shape[-1])
             gen = torch.Generator().manual_seed(self._seed * 100003 + stats.step) if self.cfg.feature_tokens else None
-            z = output_features(stats.hidden, stats.logits, stats.input_ids[:, 1:], proj,
-                                tokens=self.cfg.feature_tokens, generator=gen)
+            z = output_features(hidden, logits, ids[:, 1:], proj, tokens=self.cfg.feature_tokens, generator=gen)
         self.feature_time += time.perf_counter() - t0
         try:
             check_features(z, f"step {stats.step} training batch features")
@@ -252,17 +265,20 @@ class DoGraphMixer(Mixer):
             self._exact_param_names()  # a misspelt parameter fails the run at its first step, not at every probe
         if 0 not in self._analysis_done and 0.0 in self.cfg.analysis_probes:
             self._analysis_probe(0)    # before the first optimizer step: the model at initialisation
+        src = stats.domain_ids.cpu()
+        loss = stats.example_loss.detach().float().cpu()
         if self._pending is not None:
             z, labels, w = self._pending
             self._pending = None
         else:
-            z = self._features(stats)
+            idx = self._subset(stats)
+            z = self._features(stats, idx)
             if z is None:
                 return
+            if idx is not None:  # the statistics of this window come from the sampled sequences alone
+                src, loss = src[idx], loss[idx]
             labels = torch.from_numpy(self.clusters.assign(z.double().numpy())) if self.clusters is not None else None
             w = torch.ones(z.shape[0], dtype=torch.float64)
-        src = stats.domain_ids.cpu()
-        loss = stats.example_loss.detach().float().cpu()
         self.human.means.add(z, src, loss)
         self._mass.index_add_(0, src, w.double())
         if labels is not None:
@@ -562,6 +578,7 @@ class DoGraphMixer(Mixer):
             "pprobe_prev": None if self._pprobe_prev is None else torch.from_numpy(self._pprobe_prev.copy()),
             "updates": dict(self.updates), "last_step": self.last_step,
             "analysis_done": sorted(self._analysis_done), "last_try": self._last_try,
+            "subset_draws": self._subset_draws,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -591,6 +608,7 @@ class DoGraphMixer(Mixer):
         self.updates = {k: int(v) for k, v in state["updates"].items()}
         self.last_step = int(state["last_step"])
         self._last_try = None if state.get("last_try") is None else int(state["last_try"])
+        self._subset_draws = int(state.get("subset_draws", 0))
         self._analysis_done = set(int(x) for x in state["analysis_done"])
         self.events.truncate(self.last_step)
 

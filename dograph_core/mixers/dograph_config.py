@@ -75,6 +75,11 @@ class DoGraphConfig(MixerConfig):
     base: Literal["uniform", "natural"] = Field("uniform", description="sampling under loss weighting (nodes: model)")
     # -- features
     feature_tokens: Optional[int] = Field(None, gt=0, description="positions per sequence used by the online sketch (None = all)")
+    feature_sequences: Optional[int] = Field(
+        None, gt=0, description="sequences of each micro-batch whose online features are computed, a random subset "
+                                "(None = all): the node statistics, the cluster counts and the online k-means see "
+                                "that subset, each sequence's feature exact; not with nodes: model and apply: loss, "
+                                "where every sequence needs its weight")
     sketch: Literal["dense", "count"] = Field(
         "dense", description="left side of the output-layer sketch: dense Gaussian R_b (O(r1 V) per token) or a "
                              "CountSketch in the vocabulary dimension (O(V) per token); the softmax is the same")
@@ -95,6 +100,9 @@ class DoGraphConfig(MixerConfig):
     def _check(self) -> "DoGraphConfig":
         if self.nodes == "model" and self.probe_size < self.k:
             raise ValueError(f"probe_size ({self.probe_size}) must be at least k ({self.k})")
+        if self.feature_sequences is not None and self.nodes == "model" and self.apply == "loss":
+            raise ValueError("feature_sequences needs apply: sample with nodes: model (loss weights need every "
+                             "sequence's feature); drop it or set apply: sample")
         if self.clip[0] <= 0 or self.clip[0] > self.clip[1]:
             raise ValueError(f"clip must be (low, high) with 0 < low <= high, got {self.clip}")
         if self.features == "exact" and not self.exact_params:
