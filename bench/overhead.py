@@ -37,7 +37,10 @@ Variants are DoGraph parameter overrides: ``--variant name:key=value,key=value``
 On a GPU (every arm on the same device, bf16 autocast as the ``gpu`` preset trains; the timers read
 after ``torch.cuda.synchronize``), GPT-2 small and medium shapes:
 
-    python bench/overhead.py --device cuda --dtype bf16 --scales small,medium --batch 32 --seq-len 512
+    python bench/overhead.py --device cuda --dtype bf16 --scales small,medium --batch 32 --seq-len 512 \\
+        --vocab 50257 --variant cheap:feature_sequences=4,progress_from=batch,recluster_every=250
+
+(``bench/gpu_check.sh`` runs exactly this and keeps the log.)
 
 Ends with one line of JSON:
 ``{"bench": "overhead", "overhead": {scale: default's overhead}, "variants": {scale: {name: {...}}}}``.
@@ -259,6 +262,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--no-default", action="store_true", help="skip the default DoGraph arm")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every arm on it)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as training on a GPU")
+    ap.add_argument("--vocab", type=int, default=4096, help="vocabulary of the synthetic corpus (when there is no --data)")
     args = ap.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error(f"--device {args.device}: no CUDA device here")
@@ -273,7 +277,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             from dograph_overhead import synthetic_corpus
 
-            corpus, data = synthetic_corpus(Path(tmp) / "corpus"), "synthetic"
+            corpus, data = synthetic_corpus(Path(tmp) / "corpus", vocab=args.vocab), f"synthetic (vocabulary {args.vocab})"
         res: dict[str, Any] = {"bench": "overhead", "data": data, "device": args.device, "dtype": args.dtype,
                                "threads": 1 if args.device == "cpu" else torch.get_num_threads(), "batch": args.batch,
                                "seq_len": args.seq_len, "nodes": args.nodes, "overhead": {}, "variants": {}}
