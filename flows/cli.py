@@ -304,10 +304,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         writable_dir(Path(a.out).parent)
     if a.text is not None and a.lm_eval is not None:
         raise ConfigError("--text and --lm-eval: give one of them per call")
-    if a.text is not None:
-        return _evaluate_text(a, device)
-    if a.lm_eval is not None:
-        return _evaluate_lm_eval(a, device)
+    for flag, value in (("--context", a.context), ("--limit", a.limit)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if a.text is not None or a.lm_eval is not None:
+        res = _evaluate_text(a, device) if a.text is not None else _evaluate_lm_eval(a, device)
+        if a.out:
+            write_json(a.out, res)
+        return 0
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         corpus = TokenCorpus(p.tokenize.out_dir)
         model = load_model(a.model, corpus).to(device)  # refuses another tokenizer's model or a truncated file
@@ -323,13 +327,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate_text(a: argparse.Namespace, device) -> int:
-    from dograph_core.config import ConfigError
-    from dograph_core.io import write_json
+def _evaluate_text(a: argparse.Namespace, device) -> dict:
     from dograph_core.textscore import bits_per_byte, load_scorer, read_texts
 
-    if a.context is not None and a.context < 1:
-        raise ConfigError(f"--context must be at least 1 token, got {a.context}")
     texts = read_texts(a.text, a.glob)  # before the model loads: a bad directory fails in a second
     model, tokenizer = load_scorer(a.model)
     res = bits_per_byte(model.to(device), tokenizer, texts, device, context=a.context,
@@ -343,27 +343,19 @@ def _evaluate_text(a: argparse.Namespace, device) -> int:
         print(f"  {name:32s} skipped (empty)")
     print(f"  mean {res['bits_per_byte_mean']:.4f} bits/byte over {len(res['files'])} files   "
           f"pooled {res['bits_per_byte_pooled']:.4f}   context {res['context']} tokens")
-    if a.out:
-        write_json(a.out, res)
-    return 0
+    return res
 
 
-def _evaluate_lm_eval(a: argparse.Namespace, device) -> int:
-    from dograph_core.config import ConfigError
-    from dograph_core.io import write_json
+def _evaluate_lm_eval(a: argparse.Namespace, device) -> dict:
     from dograph_core.lmeval import run_lm_eval
 
-    if a.limit is not None and a.limit < 1:
-        raise ConfigError(f"--limit must be at least 1, got {a.limit}")
     tasks = [t.strip() for t in a.lm_eval.split(",") if t.strip()]
     res = run_lm_eval(a.model, tasks, device=str(device), include=a.lm_eval_include, limit=a.limit)
     for task, metrics in res["results"].items():
         shown = "   ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items()
                            if isinstance(v, float) and "stderr" not in k)
         print(f"  {task:24s} {shown}   (n {res['n_samples'].get(task, {}).get('effective', '?')})")
-    if a.out:
-        write_json(a.out, res)
-    return 0
+    return res
 
 
 def cmd_report(a: argparse.Namespace) -> int:

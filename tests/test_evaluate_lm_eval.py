@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _scorer_fixture import make_scorer
 
 pytest.importorskip("lm_eval")
 
@@ -32,19 +33,8 @@ DOCS = [("The river runs under the old stone bridge, over and over again. " * 6)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from dograph_core.data.tokenizer import load_tokenizer, train_tokenizer
-
-    d = tmp_path_factory.mktemp("lm")
     words = " ".join(w for it in ITEMS for w in [it["question"], *it["choices"]])
-    train_tokenizer([*DOCS, words] * 4, 300, 2, d)
-    tok = load_tokenizer(d)
-    torch.manual_seed(1)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=16, n_layer=1, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    return d
+    return make_scorer(tmp_path_factory.mktemp("lm"), [*DOCS, words] * 4, n_positions=64, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _scorer_fixture import make_scorer
 
 from dograph_core.textscore import TextScoreError, bits_per_byte, load_scorer, read_texts, score_text
 from flows.cli import main
@@ -22,18 +23,8 @@ TEXT = "The river runs under the old stone bridge. Über die Brücke, naïve caf
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from dograph_core.data.tokenizer import load_tokenizer, train_tokenizer
-
-    d = tmp_path_factory.mktemp("scorer")
-    train_tokenizer([TEXT, "a small corpus of words for a byte level tokenizer"] * 4, 300, 2, d)
-    tok = load_tokenizer(d)
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=16, n_layer=1, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    return d
+    texts = [TEXT, "a small corpus of words for a byte level tokenizer"] * 4
+    return make_scorer(tmp_path_factory.mktemp("scorer"), texts, n_positions=128, seed=0)
 
 
 @pytest.fixture()
@@ -99,6 +90,7 @@ def test_cli_writes_the_scores_and_refuses_bad_text(model_dir, text_dir, tmp_pat
     assert main(["evaluate", str(model_dir), "--text", str(tmp_path / "nope")]) == 1
     assert "not a directory" in capsys.readouterr().err
     assert main(["evaluate", str(model_dir), "--text", str(text_dir), "--context", "0"]) == 2
+    assert "--context must be at least 1" in capsys.readouterr().err
     with pytest.raises(TextScoreError, match="every file is empty"):
         empty = tmp_path / "empty"
         empty.mkdir()
