@@ -295,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scales", default=None, help="comma-separated subset of the preset's scales (e.g. nano)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for every scale (default: the preset's)")
     ap.add_argument("--methods", default=None, help="comma-separated subset of the preset's methods (e.g. more seeds for a few)")
+    ap.add_argument("--no-yardstick", action="store_true", help="skip the compute yardstick (uniform at 2x the budget)")
     ap.add_argument("--dry-tiny", action="store_true", help="the preset's plan on nano and a few CPU steps (a logic check)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--run-unit", default=None, help=argparse.SUPPRESS)
@@ -315,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                          best_from=preset.best_from or next(iter(preset.scales)))
     if args.seeds or args.methods:
         preset = narrow(preset, args.seeds, args.methods, ap.error)
+    if args.no_yardstick:
+        preset = replace(preset, yardstick_seeds={})
     suffix = "-tiny" if args.dry_tiny else ""
     work = Path(args.work or ROOT / "runs" / "compare" / f"{preset.name}{suffix}").resolve()
     out = Path(args.out or ROOT / "docs" / "results" / f"{preset.name}{suffix}").resolve()
