@@ -18,6 +18,8 @@ part of the method has a row that removes it:
 * the progress signal: model-node progress from the training windows instead of the fixed probe
   (``progress_from: batch``), or a probe of 32 sequences instead of 96 (``progress_probe: 32``; both
   are the cost issue's levers: the probe is most of model-node DoGraph's overhead);
+* the sketch's size: d = 64 x 128 = 8192 instead of 32 x 64 = 2048 (``wide``: clusterings that stay
+  stable across projection seeds longer, at four times the sketch's cost);
 * cost: online features for 4 sequences of each micro-batch (``feature_sequences: 4``), progress from
   the training windows and a re-clustering every 250 steps instead of 100, together (``cheap``); a uniform prior over clusters instead of their base frequency
   (``prior: uniform``, against tempered loss weights with ``rho: 1.0``);
@@ -67,6 +69,7 @@ VARIANTS: dict[str, tuple[str, str, dict]] = {
     "dograph_model_prior_uniform": ("dograph_model_loss_F3", "progress prior", {"prior": "uniform"}),
     "dograph_model_batch_progress": ("dograph_model", "progress source", {"progress_from": "batch"}),
     "dograph_model_probe32": ("dograph_model", "progress probe size", {"progress_probe": 32}),
+    "dograph_model_wide": ("dograph_model", "sketch size", {"r1": 64, "r2": 128}),
     "dograph_model_cheap": ("dograph_model", "cost levers", {"feature_sequences": 4, "progress_from": "batch",
                                                              "recluster_every": 250}),
     "dograph_model_fixed": ("dograph_model", "live clusters", {"live": False}),
