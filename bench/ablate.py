@@ -17,12 +17,13 @@ part of the method has a row that removes it:
   ``rho: 1.0`` (the default when they were run);
 * the progress signal: model-node progress from the training windows instead of the fixed probe
   (``progress_from: batch``), or a probe of 32 sequences instead of 96 (``progress_probe: 32``; both
-  are the cost issue's levers: the probe is most of model-node DoGraph's overhead);
+  are the cost issue's levers: the probe is most of model-node DoGraph's overhead); a uniform prior
+  over clusters instead of their base frequency (``prior: uniform``, against tempered loss weights
+  with ``rho: 1.0``);
 * the sketch's size: d = 64 x 128 = 8192 instead of 32 x 64 = 2048 (``wide``: clusterings that stay
-  stable across projection seeds longer, at four times the sketch's cost);
+  stable across projection seeds longer, at about twice the sketch's cost: its main product grows with r1);
 * cost: online features for 4 sequences of each micro-batch (``feature_sequences: 4``), progress from
-  the training windows and a re-clustering every 250 steps instead of 100, together (``cheap``); a uniform prior over clusters instead of their base frequency
-  (``prior: uniform``, against tempered loss weights with ``rho: 1.0``);
+  the training windows and a re-clustering every 250 steps instead of 100, together (``cheap``);
 * model-perceived domains: frozen between re-clusterings (``live: false``) vs live; no occupancy guard
   (``balance: 0``); K = 4; exact per-example gradients (``features: exact``);
 * how model-perceived domains act: sampling through the cluster x source table (default) vs tempered

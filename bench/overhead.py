@@ -38,7 +38,7 @@ On a GPU (every arm on the same device, bf16 autocast as the ``gpu`` preset trai
 after ``torch.cuda.synchronize``), GPT-2 small and medium shapes:
 
     python bench/overhead.py --device cuda --dtype bf16 --scales small,medium --batch 32 --seq-len 512 \\
-        --vocab 50257 --variant cheap:feature_sequences=4,progress_from=batch,recluster_every=250
+        --vocab 50257 --variant cheap:feature_sequences=8,progress_from=batch,recluster_every=250
 
 (``bench/gpu_check.sh`` runs exactly this and keeps the log.)
 

@@ -109,7 +109,10 @@ def paired_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     """
     by: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in results.get("runs") or []:
-        by[(str(r["scale"]), str(r["method"]))][int(r.get("seed") or 0)] = run_scores(r)
+        key, seed = (str(r["scale"]), str(r["method"])), int(r.get("seed") or 0)
+        if seed in by[key]:
+            raise ReportError(f"run {key[1]}@{key[0]}: seed {seed} appears twice; pairing by seed needs one run per seed")
+        by[key][seed] = run_scores(r)
     rows = comparison_rows(results)
     out = []
     for scale in dict.fromkeys(r["scale"] for r in rows):
@@ -118,7 +121,8 @@ def paired_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         refs = [("uniform", "uniform")] if any(r["method"] == "uniform" for r in here) else []
         if base:
             best = min(base, key=lambda r: r["val_worst"])["method"]
-            refs.append((best, f"best ({best})"))
+            if best != "uniform":  # else the rows against uniform say it already
+                refs.append((best, f"best ({best})"))
         for r in here:
             for ref, label in refs:
                 a, b = by[(scale, r["method"])], by[(scale, ref)]

@@ -18,8 +18,8 @@ How a file is scored (:func:`score_text`):
 
 The result holds, per file, bytes, tokens, nats per token and bits per byte, and over the files
 their mean and the pooled figure (all bits over all bytes). A tokenizer that does not give the text
-back from its tokens (a normalising one) is flagged per file (``lossless``): its bits per byte is
-then of the normalised text.
+back from its tokens (a normalising one) is flagged per file (``lossless``): its bits are then of
+the normalised text's tokens, over the original text's bytes.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def read_texts(root: str | Path, pattern: str = "**/*") -> dict[str, str]:
     texts = {}
     for p in files:
         try:
-            texts[str(p.relative_to(root))] = p.read_text(encoding="utf-8")
+            texts[str(p.relative_to(root))] = p.read_bytes().decode("utf-8")  # the file's bytes: no newline translation
         except UnicodeDecodeError as e:
             raise TextScoreError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); "
                                  "convert it, or narrow the files with --glob") from None
@@ -74,6 +74,19 @@ def load_scorer(path: str | Path) -> tuple[torch.nn.Module, Any]:
     except Exception as e:  # noqa: BLE001
         raise TextScoreError(f"{model_dir}: cannot load the model ({type(e).__name__}: {e})") from None
     return model, tokenizer
+
+
+POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx")  # as lm-evaluation-harness reads them
+
+
+def max_context(model: torch.nn.Module, tokenizer=None) -> int:
+    """The model's longest input: its config's position count, else the tokenizer's ``model_max_length``."""
+    for key in POSITION_KEYS:
+        n = getattr(model.config, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    n = getattr(tokenizer, "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < 10**9 else 1024
 
 
 def _start_token(tokenizer) -> int:
@@ -109,7 +122,7 @@ def score_text(model: torch.nn.Module, tokenizer, text: str, context: int, devic
         logits = model(input_ids=x.to(device), use_cache=False).logits.float()
         nll += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
                                      reduction="sum"))
-    lossless = tokenizer.decode(ids) == text
+    lossless = tokenizer.decode(ids, clean_up_tokenization_spaces=False) == text
     return {
         "bytes": n_bytes,
         "tokens": n,
@@ -125,12 +138,13 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, texts: dict[str, str], devi
                   progress: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
     """Per file and over all files: bits per byte of ``texts`` (name -> text) under ``model``.
 
-    Empty files are listed under ``skipped`` (no bytes to score). ``context`` defaults to the model's
-    ``n_positions``.
+    Empty files, and files the tokenizer gives no tokens for, are listed under ``skipped``.
+    ``context`` defaults to the model's longest input (:func:`max_context`) and may not exceed it.
     """
-    context = int(context or getattr(model.config, "n_positions", 0) or 1024)
-    if context < 1:
-        raise TextScoreError(f"context must be at least 1 token, got {context}")
+    longest = max_context(model, tokenizer)
+    context = int(context or longest)
+    if not 1 <= context <= longest:
+        raise TextScoreError(f"context must be 1 to {longest} tokens (the model's longest input), got {context}")
     was_training = model.training
     model.eval()
     files, skipped = {}, []
@@ -141,7 +155,11 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, texts: dict[str, str], devi
                 continue
             if progress:
                 progress(name)
-            files[name] = score_text(model, tokenizer, text, context, device, batch)
+            scored = score_text(model, tokenizer, text, context, device, batch)
+            if scored["tokens"] == 0:
+                skipped.append(name)
+                continue
+            files[name] = scored
     finally:
         model.train(was_training)
     if not files:

@@ -304,6 +304,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         writable_dir(Path(a.out).parent)
     if a.text is not None and a.lm_eval is not None:
         raise ConfigError("--text and --lm-eval: give one of them per call")
+    unused = {"--text": [("--limit", a.limit), ("--lm-eval-include", a.lm_eval_include)],
+              "--lm-eval": [("--glob", a.glob if a.glob != "**/*" else None), ("--context", a.context)],
+              None: [("--glob", a.glob if a.glob != "**/*" else None), ("--context", a.context), ("--limit", a.limit),
+                     ("--lm-eval-include", a.lm_eval_include)]}
+    mode = "--text" if a.text is not None else "--lm-eval" if a.lm_eval is not None else None
+    extra = [flag for flag, value in unused[mode] if value is not None]
+    if extra:
+        raise ConfigError(f"{', '.join(extra)}: not used {'with ' + mode if mode else 'without --text or --lm-eval'}")
     for flag, value in (("--context", a.context), ("--limit", a.limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")

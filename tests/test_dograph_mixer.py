@@ -252,11 +252,17 @@ def test_bad_config_is_refused_with_the_key(corpus):
 
 
 def test_feature_sequences_feed_the_statistics_exact_features_of_a_subset(corpus):
-    """The cost lever keeps each feature exact and only takes fewer of them: a window of 5 micro-batches
-    of 12 sequences adds 5 x 4 features, and the ones it adds are rows of the full batch's features."""
-    m = build_mixer("dograph", {**SMALL, "nodes": "human", "feature_sequences": 4}, ctx_for(corpus))
+    """The cost lever keeps each feature exact and only takes fewer of them: 4 micro-batches of 12
+    sequences add 4 x 4 features, from the sources of the drawn sequences, and the features it adds are
+    rows of the full batch's features."""
+    params = {**SMALL, "nodes": "human", "feature_sequences": 4}
+    m = build_mixer("dograph", params, ctx_for(corpus))
     run(m, nano_model(seq_len=T), 4)
-    assert float(m.human.means.counts.sum()) == 16.0
+    twin = build_mixer("dograph", params, ctx_for(corpus))  # the same draws, replayed
+    dom = torch.arange(12) % 3
+    st12 = BatchStats(step=1, domain_ids=dom, example_loss=torch.ones(12), input_ids=torch.zeros(12, T + 1))
+    expected = sum(torch.bincount(dom[twin._subset(st12)], minlength=3) for _ in range(4))
+    assert m.human.means.counts.tolist() == expected.double().tolist() and float(expected.sum()) == 16.0
     model = nano_model(seq_len=T)
     ids, _ = draw_probe(corpus, corpus.train_domains, 12, T, seed=99)
     o = model(ids[:, :-1], output_hidden_states=True)

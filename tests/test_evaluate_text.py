@@ -65,11 +65,20 @@ def test_windowed_scoring_equals_one_full_forward_pass_whatever_the_batch(model_
     expected = nll / math.log(2) / len(TEXT.encode("utf-8"))
     full = score_text(model, tok, TEXT, context=128, device=torch.device("cpu"))
     assert full["bits_per_byte"] == pytest.approx(expected, rel=1e-5)
-    # short windows lose context, so they score worse; padding the last window must not change the sum
-    one = score_text(model, tok, TEXT, context=7, device=torch.device("cpu"), batch=1)
-    many = score_text(model, tok, TEXT, context=7, device=torch.device("cpu"), batch=8)
-    assert one["bits_per_byte"] == pytest.approx(many["bits_per_byte"], rel=1e-5)
-    assert one["tokens"] == full["tokens"] == len(ids)
+    # windows of 7: each scores its own tokens from the window's tokens before them; the last, shorter
+    # one is right-aligned, so its first inputs are context only. By hand, one forward pass per window:
+    n, c, by_hand = len(ids), 7, 0.0
+    for s in range(0, n, c):
+        e = min(s + c, n)
+        lo = max(0, e - c)
+        with torch.no_grad():
+            lg = model(input_ids=seq[:, lo:e]).logits[0]
+        by_hand += float(F.cross_entropy(lg[s - lo:], seq[0, s + 1:e + 1], reduction="sum"))
+    assert n % c != 0  # the text ends in a partial window
+    for batch in (1, 8):  # the windows of one forward pass do not see each other
+        w = score_text(model, tok, TEXT, context=c, device=torch.device("cpu"), batch=batch)
+        assert w["bits"] == pytest.approx(by_hand / math.log(2), rel=1e-5)
+        assert w["tokens"] == full["tokens"] == n
 
 
 def test_cli_writes_the_scores_and_refuses_bad_text(model_dir, text_dir, tmp_path, capsys):
@@ -78,6 +87,10 @@ def test_cli_writes_the_scores_and_refuses_bad_text(model_dir, text_dir, tmp_pat
     res = json.loads(out.read_text())
     assert res["lossless"] and set(res["files"]) == {"b.txt", "sub/a.txt"}
     assert "pooled" in capsys.readouterr().out
+    assert main(["evaluate", str(model_dir), "--text", str(text_dir), "--context", "999"]) == 1
+    assert "context must be 1 to 128 tokens" in capsys.readouterr().err
+    assert main(["evaluate", str(model_dir), "--text", str(text_dir), "--limit", "3"]) == 2
+    assert "--limit: not used with --text" in capsys.readouterr().err
 
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -65,8 +65,8 @@ def test_markdown_marks_the_best_per_scale(tmp_path):
 
 
 def test_paired_differences_by_seed_against_uniform_and_the_best_baseline(tmp_path):
+    from scipy.stats import sem, ttest_rel
     from scipy.stats import t as student_t
-    from scipy.stats import ttest_rel
 
     from dograph_core.report import paired_rows, write_report
 
@@ -86,8 +86,8 @@ def test_paired_differences_by_seed_against_uniform_and_the_best_baseline(tmp_pa
     a, b = [v[2] for v in dg], [v[2] for v in odm]
     assert d["diffs"] == pytest.approx([x - y for x, y in zip(a, b)])
     assert d["p"] == pytest.approx(ttest_rel(a, b).pvalue)
-    half = student_t.ppf(0.975, 2) * d["std"] / 3 ** 0.5
-    assert d["ci"] == pytest.approx((d["mean"] - half, d["mean"] + half))
+    diffs = [x - y for x, y in zip(a, b)]
+    assert d["ci"] == pytest.approx(student_t.interval(0.95, 2, loc=sum(diffs) / 3, scale=sem(diffs)))
     assert rows[("mine", "uniform")]["heldout"]["mean"] == pytest.approx(0.0)  # same held-out loss per seed
     text = write_report(res, tmp_path).read_text()
     assert "## Paired differences by seed" in text

@@ -167,6 +167,7 @@ class DoGraphMixer(Mixer):
             proj = self._projection(logits.shape[-1], hidden.shape[-1])
             gen = torch.Generator().manual_seed(self._seed * 100003 + stats.step) if self.cfg.feature_tokens else None
             z = output_features(hidden, logits, ids[:, 1:], proj, tokens=self.cfg.feature_tokens, generator=gen)
+        z = z.detach().cpu()  # waits for the device: the timer below counts the work, not its launch
         self.feature_time += time.perf_counter() - t0
         try:
             check_features(z, f"step {stats.step} training batch features")
@@ -175,7 +176,7 @@ class DoGraphMixer(Mixer):
                 log.warning("dograph: %s; this window's statistics are dropped and the weights kept", e)
             self.bad_window = str(e)
             return None
-        return z.detach().cpu()
+        return z
 
     def _exact_param_names(self) -> list[str]:
         if self._exact_names is None:
