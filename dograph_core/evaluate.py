@@ -32,6 +32,16 @@ class EvaluateError(ValueError):
     """A model that cannot be loaded, or does not belong to the corpus it would be scored on."""
 
 
+def find_model_dir(path: str | Path) -> Path:
+    """A Hugging Face model directory: ``path`` itself, or a training run's ``final/``."""
+    d = Path(path)
+    if (d / "final").is_dir():
+        d = d / "final"
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no model (expected config.json there or in final/); train one with `dograph train`")
+    return d
+
+
 def load_model(path: str | Path, corpus) -> torch.nn.Module:
     """The trained model at ``path`` (a training run's directory or its ``final/``), checked against ``corpus``.
 
@@ -42,11 +52,7 @@ def load_model(path: str | Path, corpus) -> torch.nn.Module:
 
     from dograph_core.data.tokenizer import tokenizer_mismatch
 
-    model_dir = Path(path)
-    if (model_dir / "final").is_dir():
-        model_dir = model_dir / "final"
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no model (expected config.json there or in final/); train one with `dograph train`")
+    model_dir = find_model_dir(path)
     differ = tokenizer_mismatch(corpus.tokenizer_dir, model_dir)
     if differ:
         raise EvaluateError(

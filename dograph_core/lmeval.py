@@ -21,16 +21,6 @@ class LmEvalError(ValueError):
     """lm-evaluation-harness is missing, or a task name it does not know."""
 
 
-def model_dir(path: str | Path) -> Path:
-    """A Hugging Face model directory: ``path`` itself, or a training run's ``final/``."""
-    d = Path(path)
-    if (d / "final").is_dir():
-        d = d / "final"
-    if not (d / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no model (expected config.json there or in final/)")
-    return d
-
-
 def run_lm_eval(path: str | Path, tasks: list[str], device: str = "cpu", include: Optional[str | Path] = None,
                 limit: Optional[int] = None, batch_size: int = 8, num_fewshot: Optional[int] = None) -> dict[str, Any]:
     """Per task, lm-evaluation-harness's metrics (``{"results": {task: {metric: value}}, ...}``)."""
@@ -40,7 +30,9 @@ def run_lm_eval(path: str | Path, tasks: list[str], device: str = "cpu", include
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise LmEvalError("lm-evaluation-harness is not installed: pip install 'dograph[lm-eval]'") from None
-    d = model_dir(path)
+    from dograph_core.evaluate import find_model_dir
+
+    d = find_model_dir(path)
     if not tasks:
         raise LmEvalError(f"--lm-eval: no task given; for example {','.join(STANDARD_TASKS)}")
     manager = TaskManager(include_path=str(include) if include else None)

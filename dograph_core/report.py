@@ -32,7 +32,7 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from dograph_core.io import atomic_path, write_json
 from dograph_core.stats import fmt_p, mean_std, paired
@@ -101,11 +101,12 @@ def is_dograph(results: dict[str, Any], method: str) -> bool:
     return str(spec.get("type") or method).startswith("dograph")
 
 
-def paired_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def paired_rows(results: dict[str, Any], rows: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
     """Per scale, every method minus uniform and minus the best baseline, paired by seed.
 
     One row per (scale, method, reference) with ``{score: stats.paired(...)}`` for the mean, worst
-    and held-out loss; only where the two share at least two seeds.
+    and held-out loss; only where the two share at least two seeds. ``rows``: the results'
+    :func:`comparison_rows`, when the caller has them.
     """
     by: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in results.get("runs") or []:
@@ -113,7 +114,7 @@ def paired_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         if seed in by[key]:
             raise ReportError(f"run {key[1]}@{key[0]}: seed {seed} appears twice; pairing by seed needs one run per seed")
         by[key][seed] = run_scores(r)
-    rows = comparison_rows(results)
+    rows = rows if rows is not None else comparison_rows(results)
     out = []
     for scale in dict.fromkeys(r["scale"] for r in rows):
         here = [r for r in rows if r["scale"] == scale]
@@ -308,7 +309,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
         markdown_table(rows),
         "",
     ]
-    prs = paired_rows(results)
+    prs = paired_rows(results, rows)
     if prs:
         parts += ["## Paired differences by seed", "",
                   "Method minus reference over the seeds both ran (negative = lower loss = better): mean ± sd "

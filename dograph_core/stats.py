@@ -53,18 +53,16 @@ def paired(a: Mapping[Any, Any], b: Mapping[Any, Any]) -> dict[str, Any]:
     diffs = [float(a[s]) - float(b[s]) for s in seeds]
     ms = mean_std(diffs)
     t = p = math.nan
-    if len(diffs) >= 2:
-        if max(diffs) - min(diffs) <= 1e-12 * max(1.0, abs(ms["mean"])):  # constant: no spread to test
-            t, p = (0.0, 1.0) if abs(ms["mean"]) <= 1e-12 else (math.copysign(math.inf, ms["mean"]), 0.0)
-        else:
-            from scipy.stats import ttest_rel
-
-            res = ttest_rel([float(a[s]) for s in seeds], [float(b[s]) for s in seeds])
-            t, p = float(res.statistic), float(res.pvalue)
     ci = (math.nan, math.nan)
     if len(diffs) >= 2:
         from scipy.stats import t as student_t
+        from scipy.stats import ttest_rel
 
+        if max(diffs) - min(diffs) <= 1e-12 * max(1.0, abs(ms["mean"])):  # constant: no spread to test
+            t, p = (0.0, 1.0) if abs(ms["mean"]) <= 1e-12 else (math.copysign(math.inf, ms["mean"]), 0.0)
+        else:
+            res = ttest_rel([float(a[s]) for s in seeds], [float(b[s]) for s in seeds])
+            t, p = float(res.statistic), float(res.pvalue)
         half = float(student_t.ppf(0.975, len(diffs) - 1)) * ms["std"] / math.sqrt(len(diffs))
         ci = (ms["mean"] - half, ms["mean"] + half)
     return {**ms, "diffs": diffs, "seeds": seeds, "t": t, "p": p, "ci": ci}

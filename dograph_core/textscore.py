@@ -59,11 +59,9 @@ def load_scorer(path: str | Path) -> tuple[torch.nn.Module, Any]:
     """A causal LM and its tokenizer from a Hugging Face model directory (or a training run's ``final/``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model_dir = Path(path)
-    if (model_dir / "final").is_dir():
-        model_dir = model_dir / "final"
-    if not (model_dir / "config.json").exists():
-        raise FileNotFoundError(f"{path}: no model (expected config.json there or in final/)")
+    from dograph_core.evaluate import find_model_dir
+
+    model_dir = find_model_dir(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - many kinds; name the directory and why
@@ -108,17 +106,16 @@ def score_text(model: torch.nn.Module, tokenizer, text: str, context: int, devic
     n = len(ids)
     nll = 0.0
     # window [s, e) predicts seq[s+1 : e+1] from seq[lo : e]; lo = s except for a last, partial window,
-    # which is right-aligned to keep a full context (its tokens before s are context only)
+    # which is right-aligned to keep a full context (its tokens before s are context only): so every
+    # window is min(context, n) tokens wide and a batch of them needs no padding
+    width = min(context, n)
     windows = [(s, min(s + context, n)) for s in range(0, n, context)]
-    windows = [(s, e, max(0, e - context)) for s, e in windows]
     for i in range(0, len(windows), batch):
         chunk = windows[i:i + batch]
-        width = max(e - lo for _, e, lo in chunk)
-        x = torch.zeros(len(chunk), width, dtype=torch.long)
-        y = torch.full((len(chunk), width), -100, dtype=torch.long)  # context and padding are not scored
-        for r, (s, e, lo) in enumerate(chunk):
-            x[r, :e - lo] = seq[lo:e]
-            y[r, s - lo:e - lo] = seq[s + 1:e + 1]
+        x = torch.stack([seq[e - width:e] for _, e in chunk])
+        y = torch.stack([seq[e - width + 1:e + 1] for _, e in chunk])
+        for r, (s, e) in enumerate(chunk):
+            y[r, :s - (e - width)] = -100  # context only: scored by the window before
         logits = model(input_ids=x.to(device), use_cache=False).logits.float()
         nll += float(F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten(), ignore_index=-100,
                                      reduction="sum"))
@@ -150,13 +147,10 @@ def bits_per_byte(model: torch.nn.Module, tokenizer, texts: dict[str, str], devi
     files, skipped = {}, []
     try:
         for name, text in texts.items():
-            if not text:
-                skipped.append(name)
-                continue
-            if progress:
+            if progress and text:
                 progress(name)
             scored = score_text(model, tokenizer, text, context, device, batch)
-            if scored["tokens"] == 0:
+            if scored["tokens"] == 0:  # an empty file, or one the tokenizer gives no tokens for
                 skipped.append(name)
                 continue
             files[name] = scored

@@ -291,9 +291,7 @@ def cmd_search(a: argparse.Namespace) -> int:
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from dograph_core.config import ConfigError
-    from dograph_core.data.corpus import TokenCorpus
     from dograph_core.distributed import resolve_device
-    from dograph_core.evaluate import evaluate_final, load_model
     from dograph_core.io import OutputError, writable_dir, write_json
 
     p = _params(a)
@@ -304,22 +302,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         writable_dir(Path(a.out).parent)
     if a.text is not None and a.lm_eval is not None:
         raise ConfigError("--text and --lm-eval: give one of them per call")
-    unused = {"--text": [("--limit", a.limit), ("--lm-eval-include", a.lm_eval_include)],
-              "--lm-eval": [("--glob", a.glob if a.glob != "**/*" else None), ("--context", a.context)],
-              None: [("--glob", a.glob if a.glob != "**/*" else None), ("--context", a.context), ("--limit", a.limit),
-                     ("--lm-eval-include", a.lm_eval_include)]}
     mode = "--text" if a.text is not None else "--lm-eval" if a.lm_eval is not None else None
-    extra = [flag for flag, value in unused[mode] if value is not None]
+    given = {"--glob": (a.glob if a.glob != "**/*" else None, "--text"), "--context": (a.context, "--text"),
+             "--limit": (a.limit, "--lm-eval"), "--lm-eval-include": (a.lm_eval_include, "--lm-eval")}
+    extra = [flag for flag, (value, owner) in given.items() if value is not None and owner != mode]
     if extra:
         raise ConfigError(f"{', '.join(extra)}: not used {'with ' + mode if mode else 'without --text or --lm-eval'}")
     for flag, value in (("--context", a.context), ("--limit", a.limit)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be at least 1, got {value}")
-    if a.text is not None or a.lm_eval is not None:
-        res = _evaluate_text(a, device) if a.text is not None else _evaluate_lm_eval(a, device)
-        if a.out:
-            write_json(a.out, res)
-        return 0
+    if mode is not None:
+        res = _evaluate_text(a, device) if mode == "--text" else _evaluate_lm_eval(a, device)
+    else:
+        res = _evaluate_corpus(a, p, device)
+    if a.out:
+        write_json(a.out, res)
+    return 0
+
+
+def _evaluate_corpus(a: argparse.Namespace, p, device) -> dict:
+    from dograph_core.data.corpus import TokenCorpus
+    from dograph_core.evaluate import evaluate_final, load_model
+
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         corpus = TokenCorpus(p.tokenize.out_dir)
         model = load_model(a.model, corpus).to(device)  # refuses another tokenizer's model or a truncated file
@@ -330,9 +334,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     for d, v in {**val["domains"], **val["heldout"]}.items():
         print(f"  {d:24s} val loss {v['loss']:.4f}" + ("   (held out)" if d in val["heldout"] else ""))
     print(f"  mean {val['loss_mean']:.4f}   worst {val['loss_worst']:.4f} ({val['worst_domain']})")
-    if a.out:
-        write_json(a.out, res)
-    return 0
+    return res
 
 
 def _evaluate_text(a: argparse.Namespace, device) -> dict:
