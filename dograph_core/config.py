@@ -29,6 +29,8 @@ from pydantic import (
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "presets"
 MAX_YAML_NODES = 100_000  # values after alias expansion; a real params file has a few hundred
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # a method name or run id: one path component
+BEST = "@best"  # in pipeline.scale_methods: the best baseline (lowest worst-domain loss) of the first target scale
+YARDSTICK = "uniform_2x"  # the compute yardstick's label: uniform at twice the steps
 
 
 class ConfigError(ValueError):
@@ -44,6 +46,8 @@ def check_name(value: str, what: str, *, method: bool = False) -> str:
 
 
 def _method_name(value: str) -> str:
+    if value == YARDSTICK:
+        raise ConfigError(f"method name {value!r} is reserved for the compute yardstick (pipeline.yardstick_seeds)")
     return check_name(value, "method name", method=True)
 
 
@@ -157,6 +161,37 @@ class PipelineConfig(Section):
     dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster (default: a local cluster)")
     nproc_per_node: Int = Field(1, gt=0, description="processes (GPUs) per training run; > 1 launches each run with torchrun")
     out_dir: str = "runs"
+    # the study: which methods at which scale, the compute yardstick, ablation parents (see docs/results/README.md)
+    scale_methods: dict[str, list[str]] = Field(
+        default_factory=dict, description=f"per target scale, the methods trained there (default: `methods` at every "
+                                          f"target scale; a scale not in target_scales is not trained); {BEST!r} = "
+                                          f"the best baseline of the first target scale")
+    yardstick_seeds: list[Int] = Field(
+        default_factory=list, description="seeds of uniform trained for 2x train.steps at every target scale: "
+                                          "the compute yardstick (gains are reported as a fraction of its gain)")
+    parents: dict[str, str] = Field(
+        default_factory=dict, description="ablations: method -> the method it changes (compared with it, paired by seed)")
+    search_train: dict[str, Any] = Field(
+        default_factory=dict, description="train settings of the proxy search that differ from `train` (e.g. device)")
+    cleanup: bool = Field(False, description="delete the checkpoints and final model of each finished training "
+                                             "(big models; the report needs only the run's metrics)")
+
+    @model_validator(mode="after")
+    def _study(self) -> "PipelineConfig":
+        first = self.target_scales[0] if self.target_scales else None
+        if BEST in self.scale_methods.get(first, []):
+            raise ValueError(f"scale_methods: {BEST!r} is the best baseline of the first target scale "
+                             f"({first}); it cannot be used there")
+        return self
+
+    def methods_at(self, scale: str) -> list[str]:
+        """The methods trained at ``scale`` (may contain the :data:`BEST` placeholder)."""
+        return list(self.scale_methods.get(scale, self.methods))
+
+    def all_methods(self) -> list[str]:
+        """Every method named by the study, in order, without the placeholder."""
+        names = [m for s in self.target_scales for m in self.methods_at(s)]
+        return [m for m in dict.fromkeys(names) if m != BEST]
 
 
 class TrackingConfig(Section):
@@ -176,10 +211,13 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _methods_known(self) -> "Params":
-        missing = [m for m in self.pipeline.methods if m not in self.methods]
+        named = [*self.pipeline.all_methods(), *self.pipeline.parents, *self.pipeline.parents.values()]
+        if self.pipeline.yardstick_seeds:
+            named.append("uniform")
+        missing = list(dict.fromkeys(m for m in named if m not in self.methods))
         if missing:
             raise ValueError(
-                f"pipeline.methods names {missing}, which are not defined under 'methods' "
+                f"pipeline names methods {missing} that are not defined under 'methods' "
                 f"(defined: {sorted(self.methods)})"
             )
         return self

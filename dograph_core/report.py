@@ -15,16 +15,19 @@ build one by hand (tests do). Schema (``results.json``)::
                "search_time_s": float,          # optional: the proxy search this run's mixture came from
                "weights": [float, ...],         # the (final / static) mixture over "domains"
                "weights_history": [[step, [float, ...]], ...],
-               "curves": [{"step": int, "val_loss": {domain: float}}, ...],
+               "curves": [{"step": int, "val_mean": float, "val_worst": float,
+                           "val_loss": {domain: float}, "heldout_loss": {domain: float}}, ...],
+               "role": "main" | "yardstick",     # optional (default main)
                "plots": [path, ...]}]}           # optional: the method's own figures (linked)
 
 Numbers over several seeds are averaged, with their standard deviation over seeds; the table says
-how many seeds each row has. Methods that ran with several seeds are also compared *paired by seed*
-(:func:`paired_rows`): against uniform and against the best baseline at their scale (the non-DoGraph
-method with the lowest worst-domain loss; a method's type comes from ``results["params"]["methods"]``
-when present, else from its name), the mean difference, its spread, the paired t-test's p-value and
-the 95% confidence interval, for the mean, worst and held-out loss. ``write_report`` adds them to
-``results.json`` as ``"paired"``.
+how many seeds each row has. The study's evidence follows (:mod:`dograph_core.study`): per scale,
+paired differences by seed against uniform, the best baseline, the first scale's best baseline and,
+for ablations (``params.pipeline.parents``), the method each one changes, with their spread, 95%
+confidence interval and paired t-test p-value; the gain as a fraction of the compute yardstick's
+(runs with ``"role": "yardstick"``: uniform at twice the tokens, kept out of the main table); steps to
+reach uniform's final loss; DoGraph's own evidence. ``write_report`` adds them to ``results.json`` as
+``"study"``.
 """
 from __future__ import annotations
 
@@ -32,10 +35,10 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 from dograph_core.io import atomic_path, write_json
-from dograph_core.stats import fmt_p, mean_std, paired
+from dograph_core.stats import mean_std
 
 COLUMNS = ("method", "scale", "seeds", "val_mean", "val_worst", "worst_domain", "heldout", "train_s", "search_s")
 
@@ -78,7 +81,8 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         raise ReportError("results has no runs to report")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        groups[(str(r["method"]), str(r["scale"]))].append(r)
+        if r.get("role", "main") == "main":
+            groups[(str(r["method"]), str(r["scale"]))].append(r)
     rows = []
     for (method, scale), rs in groups.items():
         scores = [run_scores(r) for r in rs]
@@ -94,60 +98,6 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 SCORES = ("val_mean", "val_worst", "heldout")
-
-
-def is_dograph(results: dict[str, Any], method: str) -> bool:
-    spec = ((results.get("params") or {}).get("methods") or {}).get(method) or {}
-    return str(spec.get("type") or method).startswith("dograph")
-
-
-def paired_rows(results: dict[str, Any], rows: Optional[list[dict[str, Any]]] = None) -> list[dict[str, Any]]:
-    """Per scale, every method minus uniform and minus the best baseline, paired by seed.
-
-    One row per (scale, method, reference) with ``{score: stats.paired(...)}`` for the mean, worst
-    and held-out loss; only where the two share at least two seeds. ``rows``: the results'
-    :func:`comparison_rows`, when the caller has them.
-    """
-    by: dict[tuple[str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
-    for r in results.get("runs") or []:
-        key, seed = (str(r["scale"]), str(r["method"])), int(r.get("seed") or 0)
-        if seed in by[key]:
-            raise ReportError(f"run {key[1]}@{key[0]}: seed {seed} appears twice; pairing by seed needs one run per seed")
-        by[key][seed] = run_scores(r)
-    rows = rows if rows is not None else comparison_rows(results)
-    out = []
-    for scale in dict.fromkeys(r["scale"] for r in rows):
-        here = [r for r in rows if r["scale"] == scale]
-        base = [r for r in here if not is_dograph(results, r["method"]) and math.isfinite(r["val_worst"])]
-        refs = [("uniform", "uniform")] if any(r["method"] == "uniform" for r in here) else []
-        if base:
-            best = min(base, key=lambda r: r["val_worst"])["method"]
-            if best != "uniform":  # else the rows against uniform say it already
-                refs.append((best, f"best ({best})"))
-        for r in here:
-            for ref, label in refs:
-                a, b = by[(scale, r["method"])], by[(scale, ref)]
-                if r["method"] == ref or len(set(a) & set(b)) < 2:
-                    continue
-                out.append({"scale": scale, "method": r["method"], "vs": label, "reference": ref,
-                            **{col: paired({s: v[col] for s, v in a.items()}, {s: v[col] for s, v in b.items()})
-                               for col in SCORES}})
-    return out
-
-
-def _delta(d: dict[str, Any]) -> str:
-    if not math.isfinite(d["mean"]):
-        return "–"
-    lo, hi = d["ci"]
-    return f"{d['mean']:+.3f} ± {d['std']:.3f} [{lo:+.3f}, {hi:+.3f}] (p {fmt_p(d['p'])})"
-
-
-def paired_table(prs: list[dict[str, Any]]) -> str:
-    lines = ["| scale | method | vs | seeds | Δ mean | Δ worst | Δ held-out |", "|---|---|---|---:|---:|---:|---:|"]
-    for r in prs:
-        lines.append(f"| {r['scale']} | {r['method']} | {r['vs']} | {r['val_mean']['n']} | {_delta(r['val_mean'])} | "
-                     f"{_delta(r['val_worst'])} | {_delta(r['heldout'])} |")
-    return "\n".join(lines)
 
 
 def _fmt(x: float, digits: int = 3) -> str:
@@ -226,36 +176,6 @@ def plot_weights(results: dict[str, Any], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_loss_curves(results: dict[str, Any], path: Path) -> Path | None:
-    """Per-domain validation loss over steps, one panel per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    runs = [r for r in results["runs"] if r.get("curves")]
-    if not runs:
-        return None
-    rows, cols = _grid(len(runs))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False, sharey=True)
-    domains: list[str] = []
-    for ax, run in zip(axes.flat, runs):
-        names = sorted({d for p in run["curves"] for d in p.get("val_loss", {})})
-        for d in names:
-            pts = [(p["step"], p["val_loss"][d]) for p in run["curves"] if d in p.get("val_loss", {})]
-            ax.plot([s for s, _ in pts], [v for _, v in pts], label=d, linestyle="--" if d in results.get("heldout", []) else "-")
-        domains = domains or names
-        ax.set_title(_label(run), fontsize=9)
-        ax.set_xlabel("step")
-    for ax in list(axes.flat)[len(runs):]:
-        ax.axis("off")
-    axes.flat[0].set_ylabel("validation loss")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    return _save(fig, path)
-
-
 def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Mean and worst validation loss per method, grouped by scale."""
     import matplotlib
@@ -286,16 +206,52 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dograph comparison") -> Path:
-    """Write ``report.md``, ``results.json`` and ``plots/*.png`` under ``out_dir``; return the report path."""
+def study_records(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs as :mod:`dograph_core.study` records: what a hand-made results document leaves out is filled in."""
+    types = {m: (spec or {}).get("type") for m, spec in ((results.get("params") or {}).get("methods") or {}).items()}
+    held = set(results.get("heldout") or [])
+
+    def curve(c: dict[str, Any]) -> dict[str, Any]:  # a point with only per-domain losses: its mean and worst
+        val = {d: v for d, v in (c.get("val_loss") or {}).items() if d not in held}
+        return {"val_mean": _mean(val.values()), "val_worst": max(val.values(), default=math.nan),
+                "heldout_loss": {d: v for d, v in (c.get("val_loss") or {}).items() if d in held}, **c, "val_loss": val}
+
+    out = []
+    for r in results["runs"]:
+        sc = run_scores(r)
+        r = {**r, "curves": [curve(c) for c in r.get("curves") or []]}
+        out.append({"role": "main", "seed": 0, "last_word": r.get("last_word_accuracy", math.nan),
+                    "mixer": types.get(str(r["method"])),
+                    "train_time_s": r.get("wall_time_s", math.nan), "search_time_s": math.nan, "curves": [],
+                    "val_mean": sc["val_mean"], "val_worst": sc["val_worst"], "heldout": sc["heldout"],
+                    **{k: v for k, v in r.items() if v is not None}})
+    return out
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dograph comparison",
+                 links: bool = True) -> Path:
+    """Write ``report.md``, ``results.json`` and ``plots/*.png`` under ``out_dir``; return the report path.
+
+    ``links``: list the methods' own figures (in their run directories) at the end.
+    """
+    from dograph_core import study
+
     out = Path(out_dir)
     rows = comparison_rows(results)
+    records = study_records(results)
+    parents = ((results.get("params") or {}).get("pipeline") or {}).get("parents") or {}
+    agg = study.aggregate(records, parents)
     plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
     made = [
         ("Mean and worst validation loss", plot_comparison(rows, plots / "comparison.png")),
-        ("Domain weights over training", plot_weights(results, plots / "weights.png")),
-        ("Per-domain validation loss", plot_loss_curves(results, plots / "loss_curves.png")),
+        ("Validation loss over training (seed means)", study.plot_curves(records, plots / "loss_curves.png")),
+        ("Per-domain loss against uniform", study.plot_domain_deltas(records, plots / "domain_deltas.png")),
+        ("Domain weights over training (first seed)", plot_weights(
+            {**results, "runs": [r for r in records if r["role"] == "main" and r["seed"] == min(
+                x["seed"] for x in records if x["scale"] == r["scale"])]}, plots / "weights.png")),
     ]
+    figure1 = study.write_figure1(records, plots)
     held = ", ".join(results.get("heldout") or []) or "none"
     parts = [
         f"# {title}",
@@ -308,25 +264,29 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
         "",
         markdown_table(rows),
         "",
+        "## The evidence, per scale",
+        "",
+        "Paired differences are method minus reference over the seeds both ran (negative = lower loss = "
+        "better): mean ± sd of the differences and the paired t-test's p-value. The best baseline is the "
+        "non-DoGraph method with the lowest worst-domain loss at that scale.",
+        "",
+        study.markdown(agg),
     ]
-    prs = paired_rows(results, rows)
-    if prs:
-        parts += ["## Paired differences by seed", "",
-                  "Method minus reference over the seeds both ran (negative = lower loss = better): mean ± sd "
-                  "of the differences, [95% confidence interval], (paired t-test p-value). The best baseline "
-                  "is the non-DoGraph method with the lowest worst-domain loss at that scale.", "",
-                  paired_table(prs), ""]
     for caption, p in made:
         if p is not None:
             parts += [f"## {caption}", "", f"![{caption}](plots/{p.name})", ""]
-    extra = [(run, Path(f)) for run in results["runs"] for f in run.get("plots") or []]
+    if figure1 is not None:
+        parts += ["## Are gradient domains the human sources?", "",
+                  "Per analysis probe, the agreement of gradient clusters with the sources: "
+                  "[plots/figure1.md](plots/figure1.md).", "", "![Figure 1 in numbers](plots/figure1.png)", ""]
+    extra = [(run, Path(f)) for run in results["runs"] for f in run.get("plots") or []] if links else []
     if extra:
         parts += ["## Method diagnostics", ""]
         for run, f in extra:
             rel = os.path.relpath(f, out) if f.is_absolute() else str(f)
             parts.append(f"- {_label(run)}: [{f.stem}]({rel})")
         parts.append("")
-    write_json(out / "results.json", {**results, "paired": prs})
+    write_json(out / "results.json", {**results, "study": agg})
     report = out / "report.md"
     with atomic_path(report) as tmp:
         tmp.write_text("\n".join(parts))

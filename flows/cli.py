@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "print the table.")
     _common(p)
     p.add_argument("--run-dir", required=True, metavar="DIR", help="a pipeline run directory, e.g. runs/default-1a2b3c4d")
+    _publish(p)
 
     p = sub.add_parser("run", help="run the whole pipeline (Prefect flow) and print the comparison",
                        description="prepare -> tokenize -> per method: search at the proxy scale -> train at each "
@@ -127,7 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same params resume the same run)")
     p.add_argument("--skip-data", action="store_true", help="use the tokenized corpus as it is (no prepare/tokenize)")
     p.add_argument("--no-track", action="store_true", help="do not log to MLflow")
+    _publish(p)
     return ap
+
+
+def _publish(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--publish", default=None, metavar="DIR",
+                   help="also write the report as a directory that stands alone (report.md, results.json, plots/, "
+                        "logs.tar.gz), e.g. docs/results/cpu")
 
 
 # -- commands -----------------------------------------------------------------------------------
@@ -371,6 +379,7 @@ def _evaluate_lm_eval(a: argparse.Namespace, device) -> dict:
 def cmd_report(a: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from dograph_core.config import YARDSTICK
     from dograph_core.report import comparison_rows, rich_table
     from tasks.results import write_outputs
 
@@ -382,10 +391,11 @@ def cmd_report(a: argparse.Namespace) -> int:
         if d.is_dir() and marker.exists():
             method, scale, seed = d.name.split("__")
             units.append({"method": method, "scale": scale, "seed": int(seed[1:]), "dir": str(d),
+                          "role": "yardstick" if method == YARDSTICK else "main",
                           "search_time_s": _search_time(run_dir, method)})
     if not units:
         raise FileNotFoundError(f"{run_dir}: no finished training runs (train/<method>__<scale>__s<seed>/ with a done marker)")
-    results, report = write_outputs(run_dir.name, units, run_dir, p.tokenize.out_dir, p.model_dump())
+    results, report = write_outputs(run_dir.name, units, run_dir, p.tokenize.out_dir, p.model_dump(), a.publish)
     Console(width=None if sys.stdout.isatty() else 132).print(rich_table(comparison_rows(results)))
     print(f"report: {report}")
     return 0
@@ -424,12 +434,14 @@ def cmd_run(a: argparse.Namespace) -> int:
     _temporary_server()
     overrides = list(a.overrides) + (["train.progress=false"] if a.quiet else [])
     res = pipeline(params=a.params, preset=a.preset, overrides=overrides, run_id=a.run_id,
-                   skip_data=a.skip_data, track=not a.no_track)
+                   skip_data=a.skip_data, track=not a.no_track, publish=a.publish)
     con = Console(width=None if sys.stdout.isatty() else 132)  # a log file gets the whole table
     con.print(rich_table(res["rows"]))
     con.print(f"run {res['run_id']} in {res['time_s']:.0f} s ({res['cached']} of {len(res['rows'])} runs reused from before)")
     con.print("where to look next:")
     con.print(f"  report:   {res['report']}  (plots in {Path(res['report']).parent / 'plots'})")
+    if a.publish:
+        con.print(f"  published: {a.publish}/report.md")
     if res["mlflow_ui"]:
         con.print(f"  MLflow:   {res['mlflow_ui']}")
     if res["tracking_error"]:

@@ -27,12 +27,13 @@ from typing import Any, Optional
 from prefect import flow, get_run_logger
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from dograph_core.config import Params, check_name, load_params
+from dograph_core.config import BEST, YARDSTICK, Params, check_name, load_params
 from tasks.cache import DataLock, RunLock, stable_hash
 from tasks.params import check_params, method_spec
 from tasks.prefect_tasks import (forward_core_logs, prepare_task, process_worker_init, report_task, search_task,
                                  tokenize_task, train_task)
 from tasks.steps import code_version, data_up_to_date, data_version, is_offline
+from tasks.study import best_baseline, best_candidates, needs_best
 
 
 def default_run_id(p: Params, preset: Optional[str]) -> str:
@@ -64,47 +65,91 @@ def task_runner(p: Params) -> Any:
 
 @flow(name="dograph-runs")
 def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> list[dict]:
-    """Searches and trainings, submitted so that independent ones run in parallel."""
+    """The study's searches and trainings, submitted so that independent ones run in parallel.
+
+    Every method at every target scale and seed (``pipeline.scale_methods`` per scale), offline
+    methods on the mixture their one proxy search found, and the compute yardstick; the ``@best``
+    units of later scales are submitted once the first scale's baselines have finished.
+    """
     seed0 = p.pipeline.seeds[0]
-    futures = []
+    searches: dict[str, Any] = {}
+    futures: list[tuple[tuple[str, str, int], Any]] = []
     slot = 0  # the unit's index: where its round-robin choice of GPU starts (tasks.devices)
-    for method in p.pipeline.methods:
+
+    def submit(method: str, scale: str, seed: int, yardstick: bool = False) -> None:
+        nonlocal slot
         search = None
-        if is_offline(method_spec(p, method)["type"]):
-            search = search_task.submit(p, method, data, run_dir, tracking, seed0, slot=slot)
-            slot += 1
-        for scale in p.pipeline.target_scales:
-            for seed in p.pipeline.seeds:
-                futures.append(((method, scale, seed),
-                                train_task.submit(p, method, scale, seed, data, run_dir, search, tracking, slot=slot)))
+        if not yardstick and is_offline(method_spec(p, method)["type"]):
+            if method not in searches:
+                searches[method] = search_task.submit(p, method, data, run_dir, tracking, seed0, slot=slot)
                 slot += 1
+            search = searches[method]
+        label = YARDSTICK if yardstick else method
+        t = train_task.with_options(task_run_name=f"train-{label}@{scale}-s{seed}")
+        futures.append(((label, scale, seed), t.submit(p, method, scale, seed, data, run_dir, search, tracking,
+                                                       slot=slot, yardstick=yardstick)))
+        slot += 1
+
+    for scale in p.pipeline.target_scales:
+        for seed in p.pipeline.seeds:
+            for method in p.pipeline.methods_at(scale):
+                if method != BEST:
+                    submit(method, scale, seed)
+        for seed in p.pipeline.yardstick_seeds:
+            submit("uniform", scale, seed, yardstick=True)
+    units, failed = collect(futures)
+    later = needs_best(p)
+    if later:
+        best = best_baseline(p, units)
+        log = get_run_logger()
+        if best is None:
+            failed.append(f"{BEST} at {later}: no baseline of {p.pipeline.target_scales[0]} finished every seed "
+                          f"(candidates: {best_candidates(p)})")
+        else:
+            log.info("best baseline at %s: %s (trained at %s as %s)", p.pipeline.target_scales[0], best, later, BEST)
+            futures = []
+            for scale in later:
+                if best not in p.pipeline.methods_at(scale):
+                    for seed in p.pipeline.seeds:
+                        submit(best, scale, seed)
+            more, more_failed = collect(futures)
+            units, failed = units + more, failed + more_failed
+    if failed and not units:
+        raise RuntimeError("every run failed:\n  " + "\n  ".join(failed))
+    return units + [{"failed": f} for f in failed]
+
+
+def collect(futures: list[tuple[tuple[str, str, int], Any]]) -> tuple[list[dict], list[str]]:
+    """The finished units' results, and a line for each one that failed."""
     units, failed = [], []
     for (method, scale, seed), fut in futures:
         try:
             units.append(fut.result())
         except Exception as e:  # noqa: BLE001 - collect, report the rest, then fail
             failed.append(f"{method}@{scale} seed {seed}: {type(e).__name__}: {e}")
-    if failed and not units:
-        raise RuntimeError("every run failed:\n  " + "\n  ".join(failed))
-    return units + [{"failed": f} for f in failed]
+    return units, failed
 
 
 @flow(name="dograph-pipeline")
 def pipeline(params: str = "params.yaml", preset: Optional[str] = None, overrides: Optional[list[str]] = None,
-             run_id: Optional[str] = None, skip_data: bool = False, track: bool = True) -> dict[str, Any]:
-    """The whole pipeline on one params file; returns where everything went and the comparison rows."""
+             run_id: Optional[str] = None, skip_data: bool = False, track: bool = True,
+             publish: Optional[str] = None) -> dict[str, Any]:
+    """The whole pipeline on one params file; returns where everything went and the comparison rows.
+
+    ``publish``: also write the report as a directory that stands alone there (``docs/results/<preset>``).
+    """
     if run_id is not None:  # also a deployment's parameter: one directory under pipeline.out_dir, never a path
         check_name(run_id, "run id")
     log = get_run_logger()
     stop_forwarding = forward_core_logs()
     try:
-        return _pipeline(log, params, preset, overrides, run_id, skip_data, track)
+        return _pipeline(log, params, preset, overrides, run_id, skip_data, track, publish)
     finally:
         stop_forwarding()
 
 
 def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[list[str]], run_id: Optional[str],
-              skip_data: bool, track: bool) -> dict[str, Any]:
+              skip_data: bool, track: bool, publish: Optional[str]) -> dict[str, Any]:
     p = load_params(params, preset, overrides)
     check_params(p)
     run_id = run_id or default_run_id(p, preset)
@@ -137,7 +182,7 @@ def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[
                                                                         parent.spec() if parent else None)
             ok = [u for u in units if "failed" not in u]
             failed = [u["failed"] for u in units if "failed" in u]
-            rep = report_task(run_id, ok, str(run_dir), data["out_dir"], p.model_dump(), parent)
+            rep = report_task(run_id, ok, str(run_dir), data["out_dir"], p.model_dump(), parent, publish)
         except BaseException:
             if parent:
                 parent.end("FAILED")

@@ -19,13 +19,14 @@ def check_params(p: Params, methods: list[str] | None = None) -> None:
     errors = []
     scales = [("train.scale", p.train.scale), ("pipeline.proxy_scale", p.pipeline.proxy_scale)]
     scales += [(f"pipeline.target_scales[{i}]", s) for i, s in enumerate(p.pipeline.target_scales)]
+    scales += [(f"pipeline.scale_methods.{s}", s) for s in p.pipeline.scale_methods]
     for key, value in scales:
         if value not in SCALES:
             errors.append(f"  {key} = {value!r}: unknown scale; expected one of {list(SCALES)}")
     if methods is None and p.pipeline.task_runner == "dask" and importlib.util.find_spec("prefect_dask") is None:
         errors.append("  pipeline.task_runner = 'dask': prefect-dask is not installed; "
                       "install the dask extra (pip install 'dograph[dask]') or use 'thread'")
-    for name in methods if methods is not None else p.pipeline.methods:
+    for name in methods if methods is not None else p.pipeline.all_methods():
         if name not in p.methods:
             errors.append(f"  method {name!r}: not defined under 'methods' (defined: {sorted(p.methods)})")
             continue

@@ -160,21 +160,22 @@ def search_task(p: Params, method: str, data: Mapping[str, Any], run_dir: str,
 @task(name="train", task_run_name="train-{method}@{scale}-s{seed}", **_common)
 def train_task(p: Params, method: str, scale: str, seed: int, data: Mapping[str, Any], run_dir: str,
                search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None,
-               slot: int = 0) -> Any:
+               slot: int = 0, yardstick: bool = False) -> Any:
     """One training run, on its own GPU when parallel units share a machine with several."""
     with device_lease(p, Path(run_dir) / ".devices", slot) as device:
-        out = steps.train_step(p, method, scale, seed, data, run_dir, search, tracking, device=device)
-    return cached_state(out, f"{method}@{scale} seed {seed}")
+        out = steps.train_step(p, method, scale, seed, data, run_dir, search, tracking, device=device,
+                               yardstick=yardstick)
+    return cached_state(out, f"{out['method']}@{scale} seed {seed}")
 
 
 @task(name="report", retries=1, retry_delay_seconds=2, retry_condition_fn=io_errors_only, **_common)
 def report_task(run_id: str, units: list[dict], run_dir: str, tokenized_dir: str, params: dict,
-                tracker: Any = None) -> dict[str, Any]:
-    """Write report.md, results.json, metrics.json and plots; log them to the pipeline's MLflow run;
-    publish the comparison table and the report as artifacts of the flow run."""
+                tracker: Any = None, publish: Optional[str] = None) -> dict[str, Any]:
+    """Write report.md, results.json, metrics.json and plots (and a copy under ``publish``); log them to
+    the pipeline's MLflow run; publish the comparison table and the report as artifacts of the flow run."""
     from dograph_core.report import comparison_rows, markdown_table
 
-    results, report = write_outputs(run_id, units, run_dir, tokenized_dir, params)
+    results, report = write_outputs(run_id, units, run_dir, tokenized_dir, params, publish)
     rows = comparison_rows(results)
     if tracker is not None:
         for r in rows:

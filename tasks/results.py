@@ -1,78 +1,28 @@
 """Gather every training run's outputs into the results document that :mod:`dograph_core.report` reads."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 from dograph_core.io import read_json
 
-VAL_PREFIX = "val_loss/"
-
-
-def _read(path: Path) -> Optional[dict]:
-    if not path.exists():
-        return None
-    try:
-        return read_json(path)
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: name the file
-        raise ValueError(f"{path}: not JSON ({e}); run this training again to rewrite it") from None
-
-
-def _losses(split: Mapping[str, Any], part: str) -> dict[str, float]:
-    """``{"domains": {d: {"loss": x}}}`` (evaluate.evaluate_split) -> ``{d: x}``."""
-    return {d: float(v["loss"] if isinstance(v, Mapping) else v) for d, v in (split.get(part) or {}).items()}
-
-
-def _curves(metrics_file: Path) -> list[dict[str, Any]]:
-    """Steps of metrics.jsonl that carry per-domain validation losses (``val_loss/<domain>``)."""
-    pts: list[dict[str, Any]] = []
-    if not metrics_file.exists():
-        return pts
-    for line in metrics_file.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec.get("eval"), dict):  # eval lines: {"step": s, "eval": {"val_loss/<d>": ...}}
-            rec = {"step": rec.get("step"), **rec["eval"]}
-        vals = {k[len(VAL_PREFIX):]: float(v) for k, v in rec.items() if k.startswith(VAL_PREFIX) and v is not None}
-        held = {k[len("heldout_loss/"):]: float(v) for k, v in rec.items() if k.startswith("heldout_loss/") and v is not None}
-        if vals and "step" in rec:
-            pts.append({"step": int(rec["step"]), "val_loss": {**vals, **held}})
-    return pts
-
 
 def run_record(unit: Mapping[str, Any]) -> dict[str, Any]:
-    """One entry of ``results["runs"]`` from a finished training run's directory."""
-    out = Path(unit["dir"])
-    ev = _read(out / "eval.json") or {}
-    summary = _read(out / "summary.json") or {}
-    weights = _read(out / "weights.json") or {}
-    val = ev.get("val") or {}
-    rec: dict[str, Any] = {
-        "method": unit["method"],
-        "scale": unit["scale"],
-        "seed": unit.get("seed", 0),
-        "dir": str(out),
-        "cached": bool(unit.get("cached")),
-        "val_loss": _losses(val, "domains"),
-        "heldout_loss": _losses(val, "heldout"),
-        "wall_time_s": summary.get("wall_time_s", summary.get("time_s")),
-        "steps": summary.get("steps"),
-        "search_time_s": unit.get("search_time_s"),
-        "weights": weights.get("weights"),
-        "weights_history": [[s["step"], s["weights"]] for s in weights.get("schedule", [])],
-        "curves": _curves(out / "metrics.jsonl"),
-    }
-    if rec["val_loss"] and summary.get("steps"):  # the final evaluation ends the curves
-        rec["curves"].append({"step": int(summary["steps"]), "val_loss": {**rec["val_loss"], **rec["heldout_loss"]}})
+    """One entry of ``results["runs"]`` from a finished training run's directory (:func:`dograph_core.study.run_record`,
+    plus where it is, whether this pipeline run reused it and the method's own figures)."""
+    from dograph_core.study import run_record as study_record
     from tasks.steps import method_plots
 
-    rec["plots"] = [str(p) for p in method_plots(out)]
-    if ev.get("last_word_mean") is not None:
-        rec["last_word_accuracy"] = ev["last_word_mean"]
-    return rec
+    out = Path(unit["dir"])
+    for name in ("summary.json", "eval.json"):
+        if not (out / name).is_file():
+            raise FileNotFoundError(f"{out / name}: missing; run this training again (the same command resumes it)")
+    try:
+        rec = study_record(out, unit["method"], unit["scale"], int(unit.get("seed", 0)), unit.get("role", "main"),
+                           unit.get("search_time_s"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: name the run
+        raise ValueError(f"{out}: unreadable results ({e}); run this training again to rewrite them") from None
+    return {**rec, "dir": str(out), "cached": bool(unit.get("cached")), "plots": [str(p) for p in method_plots(out)]}
 
 
 def collect_results(run_id: str, units: Iterable[Mapping[str, Any]], tokenized_dir: str | Path,
@@ -88,8 +38,10 @@ def collect_results(run_id: str, units: Iterable[Mapping[str, Any]], tokenized_d
 
 
 def write_outputs(run_id: str, units: Iterable[Mapping[str, Any]], run_dir: str | Path, tokenized_dir: str | Path,
-                  params: Optional[Mapping[str, Any]] = None) -> tuple[dict[str, Any], Path]:
+                  params: Optional[Mapping[str, Any]] = None, publish: Optional[str | Path] = None
+                  ) -> tuple[dict[str, Any], Path]:
     """The report of a run directory: ``report.md`` and its plots, and ``metrics.json`` for DVC.
+    ``publish``: also a self-contained copy of the report there (:func:`publish_results`).
     Returns the results document and the report's path."""
     from dograph_core.io import write_json
     from dograph_core.report import write_report
@@ -97,7 +49,33 @@ def write_outputs(run_id: str, units: Iterable[Mapping[str, Any]], run_dir: str 
     results = collect_results(run_id, units, tokenized_dir, params)
     report = write_report(results, run_dir, title=f"dograph comparison, run {run_id}")
     write_json(Path(run_dir) / "metrics.json", dvc_metrics(results))
+    if publish is not None:
+        publish_results(results, run_dir, publish)
     return results, report
+
+
+def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | Path) -> Path:
+    """The report as a directory that stands alone (e.g. ``docs/results/<preset>``): ``report.md`` (no links
+    into the run directory), ``results.json``, ``plots/`` and ``logs.tar.gz`` with every run's step metrics,
+    DoGraph's update log and the searched mixtures."""
+    import tarfile
+
+    from dograph_core.io import atomic_path
+    from dograph_core.report import write_report
+
+    out, run_dir = Path(out), Path(run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = write_report(dict(results), out, title=f"dograph comparison, run {results['run_id']}", links=False)
+    with atomic_path(out / "logs.tar.gz") as tmp:
+        with tarfile.open(tmp, "w:gz") as tar:
+            for r in results["runs"]:
+                d = Path(r["dir"])
+                for f in (d / "metrics.jsonl", d / "mixer" / "dograph_log.jsonl"):
+                    if f.is_file():
+                        tar.add(f, arcname=str(f.relative_to(run_dir)) if f.is_relative_to(run_dir) else f.name)
+            for f in sorted(run_dir.glob("search/*/weights.json")):
+                tar.add(f, arcname=str(f.relative_to(run_dir)))
+    return report
 
 
 def dvc_metrics(results: Mapping[str, Any]) -> dict[str, Any]:

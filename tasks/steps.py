@@ -22,20 +22,21 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from dograph_core.config import ConfigError, Params
+from dograph_core.config import YARDSTICK, ConfigError, Params
 from dograph_core.io import read_json, write_json
 from tasks.cache import clear_done, file_hash, is_done, mark_done, stable_hash
 from tasks.params import method_spec
 from tasks.tracking import git_commit, load_run_ref, save_run_ref, tracker_for
 
 OFFLINE_TYPES = frozenset({"doremi", "doge"})  # search at the proxy scale, then train on the found mixture
+REPORTING = frozenset({"report.py", "study.py"})  # read finished runs only: a change re-runs no unit
 _ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 
 def code_version(*packages: str) -> str:
     """Hash of the core's source files under ``packages`` (so a code change re-runs the unit)."""
-    files = sorted(f for pkg in packages for f in (_ROOT / pkg).rglob("*.py") if f.name != "report.py")
+    files = sorted(f for pkg in packages for f in (_ROOT / pkg).rglob("*.py") if f.name not in REPORTING)
     return stable_hash({str(f.relative_to(_ROOT)): file_hash(f) for f in files})
 
 
@@ -166,6 +167,10 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
     spec = method_spec(p, method)
     scale = p.pipeline.proxy_scale
     cfg = _train_cfg(p, scale, seed, p.pipeline.search_steps)
+    if p.pipeline.search_train:  # e.g. a GPU study's search on the CPU
+        from dograph_core.config import TrainConfig
+
+        cfg = TrainConfig.model_validate({**cfg.model_dump(), **p.pipeline.search_train})
     out = Path(run_dir) / "search" / method
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "data": data["data_version"],
                        "code": _code(data)})
@@ -262,10 +267,11 @@ def unit_name(method: str, scale: str, seed: int) -> str:
 
 def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str, Any], run_dir: str | Path,
                search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None,
-               device: Optional[str] = None) -> dict[str, Any]:
+               device: Optional[str] = None, yardstick: bool = False) -> dict[str, Any]:
     """Train ``method`` at ``scale``: on the searched mixture (offline methods) or online; evaluate.
 
     ``device`` replaces ``train.device`` for this unit (see :func:`search_step`); not part of the key.
+    ``yardstick``: the compute yardstick, ``method`` at twice ``train.steps``, labelled ``uniform_2x``.
     """
     spec = method_spec(p, method)
     if search is not None:
@@ -273,14 +279,15 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
         weights_key = file_hash(search["weights"])
     else:
         mtype, mparams, weights_key = spec["type"], spec["params"], None
-    cfg = _train_cfg(p, scale, seed)
-    out = Path(run_dir) / "train" / unit_name(method, scale, seed)
+    cfg = _train_cfg(p, scale, seed, 2 * p.train.steps if yardstick else None)
+    label = YARDSTICK if yardstick else method
+    out = Path(run_dir) / "train" / unit_name(label, scale, seed)
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "mixer": mtype, "weights": weights_key,
                        "data": data["data_version"], "code": _code(data)})
-    unit = {"method": method, "scale": scale, "seed": seed, "dir": str(out), "key": key,
-            "search_time_s": (search or {}).get("time_s")}
-    run_name = f"{method}@{scale}" + (f"/s{seed}" if seed else "")
-    tags = _tags(method, spec["type"], scale, seed, data, "train", Path(run_dir).name)
+    unit = {"method": label, "scale": scale, "seed": seed, "dir": str(out), "key": key,
+            "role": "yardstick" if yardstick else "main", "search_time_s": (search or {}).get("time_s")}
+    run_name = f"{label}@{scale}" + (f"/s{seed}" if seed else "")
+    tags = _tags(label, spec["type"], scale, seed, data, "train", Path(run_dir).name)
     if is_done(out, key) and (out / "summary.json").exists():
         link_cached(tracking, out, run_name, tags, data,
                     {"train": cfg.model_dump(), "method": spec, "mixer_used": mtype, "stage": "train"})
@@ -310,6 +317,9 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
         raise
     end_tracker(tracker, "FINISHED")
     mark_done(out, key, {"wall_time_s": (summary or {}).get("wall_time_s")})
+    if p.pipeline.cleanup:  # the report reads the run's metrics; the weights are logged to MLflow above
+        for sub in ("checkpoints", "final"):
+            shutil.rmtree(out / sub, ignore_errors=True)
     return {**unit, "cached": False}
 
 

@@ -51,7 +51,7 @@ def test_negative_size_names_key_value_and_bound(tmp_path):
 
 
 def test_method_listed_but_not_defined(tmp_path):
-    with pytest.raises(ConfigError, match=r"pipeline.methods names \['doremix'\]"):
+    with pytest.raises(ConfigError, match=r"pipeline names methods \['doremix'\]"):
         load_params(_params(tmp_path, pipeline__methods=["uniform", "doremix"]))
 
 

@@ -64,37 +64,48 @@ def test_markdown_marks_the_best_per_scale(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["run_id"] == "t"
 
 
-def test_paired_differences_by_seed_against_uniform_and_the_best_baseline(tmp_path):
+def test_paired_differences_by_seed_against_uniform_the_best_baseline_and_an_ablations_parent(tmp_path):
     from scipy.stats import sem, ttest_rel
     from scipy.stats import t as student_t
 
-    from dograph_core.report import paired_rows, write_report
+    from dograph_core.report import write_report
 
     uni = [[3.0, 4.0, 5.0], [3.1, 4.2, 5.3], [2.9, 3.9, 4.8]]
     odm = [[3.0, 4.0, 4.9], [3.1, 4.1, 5.1], [2.9, 3.9, 4.7]]  # the best baseline: lowest worst-domain loss
     nat = [[3.0, 4.0, 5.2], [3.1, 4.2, 5.4], [2.9, 3.9, 5.0]]
     dg = [[3.0, 4.0, 4.6], [3.1, 4.1, 5.0], [2.9, 3.9, 4.4]]
+    off = [[3.0, 4.0, 4.5], [3.1, 4.1, 4.5], [2.9, 3.9, 4.5]]  # an ablation of "mine": better than every baseline
     runs = [_run(m, "nano", v, 6.0 - 0.1 * i, seed=i) for m, vals in
-            (("uniform", uni), ("odm", odm), ("natural", nat), ("mine", dg)) for i, v in enumerate(vals)]
+            (("uniform", uni), ("odm", odm), ("natural", nat), ("mine", dg), ("mine_off", off))
+            for i, v in enumerate(vals)]
     runs.append(_run("mine", "micro", [1.0, 1.0, 1.0], 2.0))  # one seed, no uniform: nothing to pair
+    runs.append({**_run("uniform_2x", "nano", [2.0, 3.0, 4.0], 5.0), "role": "yardstick"})
     res = {"run_id": "p", "domains": DOMAINS, "heldout": ["email"], "runs": runs,
-           "params": {"methods": {"mine": {"type": "dograph"}, "odm": {"type": "odm"}}}}
-    rows = {(r["method"], r["vs"]): r for r in paired_rows(res)}
-    assert set(rows) == {("odm", "uniform"), ("natural", "uniform"), ("natural", "best (odm)"),
-                         ("mine", "uniform"), ("mine", "best (odm)"), ("uniform", "best (odm)")}
-    d = rows[("mine", "best (odm)")]["val_worst"]
-    a, b = [v[2] for v in dg], [v[2] for v in odm]
-    assert d["diffs"] == pytest.approx([x - y for x, y in zip(a, b)])
-    assert d["p"] == pytest.approx(ttest_rel(a, b).pvalue)
-    diffs = [x - y for x, y in zip(a, b)]
-    assert d["ci"] == pytest.approx(student_t.interval(0.95, 2, loc=sum(diffs) / 3, scale=sem(diffs)))
-    assert rows[("mine", "uniform")]["heldout"]["mean"] == pytest.approx(0.0)  # same held-out loss per seed
+           "params": {"methods": {"mine": {"type": "dograph"}, "mine_off": {"type": "dograph"}, "odm": {"type": "odm"}},
+                      "pipeline": {"parents": {"mine_off": "mine"}}}}
     text = write_report(res, tmp_path).read_text()
-    assert "## Paired differences by seed" in text
-    line = next(ln for ln in text.splitlines() if ln.startswith("| nano | mine | best (odm) |"))
-    assert f"{d['mean']:+.3f} ± {d['std']:.3f}" in line
-    saved = json.loads((tmp_path / "results.json").read_text())["paired"]
-    assert len(saved) == len(rows)
+    study = json.loads((tmp_path / "results.json").read_text())["study"]
+    nano = study["nano"]
+    assert nano["best_baseline"] == "odm"  # neither DoGraph, nor the ablation, nor the yardstick competes
+    refs = {m: {k for k in d if k in ("uniform", "best", "parent")} for m, d in nano["diffs"].items()}
+    assert refs == {"uniform": {"best"}, "odm": {"uniform"}, "natural": {"uniform", "best"},
+                    "mine": {"uniform", "best"}, "mine_off": {"uniform", "best", "parent"}}
+    d = nano["diffs"]["mine"]["best"]["val_worst"]
+    a, b = [v[2] for v in dg], [v[2] for v in odm]
+    diffs = [x - y for x, y in zip(a, b)]
+    assert d["diffs"] == pytest.approx(diffs)
+    assert d["p"] == pytest.approx(ttest_rel(a, b).pvalue)
+    assert d["ci"] == pytest.approx(student_t.interval(0.95, 2, loc=sum(diffs) / 3, scale=sem(diffs)))
+    assert nano["diffs"]["mine"]["uniform"]["heldout"]["mean"] == pytest.approx(0.0)  # same held-out loss per seed
+    parent = nano["diffs"]["mine_off"]["parent"]["val_worst"]
+    assert parent["diffs"] == pytest.approx([x[2] - y[2] for x, y in zip(off, dg)])
+    # the yardstick: uniform at 2x tokens is a reference, not a row of the comparison
+    assert nano["yardstick"]["delta"]["val_worst"] == pytest.approx(4.0 - (5.0 + 5.3 + 4.8) / 3)
+    assert "uniform_2x" not in nano["rows"] and "| uniform_2x |" not in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| mine | best (odm) |"))
+    lo, hi = d["ci"]
+    assert f"{d['mean']:+.3f} ± {d['std']:.3f} [{lo:+.3f}, {hi:+.3f}]" in line
+    assert "| mine_off | parent (mine) |" in text
 
 
 def test_report_refuses_results_without_runs_or_losses(tmp_path):

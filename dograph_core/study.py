@@ -1,11 +1,15 @@
-"""From finished run directories to the comparison's JSON, markdown tables and plots.
+"""The study's evidence: from finished training runs to mean ± sd over seeds, paired differences and plots.
 
-:func:`collect` reads every finished training unit (``summary.json``, ``eval.json``,
-``metrics.jsonl``) into one flat record per run; :func:`aggregate` computes, per scale and
-method, the mean ± sd over seeds and the paired differences (by seed) against uniform and
-against the best baseline, the gain as a fraction of the 2x-budget gain and the steps needed
-to reach uniform's final mean loss; :func:`markdown` renders the tables. All losses are nats per
-token on the validation split (lower is better).
+:func:`run_record` reads one finished run's directory (``summary.json``, ``eval.json``,
+``metrics.jsonl``, DoGraph's ``mixer/`` log) into one flat record; :func:`aggregate` computes, per
+scale and method, the mean ± sd over seeds and the paired differences by seed (``stats.paired``:
+the mean, spread, 95% confidence interval and paired t-test p-value of the differences) against
+uniform, the best baseline at that scale, the first scale's best baseline and, for an ablation, the
+method it changes (its parent); the gain as a fraction of the compute yardstick's (uniform at twice
+the tokens) and the steps each method needs to reach uniform's final mean loss. :func:`markdown`
+renders the tables; :func:`plot_curves`, :func:`plot_domain_deltas` and :func:`write_figure1` draw.
+All losses are nats per token on the validation split (lower is better). Pure: reads files, writes
+only where it is told.
 """
 from __future__ import annotations
 
@@ -14,15 +18,14 @@ import json
 import math
 import statistics
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Mapping, Optional
 
+from dograph_core.io import atomic_path
 from dograph_core.stats import fmt_p, fmt_pm, gain_fraction, mean_std, paired, steps_to_reach
-
-from compare_presets import DOGRAPH
 
 METRICS = ("val_mean", "val_worst", "heldout", "last_word")
 DOGRAPH_FIELDS = ("in_force", "end_ari", "graph_effect", "ess")  # see dograph_record
-NON_BASELINE = set(DOGRAPH) | {"uniform_2x"}
+METHOD_ORDER = ["uniform", "natural", "doremi", "doge", "odm", "dograph_human", "dograph_model", "uniform_2x"]
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -36,9 +39,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str,
-               search_time_s: float = math.nan, every: int = 10) -> dict[str, Any]:
-    """One finished run as a flat record (see the module doc)."""
+def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str = "main",
+               search_time_s: Optional[float] = math.nan, every: int = 10) -> dict[str, Any]:
+    """One finished run as a flat record (``role``: ``main`` or ``yardstick``); weights every ``every`` steps."""
+    run_dir = Path(run_dir)
     s = json.loads((run_dir / "summary.json").read_text())
     ev = json.loads((run_dir / "eval.json").read_text())
     val = {d: v["loss"] for d, v in ev["val"]["domains"].items()}
@@ -58,14 +62,15 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str,
     curves.append({"step": s["steps"], "val_mean": s["val_loss_mean"], "val_worst": s["val_loss_worst"],
                    "val_loss": val, "heldout_loss": held})
     return {
-        "method": method, "scale": scale, "seed": seed, "role": role, "steps": s["steps"], "tokens": s["tokens"],
+        "method": method, "scale": scale, "seed": seed, "role": role, "mixer": s.get("mixer"),
+        "steps": s["steps"], "tokens": s["tokens"],
         "params": s.get("params"), "dtype": s.get("dtype"), "device": s.get("device"),
         "val_loss": val, "heldout_loss": held,
         "val_mean": s["val_loss_mean"], "val_worst": s["val_loss_worst"], "worst_domain": s.get("val_worst_domain"),
         "heldout": sum(held.values()) / len(held) if held else math.nan,
         "last_word": s.get("last_word_acc_mean"),
         "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"], "tokens_per_s": s["tokens_per_s"],
-        "search_time_s": search_time_s, "domains": domains,
+        "search_time_s": math.nan if search_time_s is None else float(search_time_s), "domains": domains,
         "weights": [s["final_weights"][d] for d in domains], "weights_history": hist, "curves": curves,
         **dograph_record(run_dir),
     }
@@ -104,24 +109,22 @@ def dograph_record(run_dir: Path) -> dict[str, Any]:
             "ess": sum(ess) / len(ess) if ess else math.nan}
 
 
-def collect(work: Path, units: list[Any], search_cost) -> list[dict[str, Any]]:
-    """Records of every finished training unit of ``units`` (searches excluded)."""
-    out = []
-    for u in units:
-        d = Path(work) / u.key
-        if u.key.startswith("search/") or not (d / "summary.json").is_file():
-            continue
-        st = search_cost(work, u.method) if u.mixer.get("type") == "static" else math.nan
-        out.append(run_record(d, u.method, u.scale, u.seed, u.role, st))
-    return out
-
-
 def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
     return {r["seed"]: r[key] for r in runs if r.get(key) is not None}
 
 
-def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per scale: rows per method (mean ± sd), the best baseline, paired differences, yardstick."""
+def is_baseline(rec: Mapping[str, Any], parents: Mapping[str, str]) -> bool:
+    """A method that competes for "best baseline": not DoGraph, not an ablation, not the yardstick."""
+    return (rec["role"] == "main" and rec["method"] not in parents
+            and not str(rec.get("mixer") or rec["method"]).startswith("dograph"))
+
+
+def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+    """Per scale: rows per method (mean ± sd), the best baseline, paired differences, yardstick.
+
+    ``parents``: ablation -> the method it changes; each ablation is also compared with its parent.
+    """
+    parents = dict(parents or {})
     out: dict[str, Any] = {}
     scales = list(dict.fromkeys(r["scale"] for r in records))
     first_best: Optional[str] = None  # the first scale's best baseline: the one transferred to the other scales
@@ -140,7 +143,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
         for m in rows:  # paired by seed, the median ratio: robust to a run that shared the machine with more work
             rows[m]["overhead"] = _median_ratio(_by_seed(arm[m], "train_time_s"), _by_seed(arm["uniform"], "train_time_s")) \
                 if base else math.nan
-        baselines = [m for m in rows if m not in NON_BASELINE]
+        baselines = [m for m in rows if is_baseline(arm[m][0], parents)]
         best = min(baselines, key=lambda m: rows[m]["val_worst"]["mean"]) if baselines else None
         first_best = best if scale == scales[0] else first_best
         refs = [("uniform", "uniform"), ("best", best)]
@@ -152,7 +155,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
         diffs: dict[str, Any] = {}
         for m in rows:
             d: dict[str, Any] = {}
-            for ref_name, ref in refs:
+            for ref_name, ref in [*refs, ("parent", parents.get(m))]:
                 if ref is None or ref not in arm or ref == m or (ref_name == "best" and ref == "uniform"):
                     continue
                 d[ref_name] = {k: paired(_by_seed(arm[m], k), _by_seed(arm[ref], k)) for k in METRICS}
@@ -162,7 +165,7 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
             d["steps_to_uniform"] = {"mean": mean_std(x for x in reach if x is not None)["mean"],
                                      "reached": sum(x is not None for x in reach), "n": len(reach)}
             diffs[m] = d
-        out[scale] = {"rows": rows, "best_baseline": best, "first_scale_best": first_best, "yardstick": {"delta": ystick, "seeds": [r["seed"] for r in yard]},
+        out[scale] = {"rows": rows, "best_baseline": best, "parents": {m: parents[m] for m in rows if m in parents}, "first_scale_best": first_best, "yardstick": {"delta": ystick, "seeds": [r["seed"] for r in yard]},
                       "uniform_final_mean": target, "diffs": diffs}
     return out
 
@@ -186,10 +189,13 @@ def _num(x: Optional[float], digits: int = 3, sign: bool = False) -> str:
 
 
 def _diff(p: dict[str, Any]) -> str:
+    """``mean ± sd [95% CI] (p value)`` of paired differences."""
     if not p or not p.get("n"):
         return "–"
     sd = f" ± {p['std']:.3f}" if _ok(p["std"]) else ""
-    return f"{p['mean']:+.3f}{sd} (p {fmt_p(p['p'])})"
+    lo, hi = p.get("ci") or (math.nan, math.nan)
+    ci = f" [{lo:+.3f}, {hi:+.3f}]" if _ok(lo) and _ok(hi) else ""
+    return f"{p['mean']:+.3f}{sd}{ci} (p {fmt_p(p['p'])})"
 
 
 def markdown(agg: dict[str, Any]) -> str:
@@ -223,14 +229,16 @@ def markdown(agg: dict[str, Any]) -> str:
                   f"Compute yardstick (uniform at 2x tokens, seeds {y['seeds']}) minus uniform: mean "
                   f"{_num(y['delta']['val_mean'], sign=True)}, worst {_num(y['delta']['val_worst'], sign=True)}, "
                   f"held-out {_num(y['delta']['heldout'], sign=True)}.", "",
-                  f"### {scale}: paired differences by seed (method − reference; negative = better loss)", "",
+                  f"### {scale}: paired differences by seed (method − reference; negative = better loss; "
+                  "mean ± sd [95% CI] (paired t-test p))", "",
                   "| method | vs | Δ mean | Δ worst | Δ held-out | Δ last-word acc |",
                   "|---|---|---:|---:|---:|---:|"]
         for m, d in diffs.items():
-            for ref in ("uniform", "best", "first_best"):
+            for ref in ("uniform", "best", "first_best", "parent"):
                 if ref in d:
                     name = {"uniform": "uniform", "best": f"best ({a['best_baseline']})",
-                            "first_best": f"{next(iter(agg))}'s best ({a['first_scale_best']})"}[ref]
+                            "first_best": f"{next(iter(agg))}'s best ({a['first_scale_best']})",
+                            "parent": f"parent ({a['parents'].get(m)})"}[ref]
                     parts.append(f"| {m} | {name} | {_diff(d[ref]['val_mean'])} | {_diff(d[ref]['val_worst'])} | "
                                  f"{_diff(d[ref]['heldout'])} | {_diff(d[ref]['last_word'])} |")
         parts += ["", f"### {scale}: against the compute yardstick, and steps to uniform's final mean loss "
@@ -246,10 +254,8 @@ def markdown(agg: dict[str, Any]) -> str:
 
 
 def method_color(method: str) -> str:
-    """One colour per method in every panel and plot (tab10, in the order of ALL_METHODS)."""
-    from compare_presets import ALL_METHODS
-
-    names = [*ALL_METHODS, "uniform_2x"]
+    """One colour per method in every panel and plot (tab10, in the order of METHOD_ORDER)."""
+    names = METHOD_ORDER
     i = names.index(method) if method in names else len(names) + sum(map(ord, method))
     return f"C{i % 10}"
 
@@ -261,7 +267,6 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from dograph_core.io import atomic_path
 
     scales = list(dict.fromkeys(r["scale"] for r in records))
     if not scales:
@@ -303,7 +308,6 @@ def plot_domain_deltas(records: list[dict[str, Any]], path: Path) -> Optional[Pa
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    from dograph_core.io import atomic_path
 
     scales = [s for s in dict.fromkeys(r["scale"] for r in records)
               if any(r["method"] == "uniform" and r["scale"] == s for r in records)]
@@ -332,9 +336,61 @@ def plot_domain_deltas(records: list[dict[str, Any]], path: Path) -> Optional[Pa
         ax.set_xticks(range(len(domains)), [d + (" (held out)" if d in held else "") for d in domains], fontsize=8)
         ax.set_ylabel("loss − uniform (nats)")
         ax.set_title(f"{scale}: final validation loss per domain against uniform (seed means; below 0 = better)", fontsize=9)
-        ax.legend(fontsize=7, ncol=3)
+        if methods:
+            ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def write_figure1(records: Iterable[Mapping[str, Any]], out: Path) -> Optional[Path]:
+    """The paper's Figure 1 in numbers over seeds: per scale and DoGraph method, the alignment of gradient
+    clusters with the human sources at each analysis probe (``mixer/plots/alignment.csv`` of every run
+    in ``records``, which need ``scale``, ``method`` and ``dir``), as ``figure1.md`` (mean ± sd over
+    seeds) and ``figure1.png`` under ``out``. Returns the markdown's path, None without any probe."""
+    cols = ("kmeans_ari", "kmeans_nmi", "labels_ari", "separation", "silhouette")
+    groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
+    for r in records:
+        f = Path(r.get("dir") or "") / "mixer" / "plots" / "alignment.csv"
+        if r.get("role", "main") != "main" or not r.get("dir") or not f.is_file():
+            continue
+        scale, method = str(r["scale"]), str(r["method"])
+        for row in csv.DictReader(f.read_text().splitlines()):
+            groups.setdefault((scale, method), {}).setdefault(int(row["step"]), []).append(row)
+    if not groups:
+        return None
+    lines = ["# Are gradient domains the human sources? (Figure 1 in numbers)", "",
+             "Per analysis probe (the same 256 training windows, stratified over the sources, at step 0 = the "
+             "model at initialisation and at each quarter of the run): k-means of the centred, unit-normalised "
+             "gradient features against the sources (ARI, NMI), the run's own live clusters against the sources "
+             "(model nodes), the within-minus-between-source mean cosine and the silhouette by source. Mean ± sd "
+             "over seeds.", ""]
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.4), squeeze=False)
+    for ax, ((scale, method), by_step) in zip(axes[0], sorted(groups.items())):
+        lines += [f"## {scale} / {method}", "", "| step | seeds | " + " | ".join(cols) + " |",
+                  "|---:|---:|" + "---:|" * len(cols)]
+        steps = sorted(by_step)
+        stats = {c: [mean_std(float(r[c]) if r[c] not in ("", "nan") else math.nan for r in by_step[s]) for s in steps]
+                 for c in cols}
+        for i, s in enumerate(steps):
+            lines.append(f"| {s} | {len(by_step[s])} | " + " | ".join(fmt_pm(stats[c][i]) for c in cols) + " |")
+        lines.append("")
+        for c in ("kmeans_ari", "kmeans_nmi", "labels_ari", "separation"):
+            ys = [x["mean"] for x in stats[c]]
+            ax.plot(steps, ys, marker="o", label=c)
+        ax.set_title(f"{scale} / {method}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    with atomic_path(out / "figure1.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    with atomic_path(out / "figure1.png") as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return out / "figure1.md"

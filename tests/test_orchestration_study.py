@@ -1,0 +1,102 @@
+"""The study is the flow: per-scale methods, the best baseline carried to a later scale, the compute
+yardstick, ablations against their parents, the published report, and a re-run that trains nothing.
+
+One tiny study on the local corpus (nano and micro, 2 seeds, a few steps) is shared by the tests here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from _orch_fixture import ROOT, nano_overrides, write_local_corpus
+
+PARAMS = str(ROOT / "params.yaml")
+TINY_DOGRAPH = "{type: dograph, nodes: human, update_every: 2, r1: 4, r2: 4, plots: false}"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    from flows.pipeline import pipeline
+
+    tmp = tmp_path_factory.mktemp("study")
+    corpus = write_local_corpus(tmp / "corpus")
+    ov = nano_overrides(tmp, corpus, methods="[uniform,odm,doge,dograph_human,dograph_human_off]") + [
+        f"methods.dograph_human={TINY_DOGRAPH}",
+        f"methods.dograph_human_off={TINY_DOGRAPH[:-1]}, graph: 'off'}}",
+        "pipeline.parents={dograph_human_off: dograph_human}",
+        "pipeline.target_scales=[nano,micro]", "pipeline.scale_methods={micro: [uniform, '@best']}",
+        "pipeline.seeds=[0,1]", "pipeline.yardstick_seeds=[0]", "pipeline.max_parallel=2",
+    ]
+    res = pipeline(params=PARAMS, preset="nano", overrides=ov, track=False, publish=str(tmp / "published"))
+    return {"tmp": tmp, "ov": ov, "res": res}
+
+
+def test_the_study_trains_each_scales_methods_the_best_baseline_and_the_yardstick(study):
+    res = study["res"]
+    run_dir = Path(res["run_dir"])
+    assert res["failed"] == []
+    rows = {(r["method"], r["scale"]) for r in res["rows"]}
+    results = json.loads((run_dir / "results.json").read_text())
+    nano, micro = results["study"]["nano"], results["study"]["micro"]
+    best = nano["best_baseline"]
+    # @best: the nano baseline (not uniform, natural, DoGraph or an ablation) with the lowest worst-domain loss
+    worst = {m: nano["rows"][m]["val_worst"]["mean"] for m in ("odm", "doge")}
+    expected = min(worst, key=lambda m: (worst[m], m))
+    assert rows == {(m, "nano") for m in ("uniform", "odm", "doge", "dograph_human", "dograph_human_off")} | {
+        ("uniform", "micro"), (expected, "micro")}
+    assert micro["first_scale_best"] == best or best == "uniform"
+    # the yardstick: uniform at twice the steps, one seed per scale, a reference and not a row
+    for scale in ("nano", "micro"):
+        summary = json.loads((run_dir / "train" / f"uniform_2x__{scale}__s0" / "summary.json").read_text())
+        assert summary["steps"] == 12
+        assert results["study"][scale]["yardstick"]["seeds"] == [0]
+    assert math.isfinite(nano["diffs"]["dograph_human"]["gain_fraction"]["val_worst"])
+    # the ablation is compared with its parent, paired by seed
+    parent = nano["diffs"]["dograph_human_off"]["parent"]["val_worst"]
+    assert parent["seeds"] == [0, 1] and len(parent["diffs"]) == 2
+    report = Path(res["report"]).read_text()
+    assert "| dograph_human_off | parent (dograph_human) |" in report
+    assert "nano's best" in report or best == results["study"]["micro"]["best_baseline"]
+
+
+def test_the_published_report_stands_alone(study):
+    pub = study["tmp"] / "published"
+    text = (pub / "report.md").read_text()
+    assert "## The evidence, per scale" in text and "Method diagnostics" not in text
+    for link in [ln.split("](")[1].split(")")[0] for ln in text.splitlines() if "](" in ln]:
+        assert (pub / link).is_file(), link
+    with tarfile.open(pub / "logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "train/dograph_human__nano__s0/mixer/dograph_log.jsonl" in names
+    assert "search/doge/weights.json" in names and "train/uniform__micro__s1/metrics.jsonl" in names
+
+
+def test_a_rerun_of_the_study_trains_nothing(study):
+    from flows.pipeline import pipeline
+
+    again = pipeline(params=PARAMS, preset="nano", overrides=study["ov"], track=False)
+    assert again["run_id"] == study["res"]["run_id"] and again["failed"] == []
+    assert again["cached"] == 2 * 5 + 2 * 2 + 2  # every training of both scales and both yardsticks
+
+
+def test_study_settings_are_checked_at_config_time(tmp_path):
+    from dograph_core.config import ConfigError, load_params
+    from tasks.params import check_params
+
+    with pytest.raises(ConfigError, match="'@best' is the best baseline of the first target scale"):
+        load_params(PARAMS, None, ["pipeline.scale_methods={nano: [uniform, '@best']}"])
+    with pytest.raises(ConfigError, match=r"not defined under 'methods'"):
+        load_params(PARAMS, None, ["pipeline.parents={dograph_human: dograph_humane}"])
+    with pytest.raises(ConfigError, match="reserved for the compute yardstick"):
+        load_params(PARAMS, None, ["methods.uniform_2x={type: uniform}"])
+    with pytest.raises(ConfigError, match=r"pipeline.scale_methods.mikro = 'mikro': unknown scale"):
+        check_params(load_params(PARAMS, None, ["pipeline.scale_methods={mikro: [uniform]}"]))
+    # the presets the README quotes load and name only defined methods
+    for preset in ("cpu", "long", "ablation", "gpu-check"):
+        check_params(load_params(PARAMS, preset))
+    assert load_params(PARAMS, "cpu").pipeline.methods_at("micro") == ["uniform", "dograph_human", "dograph_model",
+                                                                       "@best", "natural"]
