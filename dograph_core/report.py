@@ -228,12 +228,8 @@ def study_records(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dograph comparison",
-                 links: bool = True) -> Path:
-    """Write ``report.md``, ``results.json`` and ``plots/*.png`` under ``out_dir``; return the report path.
-
-    ``links``: list the methods' own figures (in their run directories) at the end.
-    """
+def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dograph comparison") -> Path:
+    """Write ``report.md``, ``results.json`` and ``plots/*.png`` under ``out_dir``; return the report path."""
     from dograph_core import study
 
     out = Path(out_dir)
@@ -279,7 +275,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
         parts += ["## Are gradient domains the human sources?", "",
                   "Per analysis probe, the agreement of gradient clusters with the sources: "
                   "[plots/figure1.md](plots/figure1.md).", "", "![Figure 1 in numbers](plots/figure1.png)", ""]
-    extra = [(run, Path(f)) for run in results["runs"] for f in run.get("plots") or []] if links else []
+    extra = [(run, Path(f)) for run in results["runs"] for f in run.get("plots") or []]
     if extra:
         parts += ["## Method diagnostics", ""]
         for run, f in extra:

@@ -55,9 +55,10 @@ def write_outputs(run_id: str, units: Iterable[Mapping[str, Any]], run_dir: str 
 
 
 def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | Path) -> Path:
-    """The report as a directory that stands alone (e.g. ``docs/results/<preset>``): ``report.md`` (no links
-    into the run directory), ``results.json``, ``plots/`` and ``logs.tar.gz`` with every run's step metrics,
-    DoGraph's update log and the searched mixtures."""
+    """The report as a directory that stands alone (e.g. ``docs/results/<preset>``): ``report.md``,
+    ``results.json``, ``plots/`` (with the methods' own figures of each scale's first seed, copied) and
+    ``logs.tar.gz`` with every run's step metrics, DoGraph's update log and the searched mixtures."""
+    import shutil
     import tarfile
 
     from dograph_core.io import atomic_path
@@ -65,7 +66,20 @@ def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | 
 
     out, run_dir = Path(out), Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    report = write_report(dict(results), out, title=f"dograph comparison, run {results['run_id']}", links=False)
+    first = {}
+    for r in results["runs"]:
+        first[(r["method"], r["scale"])] = min(first.get((r["method"], r["scale"]), r["seed"]), r["seed"])
+    runs = []
+    for r in results["runs"]:
+        copied = []
+        if r["seed"] == first[(r["method"], r["scale"])]:
+            for f in map(Path, r.get("plots") or []):
+                dst = out / "plots" / f"{r['method']}__{r['scale']}" / f.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst)
+                copied.append(str(dst.resolve()))
+        runs.append({**r, "plots": copied})
+    report = write_report({**results, "runs": runs}, out, title=f"dograph comparison, run {results['run_id']}")
     with atomic_path(out / "logs.tar.gz") as tmp:
         with tarfile.open(tmp, "w:gz") as tar:
             for r in results["runs"]:

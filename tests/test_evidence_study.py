@@ -1,0 +1,68 @@
+"""The study's tables by hand (dograph_core.study): paired differences, the yardstick, steps to reach, overhead."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from dograph_core.study import aggregate, markdown
+
+
+def _rec(method, seed, mean, worst, held, curve=None, role="main", scale="nano", mixer=None):
+    return {"method": method, "scale": scale, "seed": seed, "role": role, "mixer": mixer or method,
+            "val_mean": mean, "val_worst": worst, "heldout": held, "last_word": 0.1, "wall_time_s": 10.0,
+            "train_time_s": 8.0 if method != "dograph_human" else 12.0,
+            "search_time_s": math.nan, "curves": curve or [{"step": 100, "val_mean": mean}]}
+
+
+def test_aggregate_by_hand():
+    recs = [
+        _rec("uniform", 0, 5.00, 5.50, 6.00), _rec("uniform", 1, 5.02, 5.52, 6.02),
+        _rec("natural", 0, 5.01, 5.40, 6.10), _rec("natural", 1, 5.03, 5.44, 6.08),
+        _rec("dograph_human", 0, 5.00, 5.30, 5.90, [{"step": 50, "val_mean": 5.2}, {"step": 100, "val_mean": 4.9}]),
+        _rec("dograph_human", 1, 5.02, 5.34, 5.94, [{"step": 50, "val_mean": 5.2}, {"step": 100, "val_mean": 4.9}]),
+        _rec("uniform_2x", 0, 4.60, 5.10, 5.61, role="yardstick", mixer="uniform"),
+    ]
+    a = aggregate(recs)["nano"]
+    assert a["best_baseline"] == "natural"  # lowest worst-domain loss among non-DoGraph methods
+    d = a["diffs"]["dograph_human"]
+    assert d["best"]["val_worst"]["diffs"] == pytest.approx([-0.10, -0.10])
+    assert d["uniform"]["heldout"]["mean"] == pytest.approx(-0.09)
+    # yardstick: 4.60 - 5.01 = -0.41 on the mean; dograph's gain 0.0 of it; worst: -0.19 / -0.41
+    assert a["yardstick"]["delta"]["val_mean"] == pytest.approx(-0.41)
+    assert d["gain_fraction"]["val_worst"] == pytest.approx(-0.19 / -0.41)
+    # uniform's final mean 5.01 is crossed between 5.2 (step 50) and 4.9 (step 100): step 50 + 50 * 0.19/0.3
+    assert d["steps_to_uniform"]["mean"] == pytest.approx(50 + 50 * 0.19 / 0.3)
+    assert a["rows"]["dograph_human"]["overhead"] == pytest.approx(1.5)
+    text = markdown(aggregate(recs))
+    assert "best (natural)" in text and "| dograph_human | 2 | 5.010 ± 0.014 |" in text
+
+
+def test_a_dograph_variant_or_an_ablation_is_never_the_best_baseline():
+    recs = [_rec("uniform", s, 5.0, 5.5, 6.0) for s in (0, 1)]
+    recs += [_rec("odm", s, 5.0, 5.45, 6.0) for s in (0, 1)]
+    recs += [_rec("mine", s, 5.0, 5.2, 6.0, mixer="dograph") for s in (0, 1)]      # DoGraph by its mixer type
+    recs += [_rec("odm_fast", s, 5.0, 5.1, 6.0, mixer="odm") for s in (0, 1)]      # an ablation of odm
+    a = aggregate(recs, parents={"odm_fast": "odm"})["nano"]
+    assert a["best_baseline"] == "odm"
+    assert a["diffs"]["odm_fast"]["parent"]["val_worst"]["mean"] == pytest.approx(-0.35)
+    assert "parent" not in a["diffs"]["mine"]
+    assert "| odm_fast | parent (odm) |" in markdown({"nano": a})
+
+
+def test_second_scale_is_also_compared_with_the_first_scales_best_and_overhead_is_a_median_ratio():
+    def at(scale, *a, **k):
+        return _rec(*a, scale=scale, **k)
+
+    recs = [at("nano", "uniform", s, 5.0, 5.5, 6.0) for s in (0, 1, 2)]
+    recs += [at("nano", "odm", s, 5.0, 5.4, 6.0) for s in (0, 1, 2)]
+    recs += [at("micro", "uniform", s, 4.0, 4.5, 5.0) for s in (0, 1, 2)]
+    recs += [at("micro", "odm", s, 4.1, 4.6, 5.1) for s in (0, 1, 2)]
+    recs += [at("micro", "dograph_human", s, 4.0, 4.4, 5.0) for s in (0, 1, 2)]
+    recs[-3]["train_time_s"] = 800.0  # seed 0 shared the machine: the median ratio ignores it
+    agg = aggregate(recs)
+    micro = agg["micro"]
+    assert micro["best_baseline"] == "uniform" and micro["first_scale_best"] == "odm"
+    assert micro["diffs"]["dograph_human"]["first_best"]["val_worst"]["mean"] == pytest.approx(-0.2)
+    assert micro["rows"]["dograph_human"]["overhead"] == pytest.approx(1.5)
+    assert "nano's best (odm)" in markdown(agg)
