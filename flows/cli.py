@@ -437,7 +437,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                    skip_data=a.skip_data, track=not a.no_track, publish=a.publish)
     con = Console(width=None if sys.stdout.isatty() else 132)  # a log file gets the whole table
     con.print(rich_table(res["rows"]))
-    con.print(f"run {res['run_id']} in {res['time_s']:.0f} s ({res['cached']} of {len(res['rows'])} runs reused from before)")
+    con.print(f"run {res['run_id']} in {res['time_s']:.0f} s ({res['cached']} of {res['units']} trainings reused from before)")
     con.print("where to look next:")
     con.print(f"  report:   {res['report']}  (plots in {Path(res['report']).parent / 'plots'})")
     if a.publish:

@@ -97,23 +97,23 @@ def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> 
                     submit(method, scale, seed)
         for seed in p.pipeline.yardstick_seeds:
             submit("uniform", scale, seed, yardstick=True)
-    units, failed = collect(futures)
     later = needs_best(p)
-    if later:
-        best = best_baseline(p, units)
-        log = get_run_logger()
+    if later:  # as soon as the first scale's candidates have finished, not after everything else
+        first, cands = p.pipeline.target_scales[0], set(best_candidates(p))
+        finished, _ = collect([(k, f) for k, f in futures if k[1] == first and k[0] in cands])
+        best = best_baseline(p, finished)
         if best is None:
-            failed.append(f"{BEST} at {later}: no baseline of {p.pipeline.target_scales[0]} finished every seed "
-                          f"(candidates: {best_candidates(p)})")
+            get_run_logger().error("%s at %s: no baseline of %s finished every seed (candidates: %s)",
+                                   BEST, later, first, sorted(cands))
         else:
-            log.info("best baseline at %s: %s (trained at %s as %s)", p.pipeline.target_scales[0], best, later, BEST)
-            futures = []
+            get_run_logger().info("best baseline at %s: %s (trained at %s as %s)", first, best, later, BEST)
             for scale in later:
                 if best not in p.pipeline.methods_at(scale):
                     for seed in p.pipeline.seeds:
                         submit(best, scale, seed)
-            more, more_failed = collect(futures)
-            units, failed = units + more, failed + more_failed
+    units, failed = collect(futures)
+    if later and best is None:
+        failed.append(f"{BEST} at {later}: no baseline of {p.pipeline.target_scales[0]} finished every seed")
     if failed and not units:
         raise RuntimeError("every run failed:\n  " + "\n  ".join(failed))
     return units + [{"failed": f} for f in failed]
@@ -195,7 +195,7 @@ def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[
            "table": rep["table"], "failed": failed, "time_s": time.time() - t0,
            "mlflow_ui": parent.ui_hint() if parent else None,
            "tracking_error": parent.error if parent else None,
-           "cached": sum(1 for u in ok if u.get("cached"))}
+           "cached": sum(1 for u in ok if u.get("cached")), "units": len(ok)}
     if failed:
         raise RuntimeError(
             f"{len(failed)} run(s) failed (the others are in {rep['report']}):\n  " + "\n  ".join(failed)
