@@ -47,7 +47,11 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str = "m
     ev = json.loads((run_dir / "eval.json").read_text())
     val = {d: v["loss"] for d, v in ev["val"]["domains"].items()}
     held = {d: v["loss"] for d, v in ev["val"]["heldout"].items()}
-    domains = list(s.get("final_weights", {}))
+    if not val:
+        raise ValueError(f"{run_dir / 'eval.json'}: no per-domain validation loss")
+    wfile = _read_json(run_dir / "weights.json")
+    final = s.get("final_weights") or dict(zip(wfile.get("domains") or [], wfile.get("weights") or []))
+    domains = list(final)
     curves, hist = [], []
     for rec in _read_jsonl(run_dir / "metrics.jsonl"):
         if "eval" in rec:
@@ -59,31 +63,35 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str = "m
             hist.append([rec["step"], [rec[f"weight/{d}"] for d in domains]])
     if hist and hist[0][0] > 0:  # the mixture in force from the first step
         hist.insert(0, [0, hist[0][1]])
-    curves.append({"step": s["steps"], "val_mean": s["val_loss_mean"], "val_worst": s["val_loss_worst"],
-                   "val_loss": val, "heldout_loss": held})
+    worst = max(val, key=lambda d: val[d])
+    mean = sum(val.values()) / len(val)
+    if s.get("steps") is not None:
+        curves.append({"step": s["steps"], "val_mean": mean, "val_worst": val[worst], "val_loss": val,
+                       "heldout_loss": held})
+    wall = s.get("wall_time_s", math.nan)
     return {
         "method": method, "scale": scale, "seed": seed, "role": role, "mixer": s.get("mixer"),
-        "steps": s["steps"], "tokens": s["tokens"],
+        "steps": s.get("steps"), "tokens": s.get("tokens"),
         "params": s.get("params"), "dtype": s.get("dtype"), "device": s.get("device"),
-        "val_loss": val, "heldout_loss": held,
-        "val_mean": s["val_loss_mean"], "val_worst": s["val_loss_worst"], "worst_domain": s.get("val_worst_domain"),
+        "val_loss": val, "heldout_loss": held, "val_mean": mean, "val_worst": val[worst], "worst_domain": worst,
         "heldout": sum(held.values()) / len(held) if held else math.nan,
-        "last_word": s.get("last_word_acc_mean"),
-        "wall_time_s": s["wall_time_s"], "train_time_s": s["train_time_s"], "tokens_per_s": s["tokens_per_s"],
+        "last_word": s.get("last_word_acc_mean", math.nan),
+        "wall_time_s": wall, "train_time_s": s.get("train_time_s", wall), "tokens_per_s": s.get("tokens_per_s"),
         "search_time_s": math.nan if search_time_s is None else float(search_time_s), "domains": domains,
-        "weights": [s["final_weights"][d] for d in domains], "weights_history": hist, "curves": curves,
+        "weights": [final[d] for d in domains], "weights_history": hist, "curves": curves,
         **dograph_record(run_dir),
     }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def dograph_record(run_dir: Path) -> dict[str, Any]:
     """DoGraph's own evidence of a run (empty for other methods): the share of updates in which model nodes
     were in force, the mean graph effect ||a - a_graph-off||_1 of the nodes in force, the mean effective
     sample size of the loss weights, and the cluster-source agreement of the last analysis probe."""
-    w = run_dir / "weights.json"
-    if not w.is_file():
-        return {}
-    meta = json.loads(w.read_text()).get("meta", {})
+    meta = _read_json(run_dir / "weights.json").get("meta", {})
     if "nodes" not in meta:
         return {}
     effects, ess = [], []
