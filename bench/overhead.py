@@ -72,7 +72,7 @@ from dograph_core.model import build_model  # noqa: E402
 from dograph_core.sampling import MixtureSampler  # noqa: E402
 from dograph_core.train import make_optimizer  # noqa: E402
 
-DEFAULT_DATA = ROOT / "runs" / "compare" / "data" / "tokenized"
+DEFAULT_DATA = ROOT / "data" / "tokenized"  # the default corpus, as `dograph tokenize` (or make run) writes it
 
 
 def _sync(device: torch.device) -> None:

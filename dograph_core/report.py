@@ -144,10 +144,9 @@ def _grid(n: int) -> tuple[int, int]:
 
 def plot_weights(results: dict[str, Any], path: Path) -> Path | None:
     """Weights over training steps, one panel per run (a stack of domain shares)."""
-    import matplotlib
+    from dograph_core.study import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     domains = results.get("domains") or []
     runs = [r for r in results["runs"] if r.get("weights_history") or r.get("weights")]
@@ -178,10 +177,9 @@ def plot_weights(results: dict[str, Any], path: Path) -> Path | None:
 
 def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path | None:
     """Mean and worst validation loss per method, grouped by scale."""
-    import matplotlib
+    from dograph_core.study import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = [f"{r['method']}\n{r['scale']}" for r in rows]
     x = list(range(len(rows)))
@@ -198,12 +196,9 @@ def plot_comparison(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from dograph_core.study import save_figure
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def study_records(results: dict[str, Any]) -> list[dict[str, Any]]:

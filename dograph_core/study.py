@@ -261,6 +261,24 @@ def markdown(agg: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 100, **kwargs: Any) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (atomically) and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", **kwargs)
+    pyplot().close(fig)
+    return path
+
+
 def method_color(method: str) -> str:
     """One colour per method in every panel and plot (tab10, in the order of METHOD_ORDER)."""
     names = METHOD_ORDER
@@ -270,12 +288,7 @@ def method_color(method: str) -> str:
 
 def plot_curves(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
     """Seed-mean validation curves per method: mean, worst and held-out loss, one row per scale."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-
+    plt = pyplot()
     scales = list(dict.fromkeys(r["scale"] for r in records))
     if not scales:
         return None
@@ -303,20 +316,12 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
                 axes[i][j].set_xlabel("step")
         axes[i][0].legend(fontsize=7)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_domain_deltas(records: list[dict[str, Any]], path: Path) -> Optional[Path]:
     """Per-domain final validation loss minus uniform's (seed means), one panel per scale."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-
+    plt = pyplot()
     scales = [s for s in dict.fromkeys(r["scale"] for r in records)
               if any(r["method"] == "uniform" and r["scale"] == s for r in records)]
     if not scales:
@@ -347,10 +352,7 @@ def plot_domain_deltas(records: list[dict[str, Any]], path: Path) -> Optional[Pa
         if methods:
             ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_figure1(records: Iterable[Mapping[str, Any]], out: Path) -> Optional[Path]:
@@ -375,11 +377,7 @@ def write_figure1(records: Iterable[Mapping[str, Any]], out: Path) -> Optional[P
              "gradient features against the sources (ARI, NMI), the run's own live clusters against the sources "
              "(model nodes), the within-minus-between-source mean cosine and the silhouette by source. Mean ± sd "
              "over seeds.", ""]
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.4), squeeze=False)
     for ax, ((scale, method), by_step) in zip(axes[0], sorted(groups.items())):
         lines += [f"## {scale} / {method}", "", "| step | seeds | " + " | ".join(cols) + " |",
@@ -398,7 +396,5 @@ def write_figure1(records: Iterable[Mapping[str, Any]], out: Path) -> Optional[P
         ax.legend(fontsize=7)
     with atomic_path(out / "figure1.md") as tmp:
         tmp.write_text("\n".join(lines))
-    with atomic_path(out / "figure1.png") as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
+    save_figure(fig, out / "figure1.png", dpi=110, bbox_inches="tight")
     return out / "figure1.md"
