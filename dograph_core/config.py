@@ -161,7 +161,7 @@ class PipelineConfig(Section):
     dask_address: Optional[str] = Field(None, description="scheduler of an existing Dask cluster (default: a local cluster)")
     nproc_per_node: Int = Field(1, gt=0, description="processes (GPUs) per training run; > 1 launches each run with torchrun")
     out_dir: str = "runs"
-    # the study: which methods at which scale, the compute yardstick, ablation parents (see docs/results/README.md)
+    # the study: which methods at which scale, the compute yardstick, ablation parents (README, "How the pipeline is built")
     scale_methods: dict[str, list[str]] = Field(
         default_factory=dict, description=f"per target scale, the methods trained there (default: `methods` at every "
                                           f"target scale; a scale not in target_scales is not trained); {BEST!r} = "
@@ -178,10 +178,23 @@ class PipelineConfig(Section):
 
     @model_validator(mode="after")
     def _study(self) -> "PipelineConfig":
+        lists = {"target_scales": self.target_scales, "seeds": self.seeds, "yardstick_seeds": self.yardstick_seeds,
+                 "methods": self.methods, **{f"scale_methods.{k}": v for k, v in self.scale_methods.items()}}
+        for key, values in lists.items():  # two units would write one run directory
+            twice = sorted({str(v) for v in values if values.count(v) > 1})
+            if twice:
+                raise ValueError(f"{key} lists {twice} more than once")
         first = self.target_scales[0] if self.target_scales else None
-        if BEST in self.scale_methods.get(first, []):
-            raise ValueError(f"scale_methods: {BEST!r} is the best baseline of the first target scale "
-                             f"({first}); it cannot be used there")
+        if first is not None and BEST in self.methods_at(first):
+            raise ValueError(f"{BEST!r} is the best baseline of the first target scale ({first}); "
+                             f"it can only be trained at later scales (scale_methods)")
+        selfish = [m for m, parent in self.parents.items() if m == parent]
+        if selfish:
+            raise ValueError(f"parents: {selfish} name themselves as their parent")
+        bad = sorted(set(self.search_train) & {"scale", "seed", "steps"})
+        if bad:
+            raise ValueError(f"search_train sets {bad}: the search runs at proxy_scale for search_steps steps "
+                             f"with the first seed; set those instead")
         return self
 
     def methods_at(self, scale: str) -> list[str]:
@@ -214,6 +227,11 @@ class Params(Section):
         named = [*self.pipeline.all_methods(), *self.pipeline.parents, *self.pipeline.parents.values()]
         if self.pipeline.yardstick_seeds:
             named.append("uniform")
+        if self.pipeline.search_train:  # the search's train settings, validated like train's
+            try:
+                TrainConfig.model_validate({**self.train.model_dump(), **self.pipeline.search_train})
+            except ValidationError as e:
+                raise ValueError("pipeline.search_train: " + "; ".join(describe_errors(e))) from None
         missing = list(dict.fromkeys(m for m in named if m not in self.methods))
         if missing:
             raise ValueError(

@@ -230,8 +230,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
     out = Path(out_dir)
     rows = comparison_rows(results)
     records = study_records(results)
-    parents = ((results.get("params") or {}).get("pipeline") or {}).get("parents") or {}
-    agg = study.aggregate(records, parents)
+    pipe = (results.get("params") or {}).get("pipeline") or {}
+    agg = study.aggregate(records, pipe.get("parents") or {}, pipe.get("target_scales"))
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     made = [

@@ -121,21 +121,37 @@ def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
     return {r["seed"]: r[key] for r in runs if r.get(key) is not None}
 
 
-def is_baseline(rec: Mapping[str, Any], parents: Mapping[str, str]) -> bool:
-    """A method that competes for "best baseline": not DoGraph, not an ablation, not the yardstick."""
-    return (rec["role"] == "main" and rec["method"] not in parents
-            and not str(rec.get("mixer") or rec["method"]).startswith("dograph"))
+NOT_CARRIED = ("uniform", "natural")  # mixer types trained at every scale anyway: never the carried baseline
 
 
-def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]] = None) -> dict[str, Any]:
+def is_baseline(method: str, mixer: Optional[str], parents: Mapping[str, str]) -> bool:
+    """A method that competes for "best baseline": not DoGraph (by its mixer type) and not an ablation."""
+    return method not in parents and not str(mixer or method).startswith("dograph")
+
+
+def is_carried(method: str, mixer: Optional[str], parents: Mapping[str, str]) -> bool:
+    """A baseline that the first scale may carry to later scales (``@best``): not uniform or natural either."""
+    return is_baseline(method, mixer, parents) and str(mixer or method) not in NOT_CARRIED
+
+
+def carried_baseline(worst: Mapping[str, float]) -> Optional[str]:
+    """The carried baseline: the lowest worst-domain loss among ``{method: seed-mean worst loss}`` (ties by name)."""
+    return min(worst, key=lambda m: (worst[m], m)) if worst else None
+
+
+def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]] = None,
+              scales: Optional[list[str]] = None) -> dict[str, Any]:
     """Per scale: rows per method (mean ± sd), the best baseline, paired differences, yardstick.
 
     ``parents``: ablation -> the method it changes; each ablation is also compared with its parent.
+    ``scales``: their order, the first being the one whose carried baseline later scales compare with
+    (default: the order of the records).
     """
     parents = dict(parents or {})
     out: dict[str, Any] = {}
-    scales = list(dict.fromkeys(r["scale"] for r in records))
-    first_best: Optional[str] = None  # the first scale's best baseline: the one transferred to the other scales
+    present = list(dict.fromkeys(r["scale"] for r in records))
+    scales = [s for s in scales or [] if s in present] + [s for s in present if s not in (scales or [])]
+    first_best: Optional[str] = None  # the first scale's carried baseline (what @best trained at later scales)
     for scale in scales:
         rs = [r for r in records if r["scale"] == scale]
         methods = list(dict.fromkeys(r["method"] for r in rs if r["role"] == "main"))
@@ -151,9 +167,11 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
         for m in rows:  # paired by seed, the median ratio: robust to a run that shared the machine with more work
             rows[m]["overhead"] = _median_ratio(_by_seed(arm[m], "train_time_s"), _by_seed(arm["uniform"], "train_time_s")) \
                 if base else math.nan
-        baselines = [m for m in rows if is_baseline(arm[m][0], parents)]
+        baselines = [m for m in rows if is_baseline(m, arm[m][0].get("mixer"), parents)]
         best = min(baselines, key=lambda m: rows[m]["val_worst"]["mean"]) if baselines else None
-        first_best = best if scale == scales[0] else first_best
+        if scale == scales[0]:
+            first_best = carried_baseline({m: rows[m]["val_worst"]["mean"] for m in baselines
+                                           if is_carried(m, arm[m][0].get("mixer"), parents)})
         refs = [("uniform", "uniform"), ("best", best)]
         if first_best not in (None, best, "uniform"):
             refs.append(("first_best", first_best))
@@ -233,7 +251,10 @@ def markdown(agg: dict[str, Any]) -> str:
                 parts.append(f"| {m} | {fmt_pm(r['in_force'], 2)} | {fmt_pm(r['end_ari'], 2)} | "
                              f"{fmt_pm(r['graph_effect'], 3)} | {fmt_pm(r['ess'], 2)} |")
         y = a["yardstick"]
+        carried = f"Carried to the later scales as `@best` (the same, uniform and natural left out): " \
+                  f"**{a['first_scale_best']}**. " if scale == next(iter(agg)) and a["first_scale_best"] else ""
         parts += ["", f"Best baseline (lowest worst-domain loss among non-DoGraph methods): **{a['best_baseline']}**. "
+                  f"{carried}"
                   f"Compute yardstick (uniform at 2x tokens, seeds {y['seeds']}) minus uniform: mean "
                   f"{_num(y['delta']['val_mean'], sign=True)}, worst {_num(y['delta']['val_worst'], sign=True)}, "
                   f"held-out {_num(y['delta']['heldout'], sign=True)}.", "",
@@ -245,7 +266,7 @@ def markdown(agg: dict[str, Any]) -> str:
             for ref in ("uniform", "best", "first_best", "parent"):
                 if ref in d:
                     name = {"uniform": "uniform", "best": f"best ({a['best_baseline']})",
-                            "first_best": f"{next(iter(agg))}'s best ({a['first_scale_best']})",
+                            "first_best": f"{next(iter(agg))}'s carried best ({a['first_scale_best']})",
                             "parent": f"parent ({a['parents'].get(m)})"}[ref]
                     parts.append(f"| {m} | {name} | {_diff(d[ref]['val_mean'])} | {_diff(d[ref]['val_worst'])} | "
                                  f"{_diff(d[ref]['heldout'])} | {_diff(d[ref]['last_word'])} |")

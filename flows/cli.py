@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "results.json, metrics.json (what `dvc metrics show` reads) and plots/ there; "
                                    "print the table.")
     _common(p)
-    p.add_argument("--run-dir", required=True, metavar="DIR", help="a pipeline run directory, e.g. runs/default-1a2b3c4d")
+    p.add_argument("--run-dir", required=True, metavar="DIR", help="a pipeline run directory, e.g. runs/default-1a2b3c4d "
+                   "(give the run's --preset/--set too: its scale order and ablation parents shape the tables)")
     _publish(p)
 
     p = sub.add_parser("run", help="run the whole pipeline (Prefect flow) and print the comparison",

@@ -1,4 +1,4 @@
-"""The main flow: prepare -> tokenize -> per method: search -> train per scale -> evaluate -> report.
+"""The main flow: prepare -> tokenize -> searches -> the study's trainings -> evaluate -> report.
 
 Run it with ``dograph run`` (or ``make run``), by a Prefect deployment (``prefect.yaml``), or
 through ``dvc repro`` (dvc.yaml's ``pipeline`` stage calls ``dograph run``). This file owns the
@@ -182,7 +182,10 @@ def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[
                                                                         parent.spec() if parent else None)
             ok = [u for u in units if "failed" not in u]
             failed = [u["failed"] for u in units if "failed" in u]
-            rep = report_task(run_id, ok, str(run_dir), data["out_dir"], p.model_dump(), parent, publish)
+            if failed and publish:  # a published study is never one with rows missing
+                log.error("not publishing to %s: %d run(s) failed", publish, len(failed))
+            rep = report_task(run_id, ok, str(run_dir), data["out_dir"], p.model_dump(), parent,
+                              None if failed else publish)
         except BaseException:
             if parent:
                 parent.end("FAILED")

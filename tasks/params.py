@@ -40,6 +40,12 @@ def check_params(p: Params, methods: list[str] | None = None) -> None:
             errors.append(f"  methods.{name}: {e}")
         except ImportError as e:
             errors.append(f"  methods.{name}.type = {spec['type']!r}: the mixer could not be loaded ({e})")
+    if methods is None and not errors:
+        from tasks.study import best_candidates, needs_best
+
+        if needs_best(p) and not best_candidates(p):
+            errors.append(f"  pipeline.scale_methods: '@best' at {needs_best(p)} needs a baseline at "
+                          f"{p.pipeline.target_scales[0]} to carry (not uniform, natural, DoGraph or an ablation)")
     if errors:
         raise ConfigError("invalid configuration:\n" + "\n".join(errors))
 

@@ -20,7 +20,7 @@ def run_record(unit: Mapping[str, Any]) -> dict[str, Any]:
     try:
         rec = study_record(out, unit["method"], unit["scale"], int(unit.get("seed", 0)), unit.get("role", "main"),
                            unit.get("search_time_s"))
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError: name the run
+    except (KeyError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError, a missing field: name the run
         raise ValueError(f"{out}: unreadable results ({e}); run this training again to rewrite them") from None
     return {**rec, "dir": str(out), "cached": bool(unit.get("cached")), "plots": [str(p) for p in method_plots(out)]}
 
@@ -56,32 +56,37 @@ def write_outputs(run_id: str, units: Iterable[Mapping[str, Any]], run_dir: str 
 
 def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | Path) -> Path:
     """The report as a directory that stands alone (e.g. ``docs/results/<preset>``): ``report.md``,
-    ``results.json``, ``plots/`` (with the methods' own figures of each scale's first seed, copied) and
-    ``logs.tar.gz`` with every run's step metrics, DoGraph's update log and the searched mixtures."""
+    ``results.json`` (paths relative to the run directory), ``plots/`` (with the methods' own figures of
+    each scale's first seed, copied) and ``logs.tar.gz`` with every run's step metrics, DoGraph's update
+    log and the searched mixtures. Written beside ``out`` and swapped in whole: what was there before is
+    replaced, and a failure leaves it as it was."""
     import shutil
     import tarfile
+    import tempfile
 
-    from dograph_core.io import atomic_path
     from dograph_core.report import write_report
 
     out, run_dir = Path(out), Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    first = {}
-    for r in results["runs"]:
-        first[(r["method"], r["scale"])] = min(first.get((r["method"], r["scale"]), r["seed"]), r["seed"])
-    runs = []
-    for r in results["runs"]:
-        copied = []
-        if r["seed"] == first[(r["method"], r["scale"])]:
-            for f in map(Path, r.get("plots") or []):
-                dst = out / "plots" / f"{r['method']}__{r['scale']}" / f.name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(f, dst)
-                copied.append(str(dst.resolve()))
-        runs.append({**r, "plots": copied})
-    report = write_report({**results, "runs": runs}, out, title=f"dograph comparison, run {results['run_id']}")
-    with atomic_path(out / "logs.tar.gz") as tmp:
-        with tarfile.open(tmp, "w:gz") as tar:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        first: dict[tuple[str, str], int] = {}
+        for r in results["runs"]:
+            key = (r["method"], r["scale"])
+            first[key] = min(first.get(key, r["seed"]), r["seed"])
+        runs = []
+        for r in results["runs"]:
+            copied = []
+            if r["seed"] == first[(r["method"], r["scale"])]:
+                for f in map(Path, r.get("plots") or []):
+                    dst = tmp / "plots" / f"{r['method']}__{r['scale']}" / f.name
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(f, dst)
+                    copied.append(str(dst))
+            d = Path(r["dir"])
+            runs.append({**r, "plots": copied, "dir": str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else d.name})
+        write_report({**results, "runs": runs}, tmp, title=f"dograph comparison, run {results['run_id']}")
+        with tarfile.open(tmp / "logs.tar.gz", "w:gz") as tar:
             for r in results["runs"]:
                 d = Path(r["dir"])
                 for f in (d / "metrics.jsonl", d / "mixer" / "dograph_log.jsonl"):
@@ -89,7 +94,27 @@ def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | 
                         tar.add(f, arcname=str(f.relative_to(run_dir)) if f.is_relative_to(run_dir) else f.name)
             for f in sorted(run_dir.glob("search/*/weights.json")):
                 tar.add(f, arcname=str(f.relative_to(run_dir)))
-    return report
+        _relative_plots(tmp / "results.json", tmp)
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out / "report.md"
+
+
+def _relative_plots(results_file: Path, root: Path) -> None:
+    """The figures' paths in a published ``results.json``, relative to the published directory."""
+    from dograph_core.io import write_json
+
+    doc = read_json(results_file)
+    for r in doc.get("runs", []):
+        r["plots"] = [str(Path(p).relative_to(root)) for p in r.get("plots") or []]
+    write_json(results_file, doc)
 
 
 def dvc_metrics(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,8 @@ params or weights file changed) is cleared and starts again from step 0. The CLI
 Run directory layout (``pipeline.out_dir/<run id>/``)::
 
     search/<method>/            the proxy search of an offline method (weights.json, ...)
-    train/<method>__<scale>__s<seed>/   one training run (final/, metrics.jsonl, eval.json, ...)
+    train/<method>__<scale>__s<seed>/   one training run (final/, metrics.jsonl, eval.json, ...);
+                                the compute yardstick is train/uniform_2x__<scale>__s<seed>/
     <dir>/unit.json             the key the unit's directory was started under
     <dir>.done.json             done marker of each finished unit (its input key)
     report.md, results.json, plots/    written by the report step
@@ -317,7 +318,7 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
         raise
     end_tracker(tracker, "FINISHED")
     mark_done(out, key, {"wall_time_s": (summary or {}).get("wall_time_s")})
-    if p.pipeline.cleanup:  # the report reads the run's metrics; the weights are logged to MLflow above
+    if p.pipeline.cleanup:  # the report reads the run's metrics; the model is gone unless MLflow logged it above
         for sub in ("checkpoints", "final"):
             shutil.rmtree(out / sub, ignore_errors=True)
     return {**unit, "cached": False}

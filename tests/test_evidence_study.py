@@ -65,4 +65,4 @@ def test_second_scale_is_also_compared_with_the_first_scales_best_and_overhead_i
     assert micro["best_baseline"] == "uniform" and micro["first_scale_best"] == "odm"
     assert micro["diffs"]["dograph_human"]["first_best"]["val_worst"]["mean"] == pytest.approx(-0.2)
     assert micro["rows"]["dograph_human"]["overhead"] == pytest.approx(1.5)
-    assert "nano's best (odm)" in markdown(agg)
+    assert "nano's carried best (odm)" in markdown(agg)

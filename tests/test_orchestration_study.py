@@ -42,13 +42,12 @@ def test_the_study_trains_each_scales_methods_the_best_baseline_and_the_yardstic
     rows = {(r["method"], r["scale"]) for r in res["rows"]}
     results = json.loads((run_dir / "results.json").read_text())
     nano, micro = results["study"]["nano"], results["study"]["micro"]
-    best = nano["best_baseline"]
     # @best: the nano baseline (not uniform, natural, DoGraph or an ablation) with the lowest worst-domain loss
     worst = {m: nano["rows"][m]["val_worst"]["mean"] for m in ("odm", "doge")}
     expected = min(worst, key=lambda m: (worst[m], m))
     assert rows == {(m, "nano") for m in ("uniform", "odm", "doge", "dograph_human", "dograph_human_off")} | {
         ("uniform", "micro"), (expected, "micro")}
-    assert micro["first_scale_best"] == best
+    assert micro["first_scale_best"] == expected  # the report compares micro with what @best trained there
     # the yardstick: uniform at twice the steps, one seed per scale, a reference and not a row
     for scale in ("nano", "micro"):
         summary = json.loads((run_dir / "train" / f"uniform_2x__{scale}__s0" / "summary.json").read_text())
@@ -60,8 +59,8 @@ def test_the_study_trains_each_scales_methods_the_best_baseline_and_the_yardstic
     assert parent["seeds"] == [0, 1] and len(parent["diffs"]) == 2
     report = Path(res["report"]).read_text()
     assert "| dograph_human_off | parent (dograph_human) |" in report
-    # micro's own best baseline, and nano's best where that is another method than uniform
-    assert ("nano's best" in report) == (best not in ("uniform", micro["best_baseline"]))
+    assert f"Carried to the later scales as `@best` (the same, uniform and natural left out): **{expected}**" in report
+    assert ("nano's carried best" in report) == (expected != micro["best_baseline"])
 
 
 def test_the_published_report_stands_alone(study):
@@ -78,6 +77,18 @@ def test_the_published_report_stands_alone(study):
     assert "search/doge/weights.json" in names and "train/uniform__micro__s1/metrics.jsonl" in names
 
 
+def test_report_rewrites_the_study_in_the_params_scale_order(study, capsys):
+    from flows.cli import main
+
+    run_dir = Path(study["res"]["run_dir"])
+    (run_dir / "report.md").unlink()
+    sets = [x for o in study["ov"] for x in ("--set", o)]
+    assert main(["report", "--run-dir", str(run_dir), "--params", PARAMS, "--preset", "nano", *sets]) == 0
+    heads = [ln for ln in (run_dir / "report.md").read_text().splitlines() if ln.startswith("### ")]
+    assert heads[0].startswith("### nano") and any(h.startswith("### micro") for h in heads)  # not sorted by name
+    assert "| dograph_human_off | parent (dograph_human) |" in (run_dir / "report.md").read_text()
+
+
 def test_a_rerun_of_the_study_trains_nothing(study):
     from flows.pipeline import pipeline
 
@@ -90,8 +101,20 @@ def test_study_settings_are_checked_at_config_time(tmp_path):
     from dograph_core.config import ConfigError, load_params
     from tasks.params import check_params
 
-    with pytest.raises(ConfigError, match="'@best' is the best baseline of the first target scale"):
-        load_params(PARAMS, None, ["pipeline.scale_methods={nano: [uniform, '@best']}"])
+    for bad, match in (
+        (["pipeline.scale_methods={nano: [uniform, '@best']}"], "'@best' is the best baseline of the first target scale"),
+        (["pipeline.methods=[uniform, odm, '@best']"], "'@best' is the best baseline of the first target scale"),
+        (["pipeline.seeds=[0, 1, 0]"], r"seeds lists \['0'\] more than once"),
+        (["pipeline.parents={odm: odm}"], "name themselves"),
+        (["pipeline.search_train={bach_size: 3}"], r"pipeline.search_train: bach_size = 3: Extra inputs"),
+        (["pipeline.search_train={steps: 3}"], "search_train sets \\['steps'\\]"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_params(PARAMS, None, bad)
+    with pytest.raises(ConfigError, match="needs a baseline at nano to carry"):
+        check_params(load_params(PARAMS, None, ["pipeline.methods=[uniform, natural, dograph_human]",
+                                                "pipeline.target_scales=[nano, micro]",
+                                                "pipeline.scale_methods={micro: [uniform, '@best']}"]))
     with pytest.raises(ConfigError, match=r"not defined under 'methods'"):
         load_params(PARAMS, None, ["pipeline.parents={dograph_human: dograph_humane}"])
     with pytest.raises(ConfigError, match="reserved for the compute yardstick"):
