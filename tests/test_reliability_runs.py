@@ -261,3 +261,22 @@ def test_writable_dir_names_enospc(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "TemporaryFile", full)
     with pytest.raises(OutputError, match=rf"cannot write {tmp_path}: No space left on device \(ENOSPC\)"):
         writable_dir(tmp_path)
+
+
+def test_the_code_version_follows_the_training_code_not_the_report_or_the_config(tmp_path, monkeypatch):
+    import tasks.steps as steps
+
+    core = tmp_path / "dograph_core"
+    (core / "mixers").mkdir(parents=True)
+    files = ("report.py", "study.py", "config.py", "train.py", "mixers/odm.py", "mixers/config.py")
+    for name in files:
+        (core / name).write_text("x = 1\n")
+    monkeypatch.setattr(steps, "_ROOT", tmp_path)
+    version = steps.code_version("dograph_core")
+    for name in ("report.py", "study.py", "config.py"):  # read finished runs, or resolve what the key holds
+        (core / name).write_text("x = 2\n")
+        assert steps.code_version("dograph_core") == version, name
+    for name in ("train.py", "mixers/odm.py", "mixers/config.py"):  # a mixer's own defaults are not in the key
+        (core / name).write_text("x = 2\n")
+        assert steps.code_version("dograph_core") != version, name
+        version = steps.code_version("dograph_core")
