@@ -252,7 +252,7 @@ def markdown(agg: dict[str, Any]) -> str:
                              f"{fmt_pm(r['graph_effect'], 3)} | {fmt_pm(r['ess'], 2)} |")
         y = a["yardstick"]
         carried = f"Carried to the later scales as `@best` (the same, uniform and natural left out): " \
-                  f"**{a['first_scale_best']}**. " if scale == next(iter(agg)) and a["first_scale_best"] else ""
+                  f"**{a['first_scale_best']}**. " if scale == next(iter(agg)) and a["first_scale_best"] and len(agg) > 1 else ""
         parts += ["", f"Best baseline (lowest worst-domain loss among non-DoGraph methods): **{a['best_baseline']}**. "
                   f"{carried}"
                   f"Compute yardstick (uniform at 2x tokens, seeds {y['seeds']}) minus uniform: mean "
