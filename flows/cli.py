@@ -396,6 +396,10 @@ def cmd_report(a: argparse.Namespace) -> int:
                           "search_time_s": _search_time(run_dir, method)})
     if not units:
         raise FileNotFoundError(f"{run_dir}: no finished training runs (train/<method>__<scale>__s<seed>/ with a done marker)")
+    scales, methods = p.pipeline.target_scales, [*p.pipeline.all_methods(), YARDSTICK]  # the params' order
+    units.sort(key=lambda u: (scales.index(u["scale"]) if u["scale"] in scales else len(scales), u["scale"],
+                              methods.index(u["method"]) if u["method"] in methods else len(methods), u["method"],
+                              u["seed"]))
     results, report = write_outputs(run_dir.name, units, run_dir, p.tokenize.out_dir, p.model_dump(), a.publish)
     Console(width=None if sys.stdout.isatty() else 132).print(rich_table(comparison_rows(results)))
     print(f"report: {report}")

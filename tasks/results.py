@@ -83,8 +83,7 @@ def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | 
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, dst)
                     copied.append(str(dst))
-            d = Path(r["dir"])
-            runs.append({**r, "plots": copied, "dir": str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else d.name})
+            runs.append({**r, "plots": copied})
         write_report({**results, "runs": runs}, tmp, title=f"dograph comparison, run {results['run_id']}")
         with tarfile.open(tmp / "logs.tar.gz", "w:gz") as tar:
             for r in results["runs"]:
@@ -94,7 +93,7 @@ def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | 
                         tar.add(f, arcname=str(f.relative_to(run_dir)) if f.is_relative_to(run_dir) else f.name)
             for f in sorted(run_dir.glob("search/*/weights.json")):
                 tar.add(f, arcname=str(f.relative_to(run_dir)))
-        _relative_plots(tmp / "results.json", tmp)
+        _relative_paths(tmp / "results.json", tmp, run_dir)
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
@@ -107,13 +106,16 @@ def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | 
     return out / "report.md"
 
 
-def _relative_plots(results_file: Path, root: Path) -> None:
-    """The figures' paths in a published ``results.json``, relative to the published directory."""
+def _relative_paths(results_file: Path, root: Path, run_dir: Path) -> None:
+    """A published ``results.json`` without this machine's paths: figures relative to the published
+    directory, run directories relative to the run's."""
     from dograph_core.io import write_json
 
     doc = read_json(results_file)
     for r in doc.get("runs", []):
         r["plots"] = [str(Path(p).relative_to(root)) for p in r.get("plots") or []]
+        d = Path(r["dir"])
+        r["dir"] = str(d.relative_to(run_dir)) if d.is_relative_to(run_dir) else d.name
     write_json(results_file, doc)
 
 

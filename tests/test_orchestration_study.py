@@ -70,7 +70,9 @@ def test_the_published_report_stands_alone(study):
     links = [ln.split("](")[1].split(")")[0] for ln in text.splitlines() if "](" in ln]
     for link in links:  # every link points inside the published directory
         assert (pub / link).is_file() and (pub / link).resolve().is_relative_to(pub.resolve()), link
-    assert "plots/dograph_human__nano/pca_by_source.png" in links
+    assert "plots/dograph_human__nano/pca_by_source.png" in links and "plots/figure1.png" in links
+    runs = json.loads((pub / "results.json").read_text())["runs"]
+    assert {r["dir"] for r in runs} >= {"train/uniform__nano__s0", "train/uniform_2x__micro__s0"}  # no local paths
     with tarfile.open(pub / "logs.tar.gz") as tar:
         names = tar.getnames()
     assert "train/dograph_human__nano__s0/mixer/dograph_log.jsonl" in names
