@@ -43,8 +43,8 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str = "m
                search_time_s: Optional[float] = math.nan, every: int = 10) -> dict[str, Any]:
     """One finished run as a flat record (``role``: ``main`` or ``yardstick``); weights every ``every`` steps."""
     run_dir = Path(run_dir)
-    s = json.loads((run_dir / "summary.json").read_text())
-    ev = json.loads((run_dir / "eval.json").read_text())
+    s = _read_json(run_dir / "summary.json")
+    ev = _read_json(run_dir / "eval.json")
     val = {d: v["loss"] for d, v in ev["val"]["domains"].items()}
     held = {d: v["loss"] for d, v in ev["val"]["heldout"].items()}
     if not val:
@@ -84,7 +84,13 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str = "m
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A run's JSON file ({} when absent); an unreadable one is a ValueError that names it."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not JSON ({e})") from None
 
 
 def dograph_record(run_dir: Path) -> dict[str, Any]:
