@@ -239,8 +239,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
         ("Validation loss over training (seed means)", study.plot_curves(records, plots / "loss_curves.png")),
         ("Per-domain loss against uniform", study.plot_domain_deltas(records, plots / "domain_deltas.png")),
         ("Domain weights over training (first seed)", plot_weights(
-            {**results, "runs": [r for r in records if r["role"] == "main" and r["seed"] == min(
-                x["seed"] for x in records if x["scale"] == r["scale"])]}, plots / "weights.png")),
+            {**results, "runs": study.first_seeds(records)}, plots / "weights.png")),
     ]
     figure1 = study.write_figure1(records, plots)
     held = ", ".join(results.get("heldout") or []) or "none"

@@ -83,6 +83,16 @@ def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str = "m
     }
 
 
+def first_seeds(runs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The main runs that are the lowest seed of their method and scale (one per arm, for per-run figures)."""
+    main = [r for r in runs if r.get("role", "main") == "main"]
+    low: dict[tuple[str, str], int] = {}
+    for r in main:
+        key = (r["method"], r["scale"])
+        low[key] = min(low.get(key, r["seed"]), r["seed"])
+    return [r for r in main if r["seed"] == low[(r["method"], r["scale"])]]
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     """A run's JSON file ({} when absent); an unreadable one is a ValueError that names it."""
     if not path.is_file():

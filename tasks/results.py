@@ -65,24 +65,21 @@ def publish_results(results: Mapping[str, Any], run_dir: str | Path, out: str | 
     import tempfile
 
     from dograph_core.report import write_report
+    from dograph_core.study import first_seeds
 
     out, run_dir = Path(out), Path(run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        first: dict[tuple[str, str], int] = {}
-        for r in results["runs"]:
-            key = (r["method"], r["scale"])
-            first[key] = min(first.get(key, r["seed"]), r["seed"])
+        firsts = {id(r) for r in first_seeds(results["runs"])}
         runs = []
         for r in results["runs"]:
             copied = []
-            if r["seed"] == first[(r["method"], r["scale"])]:
-                for f in map(Path, r.get("plots") or []):
-                    dst = tmp / "plots" / f"{r['method']}__{r['scale']}" / f.name
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(f, dst)
-                    copied.append(str(dst))
+            for f in map(Path, r.get("plots") or []) if id(r) in firsts else []:
+                dst = tmp / "plots" / f"{r['method']}__{r['scale']}" / f.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(f, dst)
+                copied.append(str(dst))
             runs.append({**r, "plots": copied})
         write_report({**results, "runs": runs}, tmp, title=f"dograph comparison, run {results['run_id']}")
         with tarfile.open(tmp / "logs.tar.gz", "w:gz") as tar:

@@ -32,14 +32,14 @@ from tasks.tracking import git_commit, load_run_ref, save_run_ref, tracker_for
 OFFLINE_TYPES = frozenset({"doremi", "doge"})  # search at the proxy scale, then train on the found mixture
 # Not part of a unit's code version: report.py and study.py read finished runs only; config.py resolves
 # the params, and what it resolves (every train setting, the method's spec) is in the unit's key itself.
-NOT_IN_KEY = frozenset({"report.py", "study.py", "config.py"})
+NOT_IN_KEY = frozenset(f"dograph_core/{name}" for name in ("report.py", "study.py", "config.py"))
 _ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
 
 
 def code_version(*packages: str) -> str:
     """Hash of the core's source files under ``packages`` (so a code change re-runs the unit)."""
-    files = sorted(f for pkg in packages for f in (_ROOT / pkg).rglob("*.py") if f.relative_to(_ROOT).as_posix() not in {f"dograph_core/{n}" for n in NOT_IN_KEY})
+    files = sorted(f for pkg in packages for f in (_ROOT / pkg).rglob("*.py") if f.relative_to(_ROOT).as_posix() not in NOT_IN_KEY)
     return stable_hash({str(f.relative_to(_ROOT)): file_hash(f) for f in files})
 
 
