@@ -94,7 +94,7 @@ class Arm:
         ctx = MixerContext(domains=corpus.train_domains, natural=corpus.natural_weights, total_steps=cfg.steps,
                            seq_len=cfg.seq_len, vocab_size=corpus.vocab_size, device=device,
                            seed=cfg.seed, corpus=corpus, heldout_domains=corpus.heldout_domains, out_dir=None,
-                           scale=cfg.scale, rank=0, world_size=1)
+                           scale=cfg.scale, rank=0, world_size=1, bf16=bf16)
         params = dict(method)
         self.mixer = build_mixer(str(params.pop("type")), params, ctx)
         self.sampler = MixtureSampler({d: corpus.tokens("train", d) for d in corpus.train_domains},

@@ -21,7 +21,7 @@ The per-sequence loss is the mean token NLL, as in ``BatchStats.example_loss``.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 import torch
@@ -80,6 +80,7 @@ class Projection:
     r2: int = 64
     seed: int = 0
     sketch: str = "dense"
+    _on: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.sketch == "dense":
@@ -110,7 +111,34 @@ class Projection:
         else:
             self.bucket, self.sign = self.bucket.to(device), self.sign.to(device)
         self.R_h = self.R_h.to(device)
+        self._on.clear()
         return self
+
+    def on(self, device: torch.device) -> dict[str, Optional[torch.Tensor]]:
+        """The matrices :func:`output_features` multiplies by, on ``device``, copied there once and kept.
+
+        A copy from host memory to a GPU waits for every kernel queued before it, so copying the
+        projection at every micro-batch would stall training; here it happens once per device.
+        ``left_T [V, r1]`` is ``R_b^T``; for the CountSketch it is ``S^T`` written out on a GPU (one
+        matrix product beats a scatter over ``V`` there) and None on the CPU (``bucket``/``sign`` are used)."""
+        key = str(device)
+        if key not in self._on:
+            dense_left = self.R_b is not None or torch.device(device).type != "cpu"
+            self._on[key] = {
+                "left_T": self.left_matrix().to(device).T.contiguous() if dense_left else None,
+                "R_h": self.R_h.to(device),
+                "bucket": None if self.bucket is None else self.bucket.to(device),
+                "sign": None if self.sign is None else self.sign.to(device),
+            }
+        return self._on[key]
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` without stalling a GPU: a copy from pageable host memory waits for the kernels
+    queued before it; one from pinned memory, made non-blocking, does not."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def feature_macs(proj: "Projection") -> dict[str, int]:
@@ -157,37 +185,38 @@ def output_features(
     for p_ in projs:
         _check_shapes(hidden, logits, targets, p_)
     B, T, _ = hidden.shape
-    dense = [p_.R_b for p_ in projs if p_.sketch == "dense"]
-    R_bT = torch.cat(dense).to(device=logits.device).T.contiguous() if dense else None  # [V, n r1]
-    R_h = torch.cat([p_.R_h for p_ in projs]).to(device=hidden.device)                 # [n r2, H]
+    mats = [p_.on(logits.device) for p_ in projs]
+    lefts = [m["left_T"] for m in mats if m["left_T"] is not None]
+    R_bT = (lefts[0] if len(lefts) == 1 else torch.cat(lefts, dim=1)) if lefts else None  # [V, n r1]
+    R_h = mats[0]["R_h"] if len(mats) == 1 else torch.cat([m["R_h"] for m in mats])       # [n r2, H]
     if tokens is not None and tokens < T:
-        idx = torch.randperm(T, generator=generator)[:tokens].sort().values.to(hidden.device)
+        idx = to_device(torch.randperm(T, generator=generator)[:tokens].sort().values, hidden.device)
         hidden, logits, targets = hidden[:, idx], logits[:, idx], targets[:, idx]
         T = tokens
     outs = [torch.empty(B, p_.dim, dtype=torch.float32, device=hidden.device) for p_ in projs]
     for s in range(0, B, chunk):
         e = min(B, s + chunk)
         probs = torch.softmax(logits[s:e].float(), dim=-1)
-        if R_bT is not None:  # every dense projection's left side in one matmul
+        if R_bT is not None:  # every left side written out as a matrix, in one matmul
             pd = probs @ R_bT                                       # [b, T, n r1]
             pd -= R_bT[targets[s:e]]                                # minus R_b[:, y_t]
         hh = hidden[s:e].float() @ R_h.T                            # [b, T, n r2]
         o1 = o2 = 0
-        for out, p_ in zip(outs, projs):
-            if p_.sketch == "dense":
+        for out, p_, m in zip(outs, projs, mats):
+            if m["left_T"] is not None:
                 pb, o1 = pd[..., o1: o1 + p_.r1], o1 + p_.r1
             else:
-                pb = _left_count(probs, targets[s:e], p_)
+                pb = _left_count(probs, targets[s:e], p_.r1, m["bucket"], m["sign"])
             z = torch.einsum("btr,bts->brs", pb, hh[..., o2: o2 + p_.r2])
             out[s:e] = z.reshape(e - s, -1) / T
             o2 += p_.r2
     return outs if isinstance(proj, list) else outs[0]
 
 
-def _left_count(probs: torch.Tensor, targets: torch.Tensor, p_: Projection) -> torch.Tensor:
+def _left_count(probs: torch.Tensor, targets: torch.Tensor, r1: int, bucket: torch.Tensor,
+                sign: torch.Tensor) -> torch.Tensor:
     """``S b_t`` for every position: ``probs [b, T, V]`` summed into ``r1`` signed buckets, minus ``S e_y``."""
-    sign, bucket = p_.sign.to(probs.device), p_.bucket.to(probs.device)
-    out = torch.zeros(*probs.shape[:-1], p_.r1, dtype=probs.dtype, device=probs.device)
+    out = torch.zeros(*probs.shape[:-1], r1, dtype=probs.dtype, device=probs.device)
     out.index_add_(-1, bucket, probs * sign)
     out.scatter_add_(-1, bucket[targets].unsqueeze(-1), -sign[targets].unsqueeze(-1))
     return out

@@ -172,7 +172,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         domains=domains, natural=corpus.natural_weights, total_steps=cfg.steps, seq_len=cfg.seq_len,
         vocab_size=corpus.vocab_size, device=device, seed=cfg.seed, corpus=corpus,
         heldout_domains=corpus.heldout_domains, out_dir=out / "mixer", scale=cfg.scale,
-        rank=info.rank, world_size=info.world_size,
+        rank=info.rank, world_size=info.world_size, bf16=bf16,
     )
     for k, v in (extra or {}).items():
         setattr(ctx, k, v)

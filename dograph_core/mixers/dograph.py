@@ -34,7 +34,7 @@ import torch
 from dograph_core import clustering as cl
 from dograph_core import optimize as opt
 from dograph_core.gradients import (FeatureError, Projection, check_features, output_features, per_example_grads,
-                                    probe_features, project_grads, resolve_param_names, sequence_loss)
+                                    probe_features, project_grads, resolve_param_names, sequence_loss, to_device)
 from dograph_core.mixers.base import BatchStats, Mixer, MixerContext, MixerError, Reduce, identity_reduce
 from dograph_core.mixers.dograph_config import DoGraphConfig
 from dograph_core.mixers.dograph_nodes import NodeSet, build_problem
@@ -91,6 +91,7 @@ class DoGraphMixer(Mixer):
         self.bad_window: Optional[str] = None
         self._model: Optional[torch.nn.Module] = None
         self._pending: Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None
+        self._inbox: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any]] = []  # features on their way to the host
         self._diag: dict[str, float] = {}
         self.feature_time = 0.0   # seconds in the online sketch (diagnostics, benchmark)
         self.online_time = 0.0    # seconds in example_weights + observe
@@ -151,12 +152,17 @@ class DoGraphMixer(Mixer):
         return torch.randperm(b, generator=gen)[:n].sort().values
 
     def _features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """This micro-batch's features on the host, checked (None: unusable, the window is dropped)."""
+        return self._checked(self._launch_features(stats, idx).cpu(), stats.step)
+
+    def _launch_features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The features, on the model's device: on a GPU the work is queued, not waited for."""
         if stats.hidden is None or stats.logits is None:
             raise MixerError("dograph needs hidden states and logits (needs = {'hidden'}); the loop did not pass them")
         t0 = time.perf_counter()
         ids, hidden, logits = stats.input_ids, stats.hidden, stats.logits
         if idx is not None:
-            dev = idx.to(ids.device)
+            dev = to_device(idx, ids.device)
             ids, hidden, logits = ids[dev], hidden[dev], logits[dev]
         if self.cfg.features == "exact":
             self._see_model(stats)
@@ -167,10 +173,12 @@ class DoGraphMixer(Mixer):
             proj = self._projection(logits.shape[-1], hidden.shape[-1])
             gen = torch.Generator().manual_seed(self._seed * 100003 + stats.step) if self.cfg.feature_tokens else None
             z = output_features(hidden, logits, ids[:, 1:], proj, tokens=self.cfg.feature_tokens, generator=gen)
-        z = z.detach().cpu()  # waits for the device: the timer below counts the work, not its launch
         self.feature_time += time.perf_counter() - t0
+        return z.detach()
+
+    def _checked(self, z: torch.Tensor, step: int) -> Optional[torch.Tensor]:
         try:
-            check_features(z, f"step {stats.step} training batch features")
+            check_features(z, f"step {step} training batch features")
         except FeatureError as e:
             if self.bad_window is None:
                 log.warning("dograph: %s; this window's statistics are dropped and the weights kept", e)
@@ -217,7 +225,10 @@ class DoGraphMixer(Mixer):
             projs = [self._projection(emb.shape[0], emb.shape[1])]
             projs += [Projection(emb.shape[0], emb.shape[1], self.cfg.r1, self.cfg.r2, self._seed + i, self.cfg.sketch)
                       for i in range(1, n_proj)]
-            zs, losses = probe_features(self._model, ids, projs, None, (1, 1), self.cfg.probe_batch)
+            # on a GPU the probe runs in the training's precision (fp32 there is an order of magnitude
+            # slower); on the CPU it stays fp32, where bf16 buys little
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and self.ctx.bf16):
+                zs, losses = probe_features(self._model, ids, projs, None, (1, 1), self.cfg.probe_batch)
         return [z.detach().cpu() for z in zs], losses.detach().float().cpu().numpy()
 
     # -- hooks ------------------------------------------------------------------------------
@@ -266,20 +277,45 @@ class DoGraphMixer(Mixer):
             self._exact_param_names()  # a misspelt parameter fails the run at its first step, not at every probe
         if 0 not in self._analysis_done and 0.0 in self.cfg.analysis_probes:
             self._analysis_probe(0)    # before the first optimizer step: the model at initialisation
-        src = stats.domain_ids.cpu()
-        loss = stats.example_loss.detach().float().cpu()
-        if self._pending is not None:
+        if self._pending is not None:  # acting by loss: example_weights already brought the features over
             z, labels, w = self._pending
             self._pending = None
-        else:
-            idx = self._subset(stats)
-            z = self._features(stats, idx)
+            self._add(z, stats.domain_ids.cpu(), stats.example_loss.detach().float().cpu(), labels, w)
+            return
+        idx = self._subset(stats)
+        z = self._launch_features(stats, idx)
+        src, loss = stats.domain_ids, stats.example_loss.detach().float()
+        if idx is not None:  # the statistics of this window come from the sampled sequences alone
+            dev = to_device(idx, src.device)
+            src, loss = src[dev], loss[dev]
+        # On a GPU: copies to pinned host memory, waited for one micro-batch later (or at the update), so
+        # the GPU keeps this backward and the next forward queued instead of idling while the host waits.
+        # The CPU takes the same path (its copies are no-ops), so the tests run the deferred fold too.
+        host = [t.to("cpu", non_blocking=True) for t in (z, src, loss)]
+        done = None
+        if z.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        self._inbox.append((stats.step, *host, done))
+        self.flush(keep=1)
+
+    def flush(self, keep: int = 0) -> None:
+        """Fold in the features that reached the host, all but the ``keep`` newest. Nothing that reads
+        the window (the update, a checkpoint, the result) runs before ``keep = 0``, and nothing that
+        changes how features are counted (weights, clusters) changes between a launch and its fold, so
+        the statistics are those of folding each micro-batch at once."""
+        while len(self._inbox) > keep:
+            step, z, src, loss, done = self._inbox.pop(0)
+            if done is not None:
+                done.synchronize()
+            z = self._checked(z, step)
             if z is None:
-                return
-            if idx is not None:  # the statistics of this window come from the sampled sequences alone
-                src, loss = src[idx], loss[idx]
+                continue
             labels = torch.from_numpy(self.clusters.assign(z.double().numpy())) if self.clusters is not None else None
-            w = torch.ones(z.shape[0], dtype=torch.float64)
+            self._add(z, src, loss, labels, torch.ones(z.shape[0], dtype=torch.float64))
+
+    def _add(self, z: torch.Tensor, src: torch.Tensor, loss: torch.Tensor, labels: Optional[torch.Tensor],
+             w: torch.Tensor) -> None:
         self.human.means.add(z, src, loss)
         self._mass.index_add_(0, src, w.double())
         if labels is not None:
@@ -300,6 +336,7 @@ class DoGraphMixer(Mixer):
         return ts
 
     def update(self, step: int, reduce: Reduce = identity_reduce) -> np.ndarray:
+        self.flush()
         self.last_step = step
         self._diag = {}
         for t in self._window():
@@ -564,6 +601,7 @@ class DoGraphMixer(Mixer):
         return dict(self._diag)
 
     def state_dict(self) -> dict[str, Any]:
+        self.flush()
         c = self.clustering
         return {
             **super().state_dict(),
