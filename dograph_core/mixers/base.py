@@ -81,7 +81,7 @@ class MixerContext:
     scale: str = ""
     rank: int = 0
     world_size: int = 1
-    bf16: bool = False            # training runs under bf16 autocast (GPU probes follow it)
+    bf16: bool = False            # training runs under bf16 autocast (a mixer's own probes follow it)
 
 
 @dataclass

@@ -225,9 +225,9 @@ class DoGraphMixer(Mixer):
             projs = [self._projection(emb.shape[0], emb.shape[1])]
             projs += [Projection(emb.shape[0], emb.shape[1], self.cfg.r1, self.cfg.r2, self._seed + i, self.cfg.sketch)
                       for i in range(1, n_proj)]
-            # on a GPU the probe runs in the training's precision (fp32 there is an order of magnitude
-            # slower); on the CPU it stays fp32, where bf16 buys little
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda" and self.ctx.bf16):
+            # in the training's precision, as the online features are: fp32 would cost about 3x on the CPU
+            # and an order of magnitude on a GPU
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.ctx.bf16):
                 zs, losses = probe_features(self._model, ids, projs, None, (1, 1), self.cfg.probe_batch)
         return [z.detach().cpu() for z in zs], losses.detach().float().cpu().numpy()
 
@@ -356,7 +356,10 @@ class DoGraphMixer(Mixer):
         self._maybe_analysis_probe(step)
         self.human.commit()
         self.human.record_batch_progress()
-        rec["human"] = self._solve(self.human, step)
+        # while model nodes act, the human nodes' weights only wait for a fall-back: the reference solver
+        # (the same problem; the two agree to 1e-4 in the tests) keeps them current for a fraction of
+        # Pyomo's fixed cost, which is most of an update's
+        rec["human"] = self._solve(self.human, step, "numpy" if self.model_mode and self.in_force else None)
         if self.model_mode and self.in_force:
             rec["model"] = self._solve(self.mnodes, step)
             self.updates["model"] += rec["model"] is not None
@@ -416,7 +419,7 @@ class DoGraphMixer(Mixer):
         flag = reduce(torch.tensor([1.0 if self.bad_window else 0.0]))
         return (self.bad_window or "bad features on another rank") if float(flag[0]) > 0 else None
 
-    def _solve(self, ns: NodeSet, step: int) -> Optional[dict[str, Any]]:
+    def _solve(self, ns: NodeSet, step: int, solver: Optional[str] = None) -> Optional[dict[str, Any]]:
         cfg = self.cfg
         if not ns.means.seen.any():
             return None
@@ -427,7 +430,7 @@ class DoGraphMixer(Mixer):
         try:
             target = self._target_mean() if cfg.objective == "A1" else None
             p = build_problem(cfg, ns.means.mean_matrix().numpy(), beta, ns.alpha, ns.lo, ns.hi, target)
-            a, info = opt.solve(p, cfg.solver, fallback=cfg.fallback == "numpy")
+            a, info = opt.solve(p, solver or cfg.solver, fallback=cfg.fallback == "numpy")
         except (opt.OptimizationError, ProbeError, FeatureError) as e:
             log.warning("dograph step %d: optimisation failed (%s); previous weights kept", step, e)
             self.events.write({"step": step, "event": "solve_failed", "reason": str(e)})
