@@ -360,3 +360,40 @@ def test_analysis_probes_land_on_update_steps_even_at_the_run_end(corpus):
     m = build_mixer("dograph", {**SMALL, "nodes": "human", "update_every": 20}, ctx_for(corpus, steps=250))
     assert m.analysis_steps() == [0, 60, 120, 180, 240]
     assert all(s % 20 == 0 for s in m.analysis_steps())
+
+
+def test_recluster_from_online_reuses_training_features_and_probes_only_short_sources(corpus, tmp_path, monkeypatch):
+    """``recluster_from: online``: a re-clustering takes, per source, the newest featurised training
+    sequences (probe_size stratified over sources, as a probe is) and runs the model forward only for
+    the sources short of rows; the rows survive a checkpoint."""
+    params = {**SMALL, "nodes": "model", "recluster_from": "online", "progress_from": "batch", "analysis_probes": []}
+    m = build_mixer("dograph", params, ctx_for(corpus, tmp_path))
+    probed = []
+    real = m._probe_features
+    monkeypatch.setattr(m, "_probe_features", lambda ids, n: probed.append(len(ids)) or real(ids, n))
+    model = nano_model(seq_len=T)
+    run(m, model, 14)            # 4 sequences of each source per micro-batch; quota 36 / 3 = 12 each
+    assert probed == [] and m.clustering is not None
+    assert [len(r) for r in m._rows] == [12, 12, 12] and all(r[1].shape == r[2].shape == (128,) for r in m._rows[0])
+    assert not torch.allclose(m._rows[0][-1][1], m._rows[0][-1][2])   # two projections of one gradient
+    m.flush()
+    m._rows[2] = []              # source 2 no longer drawn: the next re-clustering probes 12 - 4 of it
+    run(m, model, 1, start=15)
+    assert probed == [8]
+    clusters = [r for r in read_log(tmp_path / "dograph_log.jsonl") if r["event"] == "cluster"]
+    assert [r["rows_online"] for r in clusters] == [36, 28]
+    twin = build_mixer("dograph", params, ctx_for(corpus))
+    twin.load_state_dict(m.state_dict())
+    assert [[s for s, _, _ in r] for r in twin._rows] == [[s for s, _, _ in r] for r in m._rows]
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for ra, rb in zip(twin._rows, m._rows)
+               for a, b in zip(ra, rb))
+    for bad in ({"features": "exact"}, {"apply": "loss"}):
+        with pytest.raises(MixerError, match="recluster_from: online"):
+            build_mixer("dograph", {"nodes": "model", "recluster_from": "online", **bad}, ctx_for(corpus))
+
+
+def test_cluster_frequency_under_the_base_sampler_from_the_table(corpus):
+    """pi_c = sum_s base_s P(c | s): by hand for a 2 x 3 table with one source absent."""
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "k": 2}, ctx_for(corpus))
+    m._init_pi(np.array([[2, 0, 0], [1, 3, 0]]))      # uniform base; source 2 has no rows
+    assert np.allclose(m.pi, [0.5 * 2 / 3, 0.5 * 1 / 3 + 0.5 * 1.0])

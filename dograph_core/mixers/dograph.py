@@ -74,6 +74,10 @@ class DoGraphMixer(Mixer):
         self.n_nodes = cfg.k if self.model_mode else h
         self._seed = int(ctx.seed) * 7919 + cfg.proj_seed
         self.proj: Optional[Projection] = None
+        self.proj_check: Optional[Projection] = None          # the stability check's projection (seed + 1)
+        # recluster_from: online: per source, (step, feature, check feature) of its newest featurised sequences
+        self._rows: list[list[tuple[int, torch.Tensor, torch.Tensor]]] = [[] for _ in ctx.domains]
+        self._quota = [cfg.probe_size // h + (1 if i < cfg.probe_size % h else 0) for i in range(h)]
         self.clusters: Optional[cl.LiveClusters] = None
         self.clustering: Optional[cl.Clustering] = None     # the last accepted re-clustering
         self.table: Optional[np.ndarray] = None              # its cluster x source table
@@ -137,10 +141,19 @@ class DoGraphMixer(Mixer):
         return self.base_weights() if self._by_loss() else self.weights
 
     # -- features ---------------------------------------------------------------------------
-    def _projection(self, vocab: int, hidden: int) -> Projection:
-        if self.proj is None or self.proj.vocab_size != vocab or self.proj.hidden_size != hidden:
-            self.proj = Projection(vocab, hidden, self.cfg.r1, self.cfg.r2, self._seed, self.cfg.sketch)
-        return self.proj
+    def _projection(self, vocab: int, hidden: int, check: bool = False) -> Projection:
+        cur = self.proj_check if check else self.proj
+        if cur is None or cur.vocab_size != vocab or cur.hidden_size != hidden:
+            cur = Projection(vocab, hidden, self.cfg.r1, self.cfg.r2, self._seed + int(check), self.cfg.sketch)
+            if check:
+                self.proj_check = cur
+            else:
+                self.proj = cur
+        return cur
+
+    @property
+    def _online_rows(self) -> bool:
+        return self.model_mode and self.cfg.recluster_from == "online"
 
     def _subset(self, stats: BatchStats) -> Optional[torch.Tensor]:
         """The sequences of this micro-batch whose features are computed (``feature_sequences``), or None for all."""
@@ -153,10 +166,12 @@ class DoGraphMixer(Mixer):
 
     def _features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """This micro-batch's features on the host, checked (None: unusable, the window is dropped)."""
-        return self._checked(self._launch_features(stats, idx).cpu(), stats.step)
+        return self._checked(self._launch_features(stats, idx)[0].cpu(), stats.step)
 
-    def _launch_features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The features, on the model's device: on a GPU the work is queued, not waited for."""
+    def _launch_features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None
+                         ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The features and (``recluster_from: online``) the check projection's, on the model's device:
+        on a GPU the work is queued, not waited for."""
         if stats.hidden is None or stats.logits is None:
             raise MixerError("dograph needs hidden states and logits (needs = {'hidden'}); the loop did not pass them")
         t0 = time.perf_counter()
@@ -169,12 +184,16 @@ class DoGraphMixer(Mixer):
             if self._model is None:
                 raise MixerError("dograph with features: exact needs the model in BatchStats.model")
             (z,) = self._exact(ids, [self._seed])
+            zc = None
         else:
-            proj = self._projection(logits.shape[-1], hidden.shape[-1])
+            projs = [self._projection(logits.shape[-1], hidden.shape[-1])]
+            if self._online_rows:  # the softmax is shared: the second projection costs its matmuls only
+                projs.append(self._projection(logits.shape[-1], hidden.shape[-1], check=True))
             gen = torch.Generator().manual_seed(self._seed * 100003 + stats.step) if self.cfg.feature_tokens else None
-            z = output_features(hidden, logits, ids[:, 1:], proj, tokens=self.cfg.feature_tokens, generator=gen)
+            z, *rest = output_features(hidden, logits, ids[:, 1:], projs, tokens=self.cfg.feature_tokens, generator=gen)
+            zc = rest[0].detach() if rest else None
         self.feature_time += time.perf_counter() - t0
-        return z.detach()
+        return z.detach(), zc
 
     def _checked(self, z: torch.Tensor, step: int) -> Optional[torch.Tensor]:
         try:
@@ -283,7 +302,7 @@ class DoGraphMixer(Mixer):
             self._add(z, stats.domain_ids.cpu(), stats.example_loss.detach().float().cpu(), labels, w)
             return
         idx = self._subset(stats)
-        z = self._launch_features(stats, idx)
+        z, zc = self._launch_features(stats, idx)
         src, loss = stats.domain_ids, stats.example_loss.detach().float()
         if idx is not None:  # the statistics of this window come from the sampled sequences alone
             dev = to_device(idx, src.device)
@@ -291,7 +310,7 @@ class DoGraphMixer(Mixer):
         # On a GPU: copies to pinned host memory, waited for one micro-batch later (or at the update), so
         # the GPU keeps this backward and the next forward queued instead of idling while the host waits.
         # The CPU takes the same path (its copies are no-ops), so the tests run the deferred fold too.
-        host = [t.to("cpu", non_blocking=True) for t in (z, src, loss)]
+        host = [None if t is None else t.to("cpu", non_blocking=True) for t in (z, src, loss, zc)]
         done = None
         if z.device.type == "cuda":
             done = torch.cuda.Event()
@@ -305,14 +324,19 @@ class DoGraphMixer(Mixer):
         changes how features are counted (weights, clusters) changes between a launch and its fold, so
         the statistics are those of folding each micro-batch at once."""
         while len(self._inbox) > keep:
-            step, z, src, loss, done = self._inbox.pop(0)
+            step, z, src, loss, zc, done = self._inbox.pop(0)
             if done is not None:
                 done.synchronize()
             z = self._checked(z, step)
-            if z is None:
+            if z is None or (zc is not None and self._checked(zc, step) is None):
                 continue
             labels = torch.from_numpy(self.clusters.assign(z.double().numpy())) if self.clusters is not None else None
             self._add(z, src, loss, labels, torch.ones(z.shape[0], dtype=torch.float64))
+            if zc is not None:
+                for i, s_ in enumerate(src.tolist()):
+                    rows = self._rows[s_]
+                    rows.append((step, z[i], zc[i]))
+                    del rows[:-self._quota[s_]]   # the newest quota rows of each source
 
     def _add(self, z: torch.Tensor, src: torch.Tensor, loss: torch.Tensor, labels: Optional[torch.Tensor],
              w: torch.Tensor) -> None:
@@ -491,9 +515,14 @@ class DoGraphMixer(Mixer):
         self._last_try = step
         cfg = self.cfg
         t0 = time.perf_counter()
+        n_online = 0
         try:
-            ids, src = draw_probe(self.ctx.corpus, self.ctx.domains, cfg.probe_size, self.ctx.seq_len, self._seed * 1009 + step)
-            (z, zc), _ = self._probe_features(ids, 2)
+            if self._online_rows:
+                z, zc, src, n_online = self._recluster_rows(step)
+            else:
+                ids, src = draw_probe(self.ctx.corpus, self.ctx.domains, cfg.probe_size, self.ctx.seq_len,
+                                      self._seed * 1009 + step)
+                (z, zc), _ = self._probe_features(ids, 2)
             check_features(z, f"step {step} probe features")
             new = cl.recluster(z.numpy(), zc.numpy(), cfg.k, step, self._seed)
         except (ProbeError, FeatureError, cl.ClusteringError) as e:
@@ -518,9 +547,12 @@ class DoGraphMixer(Mixer):
                                                 cfg.balance if cfg.live else 0.0, cfg.max_price)
             else:
                 self.clusters.replace(new)
-            self._init_pi(new.labels, src)   # the new clusters' sizes, not the old ones'
+            table = cl.contingency(new.labels, src, cfg.k, len(self.ctx.domains))
+            if self._online_rows and reduce is not identity_reduce:  # each rank's rows are its own: sum them
+                table = reduce(torch.from_numpy(table).double()).round().long().numpy()
+            self.table = table
+            self._init_pi(table)   # the new clusters' sizes, not the old ones'
             self.clustering = new
-            self.table = cl.contingency(new.labels, src, cfg.k, len(self.ctx.domains))
         was = self.in_force
         self.in_force = stable
         if was != stable or not stable:
@@ -532,7 +564,7 @@ class DoGraphMixer(Mixer):
                            "ari": None if new is None else new.ari, "ari_init": None if new is None else new.ari_init,
                            "reason": None if new is not None else reason, "in_force": stable,
                            "contingency": self.table if stable else None, "domains": self.ctx.domains,
-                           "probe_s": time.perf_counter() - t0})
+                           "rows_online": n_online, "probe_s": time.perf_counter() - t0})
         if new is not None and not np.isnan(new.ari):
             self._save_probe(step, z, src, new.labels if stable else None)
 
@@ -541,12 +573,48 @@ class DoGraphMixer(Mixer):
             return t
         return reduce(t.double() * (1.0 if self.ctx.rank == 0 else 0.0))
 
-    def _init_pi(self, labels: np.ndarray, src: np.ndarray) -> None:
-        """Cluster frequencies under the base sampler, from the stratified probe (floored)."""
+    def _recluster_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
+        """``recluster_from: online``: per source, its newest featurised training sequences since the
+        last re-clustering (``probe_size`` stratified over sources, as a probe is), and probe sequences
+        only for the sources short of rows. Returns (features, check features, source per row, rows
+        reused from training)."""
+        cfg = self.cfg
+        have = [[r for r in rows if r[0] > step - cfg.recluster_every] for rows in self._rows]
+        short = [(i, self._quota[i] - len(h)) for i, h in enumerate(have) if len(h) < self._quota[i]]
+        ids, psrc = [], []
+        for i, n in short:
+            try:
+                x, _ = draw_probe(self.ctx.corpus, [self.ctx.domains[i]], n, self.ctx.seq_len,
+                                  self._seed * 1009 + step * 31 + i)
+            except ProbeError:  # no full window in this source: left out, as a probe leaves it out
+                continue
+            ids.append(x)
+            psrc += [i] * x.shape[0]
+        pz = pzc = None
+        if ids:
+            (pz, pzc), _ = self._probe_features(torch.cat(ids), 2)
+        zs, zcs, src = [], [], []
+        for i, h in enumerate(have):
+            zs += [r[1] for r in h]
+            zcs += [r[2] for r in h]
+            src += [i] * len(h)
+        n_online = len(src)
+        if pz is not None:
+            zs += list(pz)
+            zcs += list(pzc)
+            src += psrc
+        if not zs:
+            raise ProbeError("no training features and no probe windows to re-cluster")
+        return torch.stack(zs), torch.stack(zcs), np.asarray(src, dtype=np.int64), n_online
+
+    def _init_pi(self, table: np.ndarray) -> None:
+        """Cluster frequencies under the base sampler from the cluster x source counts of a stratified
+        set of rows: ``pi_c = sum_s base_s P(c | s)`` (floored)."""
         base = self.base_weights()
-        share = np.bincount(src, minlength=len(base)) / len(src)
-        wts = base[src] / np.maximum(share[src], 1e-12)
-        pi = np.bincount(labels, weights=wts, minlength=self.cfg.k) / wts.sum()
+        t = table.astype(np.float64)
+        per_source = t.sum(0)
+        present = np.where(per_source > 0, base, 0.0)
+        pi = (t / np.maximum(per_source, 1e-12)) @ present / max(float(present.sum()), 1e-12)
         pi = np.maximum(pi, 1e-3)
         self.pi = pi / pi.sum()
 
@@ -621,6 +689,9 @@ class DoGraphMixer(Mixer):
             "updates": dict(self.updates), "last_step": self.last_step,
             "analysis_done": sorted(self._analysis_done), "last_try": self._last_try,
             "subset_draws": self._subset_draws,
+            "rows": [None if not rows else {"step": torch.tensor([r[0] for r in rows]),
+                                            "z": torch.stack([r[1] for r in rows]),
+                                            "zc": torch.stack([r[2] for r in rows])} for rows in self._rows],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -651,6 +722,8 @@ class DoGraphMixer(Mixer):
         self.last_step = int(state["last_step"])
         self._last_try = None if state.get("last_try") is None else int(state["last_try"])
         self._subset_draws = int(state.get("subset_draws", 0))
+        saved = state.get("rows") or [None] * len(self._rows)
+        self._rows = [[] if r is None else list(zip(r["step"].tolist(), r["z"], r["zc"])) for r in saved]
         self._analysis_done = set(int(x) for x in state["analysis_done"])
         self.events.truncate(self.last_step)
 

@@ -58,6 +58,11 @@ class DoGraphConfig(MixerConfig):
     recluster_every: int = Field(100, gt=0, description="T_c: full re-clustering of a probe every this many steps")
     probe_size: int = Field(256, gt=0, description="sequences in each clustering probe, stratified over sources")
     probe_batch: int = Field(32, gt=0, description="probe sequences per forward pass")
+    recluster_from: Literal["probe", "online"] = Field(
+        "probe", description="rows of a re-clustering: a fresh probe of probe_size sequences stratified over sources "
+                             "(one forward pass each), or, per source, the newest of its training sequences "
+                             "featurised since the last re-clustering (the check projection computed online too), "
+                             "with probe sequences only for the sources short of rows")
     min_ari: float = Field(0.2, ge=-1, le=1, description="model nodes are in force only while the last re-clustering's "
                                                         "ARI across two projection seeds is at least this")
     live: bool = Field(True, description="clusters follow the model between re-clusterings (online k-means, "
@@ -103,6 +108,9 @@ class DoGraphConfig(MixerConfig):
         if self.feature_sequences is not None and self.nodes == "model" and self.apply == "loss":
             raise ValueError("feature_sequences needs apply: sample with nodes: model (loss weights need every "
                              "sequence's feature); drop it or set apply: sample")
+        if self.recluster_from == "online" and (self.features != "sketch" or self.apply == "loss"):
+            raise ValueError("recluster_from: online reuses the online sketch of sampled sequences: it needs "
+                             "features: sketch and apply: sample")
         if self.clip[0] <= 0 or self.clip[0] > self.clip[1]:
             raise ValueError(f"clip must be (low, high) with 0 < low <= high, got {self.clip}")
         if self.features == "exact" and not self.exact_params:
