@@ -3,7 +3,8 @@
 # device machine, every part time-boxed so that a slow part cannot take the rest with it:
 #   1. bench/overhead.py: model-node DoGraph against uniform at GPT-2 small, bf16, in one process, on a
 #      synthetic corpus with GPT-2's vocabulary (no data or hub needed). The cheap arm sketches 8 of the 32
-#      sequences of a micro-batch: the quarter that `cheap` is at nano (4 of 16); `cheap4` takes 4 of 32.
+#      sequences of a micro-batch: the quarter that `cheap` is at nano (4 of 16); `cheap4` takes 4 of 32; `online`
+#      is `cheap` re-clustering from the training features (recluster_from: online).
 #   2. bench/train_loop.py at small, eager then compiled: tokens/s and MFU of the engine and the bare loop,
 #      and the bare loop with the vocabulary padded to a multiple of 64 (logits cut back before the loss).
 #   3. bench/overhead.py at medium.
@@ -46,7 +47,8 @@ PY
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv | tee -a "$out/env.log"
 ov=(bench/overhead.py --device cuda --dtype bf16 --batch 32 --seq-len 512 --vocab 50257 --blocks 6 --block-steps 5
     --variant cheap:feature_sequences=8,progress_from=batch,recluster_every=250
-    --variant cheap4:feature_sequences=4,progress_from=batch,recluster_every=250)
+    --variant cheap4:feature_sequences=4,progress_from=batch,recluster_every=250
+    --variant online:feature_sequences=8,progress_from=batch,recluster_every=250,recluster_from=online)
 parts="${PARTS:-overhead train_loop}"
 if [[ $parts == *overhead* ]]; then
     timeout 180 "$py" "${ov[@]}" --scales small 2>&1 | tee "$out/overhead_small.log"
