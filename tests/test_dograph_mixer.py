@@ -105,9 +105,8 @@ def test_model_nodes_weight_losses_by_the_stated_formula(corpus, tmp_path):
     assert len(doc["weights"]) == 3 and abs(sum(doc["weights"]) - 1) < 1e-9  # effective source weights
     ups = [r for r in read_log(tmp_path / "dograph_log.jsonl") if r["event"] == "update" and "model" in r]
     assert ups and all(0.5 <= r["ess_mean"] <= 1 for r in ups if r.get("ess_mean") is not None)
-    # the weights that act come from Pyomo; the waiting human-node weights from the reference solver
-    solved = [r for r in ups if r["model"]]
-    assert solved and all(r["model"]["solver"] == "ripopt" and r["human"]["solver"] == "numpy" for r in solved)
+    solved = [r for r in ups if r["model"]]   # every set of weights comes from Pyomo's solver
+    assert solved and all(r["model"]["solver"] == "ripopt" and r["human"]["solver"] == "ripopt" for r in solved)
     live = [r for r in ups if "realised" in r]          # all but the update that made the clusters
     assert len(live) >= len(ups) - 1 and all(len(r["realised"]) == 3 for r in live)
 

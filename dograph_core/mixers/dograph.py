@@ -380,10 +380,7 @@ class DoGraphMixer(Mixer):
         self._maybe_analysis_probe(step)
         self.human.commit()
         self.human.record_batch_progress()
-        # while model nodes act, the human nodes' weights only wait for a fall-back: the reference solver
-        # (the same problem; the two agree to 1e-4 in the tests) keeps them current for a fraction of
-        # Pyomo's fixed cost, which is most of an update's
-        rec["human"] = self._solve(self.human, step, "numpy" if self.model_mode and self.in_force else None)
+        rec["human"] = self._solve(self.human, step)
         if self.model_mode and self.in_force:
             rec["model"] = self._solve(self.mnodes, step)
             self.updates["model"] += rec["model"] is not None
@@ -443,7 +440,7 @@ class DoGraphMixer(Mixer):
         flag = reduce(torch.tensor([1.0 if self.bad_window else 0.0]))
         return (self.bad_window or "bad features on another rank") if float(flag[0]) > 0 else None
 
-    def _solve(self, ns: NodeSet, step: int, solver: Optional[str] = None) -> Optional[dict[str, Any]]:
+    def _solve(self, ns: NodeSet, step: int) -> Optional[dict[str, Any]]:
         cfg = self.cfg
         if not ns.means.seen.any():
             return None
@@ -454,7 +451,7 @@ class DoGraphMixer(Mixer):
         try:
             target = self._target_mean() if cfg.objective == "A1" else None
             p = build_problem(cfg, ns.means.mean_matrix().numpy(), beta, ns.alpha, ns.lo, ns.hi, target)
-            a, info = opt.solve(p, solver or cfg.solver, fallback=cfg.fallback == "numpy")
+            a, info = opt.solve(p, cfg.solver, fallback=cfg.fallback == "numpy")
         except (opt.OptimizationError, ProbeError, FeatureError) as e:
             log.warning("dograph step %d: optimisation failed (%s); previous weights kept", step, e)
             self.events.write({"step": step, "event": "solve_failed", "reason": str(e)})
