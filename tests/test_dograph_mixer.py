@@ -372,15 +372,15 @@ def test_recluster_from_online_reuses_training_features_and_probes_only_short_so
     monkeypatch.setattr(m, "_probe_features", lambda ids, n: probed.append(len(ids)) or real(ids, n))
     model = nano_model(seq_len=T)
     run(m, model, 14)            # 4 sequences of each source per micro-batch; quota 36 / 3 = 12 each
-    assert probed == [] and m.clustering is not None
+    assert probed == [36] and m.clustering is not None   # the first clustering probes the model as it is
     assert [len(r) for r in m._rows] == [12, 12, 12] and all(r[1].shape == r[2].shape == (128,) for r in m._rows[0])
     assert not torch.allclose(m._rows[0][-1][1], m._rows[0][-1][2])   # two projections of one gradient
     m.flush()
     m._rows[2] = []              # source 2 no longer drawn: the next re-clustering probes 12 - 4 of it
     run(m, model, 1, start=15)
-    assert probed == [8]
+    assert probed == [36, 8]
     clusters = [r for r in read_log(tmp_path / "dograph_log.jsonl") if r["event"] == "cluster"]
-    assert [r["rows_online"] for r in clusters] == [36, 28]
+    assert [r["rows_online"] for r in clusters] == [0, 28]
     twin = build_mixer("dograph", params, ctx_for(corpus))
     twin.load_state_dict(m.state_dict())
     assert [[s for s, _, _ in r] for r in twin._rows] == [[s for s, _, _ in r] for r in m._rows]

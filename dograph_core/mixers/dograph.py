@@ -509,12 +509,12 @@ class DoGraphMixer(Mixer):
         # first attempt at the first update; then every recluster_every steps
         if self._last_try is not None and step - self._last_try < self.cfg.recluster_every:
             return
-        self._last_try = step
+        first, self._last_try = self._last_try is None, step
         cfg = self.cfg
         t0 = time.perf_counter()
         n_online = 0
         try:
-            if self._online_rows:
+            if self._online_rows and not first:  # the first clustering: a probe of the model as it is now
                 z, zc, src, n_online = self._recluster_rows(step)
             else:
                 ids, src = draw_probe(self.ctx.corpus, self.ctx.domains, cfg.probe_size, self.ctx.seq_len,

@@ -60,9 +60,9 @@ class DoGraphConfig(MixerConfig):
     probe_batch: int = Field(32, gt=0, description="probe sequences per forward pass")
     recluster_from: Literal["probe", "online"] = Field(
         "probe", description="rows of a re-clustering: a fresh probe of probe_size sequences stratified over sources "
-                             "(one forward pass each), or, per source, the newest of its training sequences "
-                             "featurised since the last re-clustering (the check projection computed online too), "
-                             "with probe sequences only for the sources short of rows")
+                             "(one forward pass each), or, from the second on, per source the newest of its training "
+                             "sequences featurised in the last recluster_every steps (the check projection computed "
+                             "online too), with probe sequences only for the sources short of rows")
     min_ari: float = Field(0.2, ge=-1, le=1, description="model nodes are in force only while the last re-clustering's "
                                                         "ARI across two projection seeds is at least this")
     live: bool = Field(True, description="clusters follow the model between re-clusterings (online k-means, "
