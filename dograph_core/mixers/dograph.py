@@ -95,7 +95,8 @@ class DoGraphMixer(Mixer):
         self.bad_window: Optional[str] = None
         self._model: Optional[torch.nn.Module] = None
         self._pending: Optional[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]] = None
-        self._inbox: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Any]] = []  # features on their way to the host
+        # (step, features, sources, losses, check features or None, CUDA event or None) on their way to the host
+        self._inbox: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor], Any]] = []
         self._diag: dict[str, float] = {}
         self.feature_time = 0.0   # seconds in the online sketch (diagnostics, benchmark)
         self.online_time = 0.0    # seconds in example_weights + observe
@@ -335,7 +336,7 @@ class DoGraphMixer(Mixer):
             if zc is not None:
                 for i, s_ in enumerate(src.tolist()):
                     rows = self._rows[s_]
-                    rows.append((step, z[i], zc[i]))
+                    rows.append((step, z[i].clone(), zc[i].clone()))  # not views: the batch's buffer is freed
                     del rows[:-self._quota[s_]]   # the newest quota rows of each source
 
     def _add(self, z: torch.Tensor, src: torch.Tensor, loss: torch.Tensor, labels: Optional[torch.Tensor],
@@ -525,7 +526,8 @@ class DoGraphMixer(Mixer):
         except (ProbeError, FeatureError, cl.ClusteringError) as e:
             new, reason = None, str(e)
         # rank 0 decides; every rank adopts its clustering (a sum all-reduce of rank 0's numbers) and
-        # labels its own probe by it (the probe windows are the same on every rank)
+        # labels its own rows by it (probe windows are the same on every rank; training rows are each
+        # rank's own, so their cluster x source table is summed over ranks)
         stable = new is not None and new.ari >= cfg.min_ari
         flag = self._from_rank0(torch.tensor([float(stable)]), reduce)
         stable = bool(flag[0] > 0.5)
@@ -571,9 +573,9 @@ class DoGraphMixer(Mixer):
         return reduce(t.double() * (1.0 if self.ctx.rank == 0 else 0.0))
 
     def _recluster_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
-        """``recluster_from: online``: per source, its newest featurised training sequences since the
-        last re-clustering (``probe_size`` stratified over sources, as a probe is), and probe sequences
-        only for the sources short of rows. Returns (features, check features, source per row, rows
+        """``recluster_from: online``: per source, its newest training sequences featurised in the last
+        ``recluster_every`` steps (``probe_size`` stratified over sources, as a probe is), and probe
+        sequences only for the sources short of rows. Returns (features, check features, source per row, rows
         reused from training)."""
         cfg = self.cfg
         have = [[r for r in rows if r[0] > step - cfg.recluster_every] for rows in self._rows]
