@@ -219,7 +219,7 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
                         break
                     a.step()
                     a.mixer.flush()
-            a.mixer._last_try = None
+            a.mixer._last_try = a.step_no - a.mixer.cfg.recluster_every  # due now (and not the first)
             _sync(a.device)
             t1 = time.perf_counter()
             a.mixer._maybe_recluster(a.step_no, identity_reduce)
