@@ -4,7 +4,8 @@
 #   1. bench/overhead.py: model-node DoGraph against uniform at GPT-2 small, bf16, in one process, on a
 #      synthetic corpus with GPT-2's vocabulary (no data or hub needed). The cheap arm sketches 8 of the 32
 #      sequences of a micro-batch: the quarter that `cheap` is at nano (4 of 16); `cheap4` takes 4 of 32; `online`
-#      is `cheap` re-clustering from the training features (recluster_from: online).
+#      is `cheap` re-clustering from the training features (recluster_from: online); `shipped` is params.yaml's
+#      dograph_model as it is (4 sequences of each micro-batch sketched, re-clustering from training features).
 #   2. bench/train_loop.py at small, eager then compiled: tokens/s and MFU of the engine and the bare loop,
 #      and the bare loop with the vocabulary padded to a multiple of 64 (logits cut back before the loss).
 #   3. bench/overhead.py at medium.
@@ -48,7 +49,12 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used -
 ov=(bench/overhead.py --device cuda --dtype bf16 --batch 32 --seq-len 512 --vocab 50257 --blocks 6 --block-steps 5
     --variant cheap:feature_sequences=8,progress_from=batch,recluster_every=250
     --variant cheap4:feature_sequences=4,progress_from=batch,recluster_every=250
-    --variant online:feature_sequences=8,progress_from=batch,recluster_every=250,recluster_from=online)
+    --variant online:feature_sequences=8,progress_from=batch,recluster_every=250,recluster_from=online
+    --variant shipped:feature_sequences=4,progress_from=batch,recluster_every=250,recluster_from=online)
+# SHORT=1: only the cheap arm and `shipped` (params.yaml's dograph_model exactly), for a call with little time
+[[ ${SHORT:-0} == 1 ]] && ov=(bench/overhead.py --device cuda --dtype bf16 --batch 32 --seq-len 512 --vocab 50257
+    --blocks 6 --block-steps 5 --no-default --variant cheap:feature_sequences=8,progress_from=batch,recluster_every=250
+    --variant shipped:feature_sequences=4,progress_from=batch,recluster_every=250,recluster_from=online)
 parts="${PARTS:-overhead train_loop}"
 if [[ $parts == *overhead* ]]; then
     timeout 180 "$py" "${ov[@]}" --scales small 2>&1 | tee "$out/overhead_small.log"
@@ -59,6 +65,6 @@ if [[ $parts == *train_loop* ]]; then
     timeout 90 "$py" "${tl[@]}" --steps 25 --warmup 5 --reps 2 2>&1 | tee "$out/train_loop_eager.log"
     timeout 150 "$py" "${tl[@]}" --steps 25 --warmup 8 --reps 1 --compile 2>&1 | tee "$out/train_loop_compile.log"
 fi
-if [[ $parts == *overhead* ]]; then
+if [[ $parts == *overhead* && ${SHORT:-0} != 1 ]]; then
     timeout 140 "$py" "${ov[@]}" --scales medium 2>&1 | tee "$out/overhead_medium.log"
 fi
