@@ -513,7 +513,7 @@ class DoGraphMixer(Mixer):
         first, self._last_try = self._last_try is None, step
         cfg = self.cfg
         t0 = time.perf_counter()
-        n_online = 0
+        n_online, src = 0, np.zeros(0, dtype=np.int64)  # src stays empty if this rank's rows fail
         try:
             if self._online_rows and not first:  # the first clustering: a probe of the model as it is now
                 z, zc, src, n_online = self._recluster_rows(step)
