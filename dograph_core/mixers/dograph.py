@@ -337,7 +337,8 @@ class DoGraphMixer(Mixer):
                 for i, s_ in enumerate(src.tolist()):
                     rows = self._rows[s_]
                     rows.append((step, z[i].clone(), zc[i].clone()))  # not views: the batch's buffer is freed
-                    del rows[:-self._quota[s_]]   # the newest quota rows of each source
+                    if len(rows) > self._quota[s_]:   # the newest quota rows of each source (a quota may be 0)
+                        del rows[:len(rows) - self._quota[s_]]
 
     def _add(self, z: torch.Tensor, src: torch.Tensor, loss: torch.Tensor, labels: Optional[torch.Tensor],
              w: torch.Tensor) -> None:
@@ -721,6 +722,8 @@ class DoGraphMixer(Mixer):
         self.last_step = int(state["last_step"])
         self._last_try = None if state.get("last_try") is None else int(state["last_try"])
         self._subset_draws = int(state.get("subset_draws", 0))
+        self._inbox.clear()
+        self._pending = None
         saved = state.get("rows") or [None] * len(self._rows)
         self._rows = [[] if r is None else list(zip(r["step"].tolist(), r["z"], r["zc"])) for r in saved]
         self._analysis_done = set(int(x) for x in state["analysis_done"])
