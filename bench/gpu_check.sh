@@ -46,15 +46,15 @@ for sketch in ("dense", "count"):
     assert err < 1e-4, err
 PY
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.used --format=csv | tee -a "$out/env.log"
-ov=(bench/overhead.py --device cuda --dtype bf16 --batch 32 --seq-len 512 --vocab 50257 --blocks 6 --block-steps 5
-    --variant cheap:feature_sequences=8,progress_from=batch,recluster_every=250
-    --variant cheap4:feature_sequences=4,progress_from=batch,recluster_every=250
-    --variant online:feature_sequences=8,progress_from=batch,recluster_every=250,recluster_from=online
-    --variant shipped:feature_sequences=4,progress_from=batch,recluster_every=250,recluster_from=online)
+cheap=progress_from=batch,recluster_every=250   # the cheap profile's settings besides the sketched sequences
+arms=(--variant "cheap:feature_sequences=8,$cheap")
 # SHORT=1: only the cheap arm and `shipped` (params.yaml's dograph_model exactly), for a call with little time
-[[ ${SHORT:-0} == 1 ]] && ov=(bench/overhead.py --device cuda --dtype bf16 --batch 32 --seq-len 512 --vocab 50257
-    --blocks 6 --block-steps 5 --no-default --variant cheap:feature_sequences=8,progress_from=batch,recluster_every=250
-    --variant shipped:feature_sequences=4,progress_from=batch,recluster_every=250,recluster_from=online)
+[[ ${SHORT:-0} == 1 ]] && arms+=(--no-default) || arms+=(
+    --variant "cheap4:feature_sequences=4,$cheap"
+    --variant "online:feature_sequences=8,$cheap,recluster_from=online")
+arms+=(--variant "shipped:feature_sequences=4,$cheap,recluster_from=online")
+ov=(bench/overhead.py --device cuda --dtype bf16 --batch 32 --seq-len 512 --vocab 50257 --blocks 6 --block-steps 5
+    "${arms[@]}")
 parts="${PARTS:-overhead train_loop}"
 if [[ $parts == *overhead* ]]; then
     timeout 180 "$py" "${ov[@]}" --scales small 2>&1 | tee "$out/overhead_small.log"

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -96,21 +95,19 @@ def engine_run(cfg: TrainConfig, corpus: TokenCorpus, out: Path, warmup: int, in
     return steady_tok_s(tr.t, warmup, cfg.batch_size * cfg.seq_len)
 
 
-class PaddedLMLoss(LMLoss):
-    """``LMLoss`` over a model whose vocabulary is padded (a multiple of 64 suits the GPU's matrix tiles): the
-    logits are cut back to the real vocabulary before the loss, so the padded rows get no probability and the
-    loss means what it meant. Measured here as a lever (``--pad-vocab``), not an engine option."""
+class CutLogits(torch.nn.Module):
+    """A model whose vocabulary is padded (a multiple of 64 suits the GPU's matrix tiles), with its logits
+    cut back to the real vocabulary: under :class:`LMLoss` the padded rows get no probability and the loss
+    means what it meant. Measured here as a lever (``--pad-vocab``), not an engine option."""
 
-    def __init__(self, model: torch.nn.Module, bf16: bool, vocab: int):
-        super().__init__(model, bf16)
-        self.vocab = vocab
+    def __init__(self, model: torch.nn.Module, vocab: int):
+        super().__init__()
+        self.model, self.vocab = model, vocab
 
-    def forward(self, x: torch.Tensor, hidden: bool = False):
-        inp, tgt = x[:, :-1], x[:, 1:]
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            logits = self.model(input_ids=inp, use_cache=False).logits[..., : self.vocab]
-        token_loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten(), reduction="none").view(tgt.shape)
-        return logits, token_loss, None
+    def forward(self, **kw):
+        out = self.model(**kw)
+        out.logits = out.logits[..., : self.vocab]
+        return out
 
 
 def bare_run(cfg: TrainConfig, corpus: TokenCorpus, device: torch.device, bf16: bool, warmup: int,
@@ -125,10 +122,10 @@ def bare_run(cfg: TrainConfig, corpus: TokenCorpus, device: torch.device, bf16: 
     vocab = corpus.vocab_size
     if pad_vocab:
         model = build_model(cfg.scale, -(-vocab // pad_vocab) * pad_vocab, cfg.seq_len, corpus.eot_id).to(device)
-        fwd = PaddedLMLoss(model, bf16, vocab)
     else:
         model = build_model(cfg.scale, vocab, cfg.seq_len, corpus.eot_id).to(device)
-        fwd = LMLoss(model, bf16)  # the same fused forward + loss module the engine compiles
+    # the same fused forward + loss module the engine compiles
+    fwd = LMLoss(CutLogits(model, vocab) if pad_vocab else model, bf16)
     fwd = torch.compile(fwd) if cfg.compile else fwd
     opt, sched = make_optimizer(model, cfg, device)
     model.train()

@@ -167,19 +167,19 @@ class DoGraphMixer(Mixer):
 
     def _features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """This micro-batch's features on the host, checked (None: unusable, the window is dropped)."""
-        return self._checked(self._launch_features(stats, idx)[0].cpu(), stats.step)
+        dev = None if idx is None else to_device(idx, stats.input_ids.device)
+        return self._checked(self._launch_features(stats, dev)[0].cpu(), stats.step)
 
     def _launch_features(self, stats: BatchStats, idx: Optional[torch.Tensor] = None
                          ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """The features and (``recluster_from: online``) the check projection's, on the model's device:
-        on a GPU the work is queued, not waited for."""
+        """The features and (``recluster_from: online``) the check projection's, on the model's device,
+        of the sequences ``idx`` (on that device; None = all): on a GPU the work is queued, not waited for."""
         if stats.hidden is None or stats.logits is None:
             raise MixerError("dograph needs hidden states and logits (needs = {'hidden'}); the loop did not pass them")
         t0 = time.perf_counter()
         ids, hidden, logits = stats.input_ids, stats.hidden, stats.logits
         if idx is not None:
-            dev = to_device(idx, ids.device)
-            ids, hidden, logits = ids[dev], hidden[dev], logits[dev]
+            ids, hidden, logits = ids[idx], hidden[idx], logits[idx]
         if self.cfg.features == "exact":
             self._see_model(stats)
             if self._model is None:
@@ -242,9 +242,8 @@ class DoGraphMixer(Mixer):
                                     for s in range(0, ids.shape[0], b)])
         else:
             emb = self._model.get_output_embeddings().weight
-            projs = [self._projection(emb.shape[0], emb.shape[1])]
-            projs += [Projection(emb.shape[0], emb.shape[1], self.cfg.r1, self.cfg.r2, self._seed + i, self.cfg.sketch)
-                      for i in range(1, n_proj)]
+            # the stability check's projection is the one the online sketch uses (seed + 1), built once
+            projs = [self._projection(emb.shape[0], emb.shape[1], check=c) for c in (False, True)[:n_proj]]
             # in the training's precision, as the online features are: fp32 would cost about 3x on the CPU
             # and an order of magnitude on a GPU
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.ctx.bf16):
@@ -303,11 +302,11 @@ class DoGraphMixer(Mixer):
             self._add(z, stats.domain_ids.cpu(), stats.example_loss.detach().float().cpu(), labels, w)
             return
         idx = self._subset(stats)
-        z, zc = self._launch_features(stats, idx)
+        dev = None if idx is None else to_device(idx, stats.input_ids.device)  # one copy for all three uses
+        z, zc = self._launch_features(stats, dev)
         src, loss = stats.domain_ids, stats.example_loss.detach().float()
-        if idx is not None:  # the statistics of this window come from the sampled sequences alone
-            dev = to_device(idx, src.device)
-            src, loss = src[dev], loss[dev]
+        if dev is not None:  # the statistics of this window come from the sampled sequences alone
+            src, loss = src[dev.to(src.device)], loss[dev.to(loss.device)]
         # On a GPU: copies to pinned host memory, waited for one micro-batch later (or at the update), so
         # the GPU keeps this backward and the next forward queued instead of idling while the host waits.
         # The CPU takes the same path (its copies are no-ops), so the tests run the deferred fold too.
