@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
+from dograph_core.partition import PartitionConfig
 from pydantic import (
     AfterValidator, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator,
 )
@@ -214,10 +215,16 @@ class TrackingConfig(Section):
     registered_model: Optional[str] = Field(None, description="also register each logged model under this name")
 
 
+PartitionName = Annotated[str, AfterValidator(lambda v: check_name(v, "partition name"))]
+
+
 class Params(Section):
     prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    partitions: dict[PartitionName, PartitionConfig] = Field(
+        default_factory=dict, description="named partitions of the corpus into nodes; a method trains over one with "
+                                          "`partition: <name>` (default: the human sources)")
     methods: dict[MethodName, MethodConfig] = Field(default_factory=dict)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
@@ -238,6 +245,11 @@ class Params(Section):
                 f"pipeline names methods {missing} that are not defined under 'methods' "
                 f"(defined: {sorted(self.methods)})"
             )
+        for name, m in self.methods.items():
+            part = (m.model_extra or {}).get("partition")
+            if part is not None and (not isinstance(part, str) or part not in self.partitions):
+                raise ValueError(f"methods.{name}.partition = {part!r}: not a partition defined under 'partitions' "
+                                 f"(defined: {sorted(self.partitions)})")
         return self
 
 

@@ -43,6 +43,7 @@ from dograph_core.mixers import build_mixer
 from dograph_core.mixers.base import MixerContext, write_weights
 from dograph_core.model import build_model, count_params
 from dograph_core.outputs import MetricsLog, save_final, summarize_eval
+from dograph_core.partition import open_partition
 from dograph_core.sampling import MixtureSampler, rank_slice
 from dograph_core.tracking import NullTracker, Tracker
 
@@ -129,6 +130,7 @@ def train(
     t_start = time.time()
     params = dict(method_params or {})
     mixer_type = str(params.pop("type", method))
+    partition = params.pop("partition", None)  # {"name", "key", "dir"}: train on nodes (dograph_core.partition)
     out = Path(out_dir)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     info = init_distributed(device)
@@ -142,7 +144,7 @@ def train(
                     remove_leftovers(d)
             barrier(info)
             return _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, mixer_ctx_extra, device, info,
-                          t_start, key)
+                          t_start, key, partition)
     except BaseException:
         if created and out.is_dir() and {p.name for p in out.iterdir()} <= {".lock"}:  # failed before writing anything
             shutil.rmtree(out, ignore_errors=True)
@@ -151,7 +153,8 @@ def train(
         cleanup(info)
 
 
-def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra, device, info: DistInfo, t_start, key):
+def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra, device, info: DistInfo, t_start, key,
+           partition=None):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     bf16 = _resolve_dtype(cfg, device)
@@ -159,6 +162,9 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rank_slice(cfg.batch_size, 0, info.world_size, 0, cfg.grad_accum)  # fails early if not divisible
+    sources = corpus  # the evaluation is over the sources, whatever the mixture is over
+    if partition:
+        corpus = open_partition(partition, corpus, cfg.seq_len)
     domains = corpus.train_domains
     ckpt_dir = out / "checkpoints"
     latest = latest_checkpoint(ckpt_dir)
@@ -183,7 +189,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         stratified=getattr(mixer, "stratified_batches", False),  # DoReMi's batch: stratified
     )
     opt, sched = make_optimizer(model, cfg, device)
-    fp = fingerprint(cfg, mixer_type, params, corpus, key)
+    fp = fingerprint(cfg, mixer_type, {**params, **({"partition": partition["key"]} if partition else {})}, corpus, key)
 
     start = 0
     if resume and latest is not None:
@@ -294,7 +300,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         train_time += time.time() - t0  # steps, logging and mixer updates; not evaluation or checkpoints
 
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            res = evaluate_split(model, corpus, "val", domains, corpus.heldout_domains, cfg.seq_len, cfg.eval_windows, device, bf16, info)
+            res = evaluate_split(model, sources, "val", sources.train_domains, sources.heldout_domains, cfg.seq_len, cfg.eval_windows, device, bf16, info)
             if info.is_main:
                 em = split_metrics(res, "val")
                 tracker.log_metrics(em, step=step)
@@ -306,7 +312,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         bar.close()
     if start < cfg.steps or latest is None:
         last_ckpt = _checkpoint(ckpt_dir, cfg.steps, model, opt, sched, sampler, mixer, fp, info)
-    final_eval = evaluate_final(model, corpus, domains, corpus.heldout_domains, cfg.seq_len, cfg.eval_windows, device, bf16, info)
+    final_eval = evaluate_final(model, sources, sources.train_domains, sources.heldout_domains, cfg.seq_len, cfg.eval_windows, device, bf16, info)
     param_checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     summary = {
         "method": method, "mixer": mixer_type, "scale": cfg.scale, "params": n_params,

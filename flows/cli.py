@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--force", action="store_true", help="run even if the output for these params exists")
 
+    p = sub.add_parser("partition", help="compute named partitions of the corpus (what a domain is) and print their quality",
+                       description="Compute the partitions defined under 'partitions' in the params (human, text, "
+                                   "hidden, file), store them under their out_dir, and print each one's balance and "
+                                   "agreement with the sources (ARI, NMI). A method trains over one with "
+                                   "`partition: NAME`. Skipped when the partition for the same settings and data exists.")
+    _common(p)
+    p.add_argument("names", nargs="*", metavar="NAME", help="partitions to compute (default: every one defined)")
+
     p = sub.add_parser("scales", help="list the model scales and their sizes at the configured vocabulary")
     _common(p)
 
@@ -180,6 +188,33 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_partition(a: argparse.Namespace) -> int:
+    from dograph_core.config import ConfigError
+    from dograph_core.partition import Partition, quality_table
+    from tasks.steps import partition_step
+
+    p = _params(a)
+    names = a.names or list(p.partitions)
+    unknown = [n for n in names if n not in p.partitions]
+    if unknown or not names:
+        raise ConfigError(f"partitions {unknown or '(none)'}: not defined under 'partitions' in {a.params} "
+                          f"(defined: {sorted(p.partitions)})")
+    with _data_lock(p.tokenize.out_dir, exclusive=False):
+        for name in names:
+            r = partition_step(p, name, {"out_dir": p.tokenize.out_dir}, progress=not a.quiet)
+            print(quality_table(Partition.load(r["dir"])))
+            print(f"  stored in {r['dir']}" + (" (up to date, skipped)" if r["cached"] else ""))
+    return 0
+
+
+def _with_partition(p: Any, spec: dict, mparams: dict) -> dict:
+    """``mparams`` plus the method's partition (computed if needed), as training takes it."""
+    from tasks.steps import partition_for
+
+    part = partition_for(p, spec, {"out_dir": p.tokenize.out_dir})
+    return {**mparams, "partition": part} if part else mparams
+
+
 def cmd_scales(a: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -257,8 +292,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     tracker.log_params({"train": cfg.model_dump(), "method": spec, "mixer_used": mtype})
     try:
         with _data_lock(p.tokenize.out_dir, exclusive=False):
-            summary = train(cfg, TokenCorpus(p.tokenize.out_dir), a.method, {"type": mtype, **mparams}, a.out,
-                            tracker=tracker, resume=a.resume)
+            summary = train(cfg, TokenCorpus(p.tokenize.out_dir), a.method,
+                            {"type": mtype, **_with_partition(p, spec, mparams)}, a.out, tracker=tracker, resume=a.resume)
     except BaseException:
         end_tracker(tracker, "FAILED")
         raise
@@ -285,15 +320,18 @@ def cmd_search(a: argparse.Namespace) -> int:
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         corpus = TokenCorpus(p.tokenize.out_dir)
         search = search_function(spec["type"])
+        mparams = _with_partition(p, spec, spec["params"])
         if search is not None:
+            from dograph_core.partition import open_partition
             from dograph_core.tracking import NullTracker
 
-            call_search(search, cfg, corpus, Path(a.out), spec["params"], NullTracker(), lambda stage: NullTracker(),
-                        a.resume)
+            part = mparams.pop("partition", None)
+            call_search(search, cfg, open_partition(part, corpus, cfg.seq_len) if part else corpus, Path(a.out),
+                        mparams, NullTracker(), lambda stage: NullTracker(), a.resume)
         else:  # any method's training run leaves the weights it used in weights.json
             from dograph_core.train import train
 
-            train(cfg, corpus, a.method, {"type": spec["type"], **spec["params"]}, a.out, resume=a.resume)
+            train(cfg, corpus, a.method, {"type": spec["type"], **mparams}, a.out, resume=a.resume)
     print(f"weights: {Path(a.out) / 'weights.json'}")
     return 0
 
@@ -514,7 +552,7 @@ def _temporary_server() -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "prepare": cmd_prepare, "tokenize": cmd_tokenize, "scales": cmd_scales, "train": cmd_train,
+    "prepare": cmd_prepare, "tokenize": cmd_tokenize, "partition": cmd_partition, "scales": cmd_scales, "train": cmd_train,
     "search": cmd_search, "evaluate": cmd_evaluate, "report": cmd_report, "run": cmd_run,
     "presets": cmd_presets,
 }

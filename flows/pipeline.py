@@ -30,8 +30,8 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from dograph_core.config import BEST, YARDSTICK, Params, check_name, load_params
 from tasks.cache import DataLock, RunLock, stable_hash
 from tasks.params import check_params, method_spec
-from tasks.prefect_tasks import (forward_core_logs, prepare_task, process_worker_init, report_task, search_task,
-                                 tokenize_task, train_task)
+from tasks.prefect_tasks import (forward_core_logs, partition_task, prepare_task, process_worker_init, report_task,
+                                 search_task, tokenize_task, train_task)
 from tasks.steps import code_version, data_up_to_date, data_version, is_offline
 from tasks.study import best_baseline, best_candidates, needs_best
 
@@ -119,6 +119,21 @@ def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> 
     return units + [{"failed": f} for f in failed]
 
 
+def partitions(p: Params, data: dict, parent: Any, log: Any) -> None:
+    """Compute the partitions the study's methods train over, once each, before any unit needs them;
+    print each one's balance and agreement with the sources, and log them to the pipeline's MLflow run."""
+    from dograph_core.partition import Partition, quality_table
+
+    names = dict.fromkeys(n for m in p.pipeline.all_methods() if (n := method_spec(p, m).get("partition")))
+    for name in names:
+        r = partition_task(p, name, data, return_state=True).result()
+        log.info("%s", quality_table(Partition.load(r["dir"])))
+        if parent:
+            q = r["quality"]
+            parent.log_metrics({f"partition.{name}.{k}": float(q[k]) for k in ("balance", "entropy", "ari", "nmi")})
+            parent.log_artifact(Path(r["dir"]) / "partition.json", f"partitions/{name}")
+
+
 def collect(futures: list[tuple[tuple[str, str, int], Any]]) -> tuple[list[dict], list[str]]:
     """The finished units' results, and a line for each one that failed."""
     units, failed = [], []
@@ -178,6 +193,7 @@ def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[
             parent.log_params(p.model_dump())
             parent.log_corpus(data["out_dir"], str(data["data_version"]))  # the runs table's Dataset column
         try:
+            partitions(p, data, parent, log)
             units = run_units.with_options(task_runner=task_runner(p))(p, data, str(run_dir),
                                                                         parent.spec() if parent else None)
             ok = [u for u in units if "failed" not in u]

@@ -51,9 +51,10 @@ def check_params(p: Params, methods: list[str] | None = None) -> None:
 
 
 def method_spec(p: Params, name: str) -> dict:
-    """``{"type": mixer type, "params": the mixer's params without 'type'}`` of a named method."""
+    """``{"type": mixer type, "params": the mixer's params, "partition": its partition's name (if set)}``."""
     if name not in p.methods:
         raise ConfigError(f"method {name!r} is not defined under 'methods' (defined: {sorted(p.methods)})")
     raw = p.methods[name].model_dump()
     mtype = raw.pop("type")
-    return {"type": mtype, "params": raw}
+    part = raw.pop("partition", None)  # the nodes it mixes over; absent = the sources (unit keys unchanged)
+    return {"type": mtype, "params": raw, **({"partition": part} if part else {})}

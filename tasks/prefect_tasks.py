@@ -148,6 +148,12 @@ def tokenize_task(p: Params, prepared: Mapping[str, Any]) -> Any:
     return cached_state(steps.tokenize_step(p, prepared), "tokenized data")
 
 
+@task(name="partition", task_run_name="partition-{name}", **_common)
+def partition_task(p: Params, name: str, data: Mapping[str, Any]) -> Any:
+    """A named partition of the corpus (computed once; a hidden-state partition trains its warm-up model here)."""
+    return cached_state(steps.partition_step(p, name, data, progress=p.train.progress), f"partition {name}")
+
+
 @task(name="search", task_run_name="search-{method}", **_common)
 def search_task(p: Params, method: str, data: Mapping[str, Any], run_dir: str,
                 tracking: Optional[Mapping[str, Any]] = None, seed: int = 0, slot: int = 0) -> Any:

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 
 from dograph_core.config import YARDSTICK, ConfigError, Params
 from dograph_core.io import read_json, write_json
+from dograph_core.partition import open_partition
 from tasks.cache import clear_done, file_hash, is_done, mark_done, stable_hash
 from tasks.params import method_spec
 from tasks.tracking import git_commit, load_run_ref, save_run_ref, tracker_for
@@ -159,6 +160,29 @@ def _tags(method: str, mtype: str, scale: str, seed: int, data: Mapping[str, Any
             "git_commit": git_commit(_ROOT), "data_version": str(data.get("data_version", "")), "pipeline_run": run_id}
 
 
+def partition_step(p: Params, name: str, data: Mapping[str, Any], progress: bool = False) -> dict[str, Any]:
+    """Partition ``name`` of the tokenized corpus, computed once and stored (``partitions.<name>.out_dir``)."""
+    from dograph_core.data.corpus import TokenCorpus
+    from dograph_core.partition import Partition, ensure_partition, partition_dir
+
+    corpus = TokenCorpus(data["out_dir"])
+    cfg = p.partitions[name]
+    cached = (partition_dir(name, cfg, corpus) / "partition.json").exists()
+    path = ensure_partition(name, cfg, corpus, progress=progress)
+    part = Partition.load(path)
+    return {"name": name, "key": part.key, "dir": str(path.resolve()), "kind": part.kind, "quality": part.quality,
+            "cached": cached}
+
+
+def partition_for(p: Params, spec: Mapping[str, Any], data: Mapping[str, Any]) -> Optional[dict[str, str]]:
+    """What a unit passes to training for its method's partition (``{"name", "key", "dir"}``), or None."""
+    name = spec.get("partition")
+    if not name:
+        return None
+    r = partition_step(p, name, data)
+    return {"name": name, "key": r["key"], "dir": r["dir"]}
+
+
 def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | Path,
                 tracking: Optional[Mapping[str, Any]] = None, seed: int = 0,
                 device: Optional[str] = None) -> dict[str, Any]:
@@ -175,8 +199,9 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
 
         cfg = TrainConfig.model_validate({**cfg.model_dump(), **p.pipeline.search_train})
     out = Path(run_dir) / "search" / method
+    part = partition_for(p, spec, data)
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "data": data["data_version"],
-                       "code": _code(data)})
+                       "code": _code(data), **({"partition": part["key"]} if part else {})})
     weights = out / "weights.json"
     if is_done(out, key) and weights.exists():
         info = read_json(out.with_name(out.name + ".done.json"))["info"]
@@ -205,13 +230,14 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
 
     try:
         search_fn = search_function(spec["type"])
-        if search_fn is not None:
-            call_search(search_fn, cfg, corpus, out, spec["params"], tracker, stage_tracker, resume=resume)
+        if search_fn is not None:  # over the partition's nodes, if the method has one
+            view = open_partition(part, corpus, cfg.seq_len) if part else corpus
+            call_search(search_fn, cfg, view, out, spec["params"], tracker, stage_tracker, resume=resume)
         else:
             from dograph_core.train import train
 
-            train(cfg, corpus, method, {"type": spec["type"], **spec["params"]}, out, tracker=tracker, resume=resume,
-                  key=key)
+            train(cfg, corpus, method, {"type": spec["type"], **spec["params"], **({"partition": part} if part else {})},
+                  out, tracker=tracker, resume=resume, key=key)
         if not weights.exists():
             raise RuntimeError(f"search of {method!r} finished without writing {weights}")
         tracker.log_artifact(weights, "weights")
@@ -285,8 +311,11 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
     cfg = _train_cfg(p, scale, seed, 2 * p.train.steps if yardstick else None)
     label = YARDSTICK if yardstick else method
     out = Path(run_dir) / "train" / unit_name(label, scale, seed)
+    part = partition_for(p, spec, data)
+    if part:  # the mixture (searched or online) is over the partition's nodes
+        mparams = {**mparams, "partition": part}
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "mixer": mtype, "weights": weights_key,
-                       "data": data["data_version"], "code": _code(data)})
+                       "data": data["data_version"], "code": _code(data), **({"partition": part["key"]} if part else {})})
     unit = {"method": label, "scale": scale, "seed": seed, "dir": str(out), "key": key,
             "role": "yardstick" if yardstick else "main", "search_time_s": (search or {}).get("time_s")}
     run_name = f"{label}@{scale}" + (f"/s{seed}" if seed else "")

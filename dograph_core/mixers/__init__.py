@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "doge": "dograph_core.mixers.doge:DoGEMixer",
     "odm": "dograph_core.mixers.odm:ODMMixer",
     "dograph": "dograph_core.mixers.dograph:DoGraphMixer",
+    "rnb": "dograph_core.mixers.rnb:RnBMixer",
 }
 
 
