@@ -143,7 +143,8 @@ def _grid(n: int) -> tuple[int, int]:
 
 
 def plot_weights(results: dict[str, Any], path: Path) -> Path | None:
-    """Weights over training steps, one panel per run (a stack of domain shares)."""
+    """Weights over training steps, one panel per run (a stack of domain shares; a run over a partition's
+    nodes stacks its nodes and names them in its own panel)."""
     from dograph_core.study import pyplot
 
     plt = pyplot()
@@ -161,8 +162,11 @@ def plot_weights(results: dict[str, Any], path: Path) -> Path | None:
         end = int(run.get("steps") or 0) or max(steps[-1], 1)
         if steps[-1] < end:  # hold the last mixture to the end of the run
             steps, ws = steps + [end], ws + [ws[-1]]
-        series = [[w[i] for w in ws] for i in range(len(domains))]
-        ax.stackplot(steps, series, labels=domains, step="post")
+        names = run.get("domains") or domains
+        series = [[w[i] for w in ws] for i in range(len(names))]
+        ax.stackplot(steps, series, labels=names, step="post")
+        if names != domains:
+            ax.legend(fontsize=6, ncol=2, loc="upper right", framealpha=0.6)
         ax.set_title(_label(run), fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_xlim(0, end)
