@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-COMMANDS = ["prepare", "tokenize", "scales", "train", "search", "evaluate", "report", "run"]
+COMMANDS = ["prepare", "tokenize", "partition", "scales", "train", "search", "evaluate", "report", "run"]
 
 
 def test_core_never_imports_prefect_mlflow_or_dvc():
@@ -58,3 +58,23 @@ def test_bad_params_exit_with_a_message_not_a_traceback(tmp_path):
     assert out.returncode == 2 and "no such file or directory" in out.stderr
     out = _cli("report", "--run-dir", str(tmp_path))
     assert out.returncode == 1 and "no finished training runs" in out.stderr
+
+
+def test_partition_prints_the_quality_skips_what_is_stored_and_names_bad_input(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _engine_fixture import make_corpus
+
+    make_corpus(tmp_path / "tok")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"tokenize: {{out_dir: {tmp_path / 'tok'}}}\npipeline: {{methods: []}}\n"
+                      f"partitions:\n  words: {{kind: text, k: 3, out_dir: {tmp_path / 'parts'}}}\n"
+                      f"  tiny: {{kind: text, k: 2, text: {{min_df: 100000}}, out_dir: {tmp_path / 'parts'}}}\n")
+    out = _cli("partition", "words", "--params", str(params), "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "partition words (text, 3 nodes over 210 training documents)" in out.stdout and "ARI 1.00" in out.stdout
+    assert "up to date, skipped" in _cli("partition", "words", "--params", str(params)).stdout
+    out = _cli("partition", "tiny", "--params", str(params))
+    assert out.returncode == 1 and "partitions.tiny.text" in out.stderr and "Traceback" not in out.stderr
+    out = _cli("partition", "nosuch", "--params", str(params))
+    assert out.returncode == 2 and "'nosuch'" in out.stderr and "defined: ['tiny', 'words']" in out.stderr
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "parts").iterdir()) == ["words"]  # nothing half-written
