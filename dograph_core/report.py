@@ -266,6 +266,13 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "dog
         "",
         study.markdown(agg),
     ]
+    if results.get("partitions"):
+        parts += ["## What is a domain? Partitions x mixers", "",
+                  "Each method mixes over a partition of the corpus (a method without one: the human sources); "
+                  "every cell is evaluated on the same per-source validation sets. Balance and agreement with the "
+                  "sources (ARI, NMI) are over the training documents.", "",
+                  study.partition_markdown(agg, (results.get("params") or {}).get("methods") or {},
+                                           results["partitions"]), ""]
     for caption, p in made:
         if p is not None:
             parts += [f"## {caption}", "", f"![{caption}](plots/{p.name})", ""]

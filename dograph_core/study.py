@@ -298,6 +298,53 @@ def markdown(agg: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+LIVE = "gradient (live)"  # DoGraph's nodes: model, re-clustered during training
+
+
+def cell_of(method: str, spec: Mapping[str, Any]) -> tuple[str, str]:
+    """``(partition, mixer)`` of a method's params: the partition it names (``human`` if none; DoGraph with
+    ``nodes: model`` is the live gradient partition) and its mixer type."""
+    mixer = str(spec.get("type", method))
+    if mixer == "dograph" and spec.get("nodes") == "model":
+        return LIVE, mixer
+    return str(spec.get("partition") or "human"), mixer
+
+
+def partition_markdown(agg: dict[str, Any], methods: Mapping[str, Mapping[str, Any]],
+                       partitions: Mapping[str, Mapping[str, Any]]) -> str:
+    """Partitions x mixers: each partition's quality, then per scale and metric a grid of the cells'
+    seed means with the paired difference against uniform over the sources (``Δ``, with the t-test p)."""
+    parts = ["| partition | kind | nodes | balance (smallest / largest node) | entropy | ARI vs sources | NMI vs sources |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for name, q in partitions.items():
+        parts.append(f"| {name} | {q.get('kind', '?')} | {q.get('nodes', '–')} | {_num(q.get('balance'), 2)} | "
+                     f"{_num(q.get('entropy'), 2)} | {_num(q.get('ari'), 2)} | {_num(q.get('nmi'), 2)} |")
+    for scale, a in agg.items():
+        cells: dict[tuple[str, str], str] = {}
+        for m in a["rows"]:
+            if m in methods:
+                cells.setdefault(cell_of(m, methods[m]), m)
+        rows_ = list(dict.fromkeys(p for p, _ in cells))
+        cols = list(dict.fromkeys(x for _, x in cells))
+        if len(rows_) < 2:
+            continue
+        for metric, label in (("val_worst", "worst val loss"), ("val_mean", "mean val loss"), ("heldout", "held-out loss")):
+            parts += ["", f"**{scale}, {label}**: seed mean (Δ against uniform over the sources, paired by seed; p)", "",
+                      "| partition | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+            for prow in rows_:
+                line = []
+                for col in cols:
+                    m = cells.get((prow, col))
+                    if m is None:
+                        line.append("")
+                        continue
+                    d = a["diffs"].get(m, {}).get("uniform", {}).get(metric)
+                    delta = f" ({d['mean']:+.3f}; p {fmt_p(d['p'])})" if d and d.get("n") else ""
+                    line.append(f"{_num(a['rows'][m][metric]['mean'])}{delta}")
+                parts.append(f"| {prow} | " + " | ".join(line) + " |")
+    return "\n".join(parts)
+
+
 def pyplot() -> Any:
     """matplotlib's pyplot on the Agg backend (files only, no display)."""
     import matplotlib

@@ -28,13 +28,39 @@ def run_record(unit: Mapping[str, Any]) -> dict[str, Any]:
 def collect_results(run_id: str, units: Iterable[Mapping[str, Any]], tokenized_dir: str | Path,
                     params: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     meta = read_json(Path(tokenized_dir) / "corpus.json")
+    runs = [run_record(u) for u in units]
     return {
         "run_id": run_id,
         "domains": list(meta["train_domains"]),
         "heldout": list(meta.get("heldout_domains", [])),
         "params": dict(params or {}),
-        "runs": [run_record(u) for u in units],
+        "runs": runs,
+        "partitions": partition_records(params or {}, {r["method"] for r in runs}, tokenized_dir),
     }
+
+
+def partition_records(params: Mapping[str, Any], methods: set[str], tokenized_dir: str | Path) -> dict[str, Any]:
+    """The quality of each partition the runs' methods mixed over (``{}`` when they all used the sources)."""
+    names = dict.fromkeys(n for m, spec in (params.get("methods") or {}).items()
+                          if m in methods and (n := spec.get("partition")))
+    if not names:
+        return {}
+    import numpy as np
+
+    from dograph_core.data.corpus import TokenCorpus
+    from dograph_core.partition import Partition, PartitionConfig, partition_dir
+
+    corpus = TokenCorpus(tokenized_dir)
+    share = np.asarray(corpus.natural_weights)
+    out: dict[str, Any] = {"human": {"kind": "human", "nodes": len(share), "balance": float(share.min() / share.max()),
+                                     "entropy": float(-(share * np.log(share)).sum() / np.log(len(share))),
+                                     "ari": 1.0, "nmi": 1.0, "token_share": dict(zip(corpus.train_domains, share.tolist()))}}
+    for name in names:
+        part = Partition.load(partition_dir(name, PartitionConfig(**params["partitions"][name]), corpus))
+        q = part.quality
+        out[name] = {"kind": part.kind, "key": part.key, **{k: q.get(k) for k in ("nodes", "balance", "entropy", "ari", "nmi")},
+                     "token_share": q.get("token_share")}
+    return out
 
 
 def write_outputs(run_id: str, units: Iterable[Mapping[str, Any]], run_dir: str | Path, tokenized_dir: str | Path,

@@ -190,3 +190,27 @@ def test_doremi_searches_over_the_nodes(corpus, tmp_path):
     part = build_partition("t2", _cfg(tmp_path, kind="text", k=2), corpus)
     res = search_doremi(tiny_train_cfg(steps=2), NodeCorpus(corpus, part), tmp_path / "s", rounds=1)
     assert sorted(json.loads((tmp_path / "s" / "weights.json").read_text())["domains"]) == ["node00", "node01"], res
+
+
+def test_the_report_grid_puts_each_method_in_its_partition_and_mixer_cell():
+    from dograph_core.study import LIVE, cell_of, partition_markdown
+
+    methods = {"uniform": {"type": "uniform"}, "odm_text": {"type": "odm", "partition": "text"},
+               "uniform_text": {"type": "uniform", "partition": "text"},
+               "dograph_model": {"type": "dograph", "nodes": "model"}}
+    assert cell_of("odm_text", methods["odm_text"]) == ("text", "odm")
+    assert cell_of("dograph_model", methods["dograph_model"]) == (LIVE, "dograph")
+
+    def row(w):
+        return {k: {"mean": w + i} for i, k in enumerate(("val_worst", "val_mean", "heldout"))}
+
+    d = {"n": 3, "mean": -0.05, "p": 0.1}
+    agg = {"nano": {"rows": {"uniform": row(6.5), "uniform_text": row(6.4), "odm_text": row(6.3),
+                             "dograph_model": row(6.45)},
+                    "diffs": {"uniform_text": {"uniform": {"val_worst": d}}, "odm_text": {}, "dograph_model": {}}}}
+    md = partition_markdown(agg, methods, {"text": {"kind": "text", "nodes": 8, "balance": 0.42, "ari": 0.61}})
+    assert "| text | text | 8 | 0.42 | – | 0.61 | – |" in md
+    assert "| partition | uniform | odm | dograph |" in md
+    assert "| human | 6.500 |  |  |" in md
+    assert "| text | 6.400 (-0.050; p 0.100) | 6.300 |  |" in md
+    assert f"| {LIVE} |  |  | 6.450 |" in md
