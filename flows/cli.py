@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "`partition: NAME`. Skipped when the partition for the same settings and data exists.")
     _common(p)
     p.add_argument("names", nargs="*", metavar="NAME", help="partitions to compute (default: every one defined)")
+    p.add_argument("--used", action="store_true",
+                   help="only the partitions the pipeline's methods mix over (what dvc.yaml's partition stage runs)")
 
     p = sub.add_parser("scales", help="list the model scales and their sizes at the configured vocabulary")
     _common(p)
@@ -194,9 +196,16 @@ def cmd_partition(a: argparse.Namespace) -> int:
     from tasks.steps import partition_step
 
     p = _params(a)
-    names = a.names or list(p.partitions)
+    if a.used:
+        from tasks.params import method_spec
+
+        names = list(dict.fromkeys(n for m in p.pipeline.all_methods() if (n := method_spec(p, m).get("partition"))))
+        if not names:
+            print("no method of the pipeline mixes over a partition: nothing to compute")
+    else:
+        names = a.names or list(p.partitions)
     unknown = [n for n in names if n not in p.partitions]
-    if unknown or not names:
+    if unknown or not (names or a.used):
         raise ConfigError(f"partitions {unknown or '(none)'}: not defined under 'partitions' in {a.params} "
                           f"(defined: {sorted(p.partitions)})")
     with _data_lock(p.tokenize.out_dir, exclusive=False):
