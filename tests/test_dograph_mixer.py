@@ -391,6 +391,44 @@ def test_recluster_from_online_reuses_training_features_and_probes_only_short_so
             build_mixer("dograph", {"nodes": "model", "recluster_from": "online", **bad}, ctx_for(corpus))
 
 
+def test_another_rank_adopts_rank_0s_clustering_labels_its_own_rows_by_it_and_resumes_without_rank_0s_rows(
+        corpus, monkeypatch):
+    """Under several processes rank 0 decides: rank 1 runs no k-means of its own, labels its training rows
+    by rank 0's centroids (not all in cluster 0), and sums its table with the other ranks'. A checkpoint
+    holds rank 0's rows only, so rank 1 resumes with none rather than count rank 0's twice."""
+    import dograph_core.clustering as cl
+
+    params = {**SMALL, "nodes": "model", "recluster_from": "online", "progress_from": "batch", "analysis_probes": []}
+    ctx = ctx_for(corpus)
+    ctx.rank, ctx.world_size = 1, 2
+    m = build_mixer("dograph", params, ctx)
+    run(m, nano_model(seq_len=T), 14)  # one process's protocol (identity reduce): rows filled, first clustering
+    m.flush()
+    z, zc, src, _ = m._recluster_rows(20)
+    rank0 = cl.recluster(z.numpy(), zc.numpy(), 3, 20, seed=5)  # what rank 0 found on its own rows
+    sent = [torch.tensor([1.0]), torch.from_numpy(rank0.mean), torch.from_numpy(rank0.centroids)]
+    calls = []
+
+    def reduce(t):  # the all-reduce: rank 0's numbers (this rank sends zeros), then the tables' sum
+        calls.append(t.shape)
+        return t + (sent.pop(0).double() if sent else 0.0)
+
+    monkeypatch.setattr(cl, "recluster", lambda *a, **k: pytest.fail("rank 1 ran its own k-means"))
+    m._last_try = 20 - SMALL["recluster_every"]
+    m._maybe_recluster(20, reduce)
+    want = cl.assign(z.numpy(), rank0.mean, rank0.centroids)
+    assert len(set(want.tolist())) > 1
+    # rank 0's clusters, renumbered to match the live ones (as on every rank): the labels follow
+    perm = np.array([int(np.argmin(np.linalg.norm(rank0.centroids - c, axis=1))) for c in m.clustering.centroids])
+    assert sorted(perm) == [0, 1, 2]
+    np.testing.assert_allclose(m.clustering.centroids, rank0.centroids[perm])
+    np.testing.assert_array_equal(perm[m.clustering.labels], want)
+    assert len(calls) == 4 and m.table.sum() == len(src)  # flag, mean, centroids, the table
+    twin = build_mixer("dograph", params, ctx)
+    twin.load_state_dict(m.state_dict())
+    assert [len(r) for r in twin._rows] == [0, 0, 0]
+
+
 def test_cluster_frequency_under_the_base_sampler_from_the_table(corpus):
     """pi_c = sum_s base_s P(c | s): by hand for a 2 x 3 table with one source absent."""
     m = build_mixer("dograph", {**SMALL, "nodes": "model", "k": 2}, ctx_for(corpus))

@@ -514,6 +514,7 @@ class DoGraphMixer(Mixer):
         cfg = self.cfg
         t0 = time.perf_counter()
         n_online, src = 0, np.zeros(0, dtype=np.int64)  # src stays empty if this rank's rows fail
+        z, new, reason = None, None, "rank 0 decides"
         try:
             if self._online_rows and not first:  # the first clustering: a probe of the model as it is now
                 z, zc, src, n_online = self._recluster_rows(step)
@@ -522,9 +523,12 @@ class DoGraphMixer(Mixer):
                                       self._seed * 1009 + step)
                 (z, zc), _ = self._probe_features(ids, 2)
             check_features(z, f"step {step} probe features")
-            new = cl.recluster(z.numpy(), zc.numpy(), cfg.k, step, self._seed)
+            if self.ctx.rank == 0 or reduce is identity_reduce:  # the other ranks adopt rank 0's clustering
+                new = cl.recluster(z.numpy(), zc.numpy(), cfg.k, step, self._seed)
         except (ProbeError, FeatureError, cl.ClusteringError) as e:
             new, reason = None, str(e)
+            if isinstance(e, (ProbeError, FeatureError)):  # no usable rows here: no labels of our own
+                z, src = None, np.zeros(0, dtype=np.int64)
         # rank 0 decides; every rank adopts its clustering (a sum all-reduce of rank 0's numbers) and
         # labels its own rows by it (probe windows are the same on every rank; training rows are each
         # rank's own, so their cluster x source table is summed over ranks)
@@ -535,9 +539,9 @@ class DoGraphMixer(Mixer):
             d, k = self.dim, cfg.k
             mean = self._from_rank0(torch.from_numpy(new.mean if new is not None else np.zeros(d)), reduce).numpy()
             cents = self._from_rank0(torch.from_numpy(new.centroids if new is not None else np.zeros((k, d))), reduce).numpy()
-            if new is None:  # the probe failed on this rank only: adopt rank 0's clusters, no labels of our own
-                new = cl.Clustering(mean=mean, centroids=cents, labels=np.zeros(len(src), dtype=np.int64),
-                                    ari=float("nan"), step=step)
+            if new is None:  # another rank, or k-means failed here: rank 0's clusters label this rank's rows
+                labels = cl.assign(z.numpy(), mean, cents) if z is not None else np.zeros(0, dtype=np.int64)
+                new = cl.Clustering(mean=mean, centroids=cents, labels=labels, ari=float("nan"), step=step)
             elif reduce is not identity_reduce:
                 new.mean, new.centroids = mean, cents
                 new.labels = cl.assign(z.numpy(), mean, cents)
@@ -723,7 +727,9 @@ class DoGraphMixer(Mixer):
         self._subset_draws = int(state.get("subset_draws", 0))
         self._inbox.clear()
         self._pending = None
-        saved = state.get("rows") or [None] * len(self._rows)
+        # a checkpoint holds rank 0's rows: the other ranks start theirs again (a re-clustering before they
+        # refill probes what is short), rather than count rank 0's rows once per rank in the summed table
+        saved = (state.get("rows") if self.ctx.rank == 0 else None) or [None] * len(self._rows)
         self._rows = [[] if r is None else list(zip(r["step"].tolist(), r["z"], r["zc"])) for r in saved]
         self._analysis_done = set(int(x) for x in state["analysis_done"])
         self.events.truncate(self.last_step)
