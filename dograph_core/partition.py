@@ -318,15 +318,21 @@ def _sentence_embedder(model_dir: str, where: str, decode) -> Embedder:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        model = AutoModel.from_pretrained(model_dir, local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        raise PartitionError(f"{where} = {model_dir!r}: not a model directory with its tokenizer ({e})") from None
+    if tok.pad_token is None:  # a decoder's tokenizer (GPT-2's) has none; padded positions are masked anyway
+        tok.pad_token = tok.eos_token or tok.unk_token
+    limit = min(256, getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", 256))
 
     @torch.no_grad()
     def embed(docs: list[np.ndarray], fit: bool) -> np.ndarray:
         out = []
         texts = decode(docs)
         for i in range(0, len(texts), 32):
-            enc = tok(texts[i:i + 32], padding=True, truncation=True, max_length=256, return_tensors="pt")
+            enc = tok(texts[i:i + 32], padding=True, truncation=True, max_length=limit, return_tensors="pt")
             h = model(**enc).last_hidden_state
             m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
             out.append(((h * m).sum(1) / m.sum(1).clamp_min(1)).numpy())

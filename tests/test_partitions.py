@@ -214,3 +214,26 @@ def test_the_report_grid_puts_each_method_in_its_partition_and_mixer_cell():
     assert "| human | 6.500 |  |  |" in md
     assert "| text | 6.400 (-0.050; p 0.100) | 6.300 |  |" in md
     assert f"| {LIVE} |  |  | 6.450 |" in md
+
+
+def test_text_from_a_local_embedding_model_directory(corpus, tmp_path):
+    """``text.model``: any local Hugging Face encoder directory with its tokenizer (here a tiny GPT-2
+    saved with the corpus's own tokenizer); its mean-pooled states are clustered like TF-IDF's."""
+    import shutil
+
+    import torch
+
+    from dograph_core.model import build_model
+
+    torch.manual_seed(0)
+    model_dir = tmp_path / "encoder"
+    build_model("nano", corpus.vocab_size, 64, corpus.eot_id).save_pretrained(model_dir)
+    for f in corpus.tokenizer_dir.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    part = build_partition("emb", _cfg(tmp_path, kind="text", k=3, text={"model": str(model_dir)}), corpus)
+    assert part.centroids.shape[0] == 3 and part.quality["documents"] == 210
+    with pytest.raises(PartitionError, match=r"partitions\.emb\.text\.model = .*not a local model directory"):
+        build_partition("emb", _cfg(tmp_path, kind="text", k=3, text={"model": str(tmp_path / "none")}), corpus)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PartitionError, match=r"partitions\.emb\.text\.model = .*not a model directory"):
+        build_partition("emb", _cfg(tmp_path, kind="text", k=3, text={"model": str(tmp_path / "empty")}), corpus)
