@@ -247,6 +247,8 @@ class Params(Section):
             )
         for name, m in self.methods.items():
             part = (m.model_extra or {}).get("partition")
+            if isinstance(part, dict):  # already computed: {"name", "key", "dir"} (a torchrun launch writes it so)
+                part = part.get("name") if set(part) <= {"name", "key", "dir"} and "dir" in part else part
             if part is not None and (not isinstance(part, str) or part not in self.partitions):
                 raise ValueError(f"methods.{name}.partition = {part!r}: not a partition defined under 'partitions' "
                                  f"(defined: {sorted(self.partitions)})")

@@ -32,6 +32,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -105,8 +106,10 @@ class PartitionConfig(_Strict):
 # -- documents --------------------------------------------------------------------------------
 def doc_bounds(tokens: np.ndarray, eot_id: int) -> np.ndarray:
     """Offsets ``[n + 1]`` of the documents of a shard; document ``i`` is ``tokens[b[i]:b[i+1]]`` with its end token."""
-    ends = np.flatnonzero(np.asarray(tokens) == eot_id) + 1
     n = int(tokens.shape[0])
+    if n == 0:  # an empty shard has no document
+        return np.zeros(1, dtype=np.int64)
+    ends = np.flatnonzero(np.asarray(tokens) == eot_id) + 1
     if not ends.size or ends[-1] != n:
         ends = np.append(ends, n)  # a last document without its end token
     return np.concatenate([[0], ends]).astype(np.int64)
@@ -169,10 +172,28 @@ class Partition:
                    np.load(cpath) if cpath.exists() else None, meta.get("quality", {}), meta.get("key", ""))
 
 
+def _fingerprint(path: Optional[str]) -> Optional[str]:
+    """The content of a labels file, or the files of a model directory (names, sizes, modification times)."""
+    if not path or not Path(path).exists():
+        return None
+    p = Path(path)
+    if p.is_file():
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    return hashlib.sha256(json.dumps([(str(f.relative_to(p)), f.stat().st_size, f.stat().st_mtime_ns)
+                                      for f in files]).encode()).hexdigest()
+
+
 def partition_key(cfg: PartitionConfig, corpus) -> str:
-    """A hash of the settings and the corpus (its table and tokenizer): a changed input is a new partition."""
-    blob = json.dumps({"settings": cfg.settings(), "tokenizer": corpus.tokenizer_hash,
-                       "table": corpus.meta.get("table"), "format": FORMAT}, sort_keys=True, default=str)
+    """A hash of the settings, the corpus (its table and tokenizer) and what a path setting points at (a
+    labels file's content, a model directory's files): a changed input is a new partition."""
+    inputs = {"settings": cfg.settings(), "tokenizer": corpus.tokenizer_hash, "table": corpus.meta.get("table"),
+              "format": FORMAT}
+    paths = {"file": cfg.file.path if cfg.kind == "file" else None,
+             "text_model": cfg.text.model if cfg.kind == "text" else None,
+             "hidden_model": cfg.hidden.model if cfg.kind in ("hidden", "gradient") else None}
+    inputs.update({k: _fingerprint(v) for k, v in paths.items() if v})  # only when set: other keys unchanged
+    blob = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -192,7 +213,7 @@ def build_partition(name: str, cfg: PartitionConfig, corpus, work_dir: Optional[
         assign = {(s, d): np.full(len(b) - 1, domains.index(d), dtype=np.int64) for (s, d), b in bounds.items()}
         centroids = None
     elif cfg.kind == "file":
-        nodes, assign = _read_labels(cfg, where, bounds)
+        nodes, assign = _read_labels(cfg, where, bounds, corpus.heldout_domains)
         centroids = None
     else:
         k = cfg.k or 8
@@ -221,7 +242,7 @@ def _check_nodes(part: Partition, where: str) -> None:
                              f"(or give every node a document in {where}.file.path)")
 
 
-def _read_labels(cfg: PartitionConfig, where: str, bounds: dict) -> tuple[list[str], dict]:
+def _read_labels(cfg: PartitionConfig, where: str, bounds: dict, heldout: list[str]) -> tuple[list[str], dict]:
     path = cfg.file.path
     if not path:
         raise PartitionError(f"{where}.file.path: a file partition needs a labels file (CSV or JSON lines)")
@@ -245,6 +266,10 @@ def _read_labels(cfg: PartitionConfig, where: str, bounds: dict) -> tuple[list[s
             raise PartitionError(f"{where}.file.path = {path!r}: row {i + 1} needs split, domain, doc (an integer) "
                                  f"and node ({e!r})") from None
     nodes = sorted({v for (s, _, _), v in labels.items() if s == "train"})
+    bad = [v for v in nodes if not re.fullmatch(r"[A-Za-z0-9_.-]+", v) or v in heldout]
+    if bad:
+        raise PartitionError(f"{where}.file.path = {path!r}: node names {bad[:5]} must be letters, digits, '_', '.' "
+                             f"or '-' and not a held-out source's name ({heldout})")
     if cfg.k is not None and len(nodes) != cfg.k:
         raise PartitionError(f"{where}.k = {cfg.k}, but {path} names {len(nodes)} nodes on training documents: {nodes[:10]}")
     ids = {v: i for i, v in enumerate(nodes)}
@@ -574,11 +599,14 @@ def ensure_partition(name: str, cfg: PartitionConfig, corpus, progress: bool = F
     return path
 
 
-def open_partition(spec: dict[str, Any], corpus, seq_len: Optional[int] = None):
+def open_partition(spec: Any, corpus, seq_len: Optional[int] = None):
     """The corpus as training sees it under partition ``spec`` (``{"name", "key", "dir"}``, as the pipeline passes it).
 
     The ``human`` partition is the corpus itself, so a run over sources reads exactly what it read before.
     """
+    if not isinstance(spec, dict) or "dir" not in spec:
+        raise PartitionError(f"partition {spec!r}: training takes a computed partition ({{'name', 'key', 'dir'}}); "
+                             f"resolve a name with ensure_partition (the pipeline and the CLI do)")
     part = Partition.load(spec["dir"])
     if spec.get("key") and part.key != spec["key"]:
         raise PartitionError(f"{spec['dir']} holds partition key {part.key}, expected {spec['key']}; compute it again")

@@ -1,6 +1,7 @@
 """Gather every training run's outputs into the results document that :mod:`dograph_core.report` reads."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -48,7 +49,7 @@ def partition_records(params: Mapping[str, Any], methods: set[str], tokenized_di
     import numpy as np
 
     from dograph_core.data.corpus import TokenCorpus
-    from dograph_core.partition import Partition, PartitionConfig, partition_dir
+    from dograph_core.partition import Partition, PartitionConfig, PartitionError, partition_dir
 
     corpus = TokenCorpus(tokenized_dir)
     share = np.asarray(corpus.natural_weights)
@@ -56,7 +57,11 @@ def partition_records(params: Mapping[str, Any], methods: set[str], tokenized_di
                                      "entropy": float(-(share * np.log(share)).sum() / np.log(len(share))),
                                      "ari": 1.0, "nmi": 1.0, "token_share": dict(zip(corpus.train_domains, share.tolist()))}}
     for name in names:
-        part = Partition.load(partition_dir(name, PartitionConfig(**params["partitions"][name]), corpus))
+        try:
+            part = Partition.load(partition_dir(name, PartitionConfig(**params["partitions"][name]), corpus))
+        except (PartitionError, KeyError, TypeError) as e:  # changed or not on this machine: the report goes on
+            logging.getLogger(__name__).warning("partition %s: not in the report (%s)", name, e)
+            continue
         q = part.quality
         out[name] = {"kind": part.kind, "key": part.key, **{k: q.get(k) for k in ("nodes", "balance", "entropy", "ari", "nmi")},
                      "token_share": q.get("token_share")}

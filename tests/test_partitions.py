@@ -34,6 +34,7 @@ def test_doc_bounds_split_at_the_end_token_and_keep_a_last_document_without_one(
     t = np.array([5, 6, 0, 7, 0, 8, 9])
     np.testing.assert_array_equal(doc_bounds(t, 0), [0, 3, 5, 7])
     np.testing.assert_array_equal(doc_bounds(np.array([5, 0]), 0), [0, 2])
+    np.testing.assert_array_equal(doc_bounds(np.zeros(0, dtype=np.uint16), 0), [0])  # an empty split: no document
 
 
 def test_text_clusters_find_sources_with_disjoint_words_and_a_node_is_that_source(corpus, tmp_path):
@@ -237,3 +238,41 @@ def test_text_from_a_local_embedding_model_directory(corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(PartitionError, match=r"partitions\.emb\.text\.model = .*not a model directory"):
         build_partition("emb", _cfg(tmp_path, kind="text", k=3, text={"model": str(tmp_path / "empty")}), corpus)
+
+
+def _labels(corpus, path, name=lambda s, d, j: "even" if j % 2 == 0 else "odd"):
+    rows = ["split,domain,doc,node"]
+    for s in ("train", "val", "test"):
+        for d in corpus.train_domains:
+            n = len(doc_bounds(corpus.tokens(s, d), corpus.eot_id)) - 1
+            rows += [f"{s},{d},{j},{name(s, d, j)}" for j in range(n)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_file_node_names_are_checked_and_a_changed_labels_file_is_a_new_partition(corpus, tmp_path):
+    path = _labels(corpus, tmp_path / "l.csv", lambda s, d, j: "code" if j % 2 else "prose")
+    with pytest.raises(PartitionError, match=r"node names \['code'\] .*not a held-out source's name"):
+        build_partition("f", _cfg(tmp_path, kind="file", file={"path": str(path)}), corpus)
+    cfg = _cfg(tmp_path, kind="file", file={"path": str(_labels(corpus, tmp_path / "l.csv"))})
+    first = partition_dir("f", cfg, corpus)
+    _labels(corpus, tmp_path / "l.csv", lambda s, d, j: "a" if j % 3 else "b")
+    assert partition_dir("f", cfg, corpus) != first  # same settings, other labels: computed again, not reused
+
+
+def test_training_takes_a_computed_partition_and_the_train_module_resolves_a_name(corpus, tmp_path):
+    from dograph_core.train import main
+
+    with pytest.raises(PartitionError, match="training takes a computed partition"):
+        train(tiny_train_cfg(steps=2), corpus, "uniform", {"type": "uniform", "partition": "text"}, tmp_path / "r0")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train: {{steps: 2, batch_size: 8, seq_len: 32, warmup_steps: 1, eval_every: 0, eval_windows: 2, "
+                      f"progress: false}}\npartitions:\n  t: {{kind: text, k: 2, out_dir: {tmp_path / 'parts'}}}\n"
+                      f"methods:\n  ut: {{type: uniform, partition: t}}\npipeline: {{methods: [ut]}}\n")
+    assert main(["--params", str(params), "--data", str(corpus.root), "--method", "ut", "--out", str(tmp_path / "r1")]) == 0
+    assert list(json.loads((tmp_path / "r1" / "summary.json").read_text())["final_weights"]) == ["node00", "node01"]
+    # what a torchrun launch writes: the computed partition in the method's params, accepted as it is
+    spec = {"name": "t", "key": "k", "dir": str(tmp_path / "parts")}
+    text = params.read_text().replace("{type: uniform, partition: t}", "{type: uniform, partition: " + json.dumps(spec) + "}")
+    params.write_text(text)
+    assert load_params(params).methods["ut"].model_extra["partition"] == spec

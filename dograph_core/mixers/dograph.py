@@ -588,7 +588,7 @@ class DoGraphMixer(Mixer):
         for i, n in short:
             try:
                 x, _ = draw_probe(self.ctx.corpus, [self.ctx.domains[i]], n, self.ctx.seq_len,
-                                  self._seed * 1009 + step * 31 + i)
+                                  self._seed * 1009 + step * 31 + i + 7919 * self.ctx.rank)  # ranks differ
             except ProbeError:  # no full window in this source: left out, as a probe leaves it out
                 continue
             ids.append(x)
