@@ -227,7 +227,7 @@ def build_partition(name: str, cfg: PartitionConfig, corpus, work_dir: Optional[
         nodes = node_names(k)
     part = Partition(name, cfg.settings(), nodes, assign, centroids, key=partition_key(cfg, corpus))
     _check_nodes(part, where)
-    part.quality = quality(part, corpus)
+    part.quality = quality(part, corpus, bounds)
     return part
 
 
@@ -486,21 +486,24 @@ def _cluster(embed: Embedder, bounds: dict, k: int, cfg: PartitionConfig, where:
 
 
 # -- quality ------------------------------------------------------------------------------------
-def quality(part: Partition, corpus) -> dict[str, Any]:
+def node_tokens(assign: dict, bounds: dict, domains: list[str], split: str, k: int) -> np.ndarray:
+    """Tokens of each source's ``split`` in each node, ``[k, len(domains)]`` (unlabelled documents left out)."""
+    out = np.zeros((k, len(domains)))
+    for j, d in enumerate(domains):
+        a, sizes = assign[split, d], np.diff(bounds[split, d])
+        out[:, j] = np.bincount(a[a >= 0], weights=sizes[a >= 0], minlength=k)
+    return out
+
+
+def quality(part: Partition, corpus, bounds: dict) -> dict[str, Any]:
     """How balanced the nodes are and how far they agree with the sources (training documents)."""
     from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
     domains = corpus.train_domains
     k = len(part.nodes)
-    tokens = np.zeros((k, len(domains)))
-    labels, sources = [], []
-    for j, d in enumerate(domains):
-        a = part.assign["train", d]
-        b = doc_bounds(corpus.tokens("train", d), corpus.eot_id)
-        np.add.at(tokens[:, j], a, np.diff(b))
-        labels.append(a)
-        sources.append(np.full(len(a), j))
-    labels_, sources_ = np.concatenate(labels), np.concatenate(sources)
+    tokens = node_tokens(part.assign, bounds, domains, "train", k)
+    labels_ = np.concatenate([part.assign["train", d] for d in domains])
+    sources_ = np.concatenate([np.full(len(part.assign["train", d]), j) for j, d in enumerate(domains)])
     share = tokens.sum(1) / tokens.sum()
     nz = share[share > 0]
     return {
@@ -541,7 +544,7 @@ class NodeCorpus:
             raise PartitionError(f"partition {part.name} does not belong to this corpus: no nodes for {missing[:3]}; "
                                  f"compute it again (`dograph partition`)")
         self._maps: dict[tuple[str, str], np.ndarray] = {}
-        self._bounds = {(s, d): doc_bounds(corpus.tokens(s, d), corpus.eot_id) for s in SPLITS for d in corpus.train_domains}
+        self._bounds = _doc_index(corpus, corpus.train_domains)
         for d in corpus.train_domains:
             b = self._bounds["train", d]
             if len(b) - 1 != len(part.assign["train", d]):
@@ -582,6 +585,13 @@ class NodeCorpus:
     def n_tokens(self, split: str, domain: str) -> int:
         return int(self.tokens(split, domain).shape[0])
 
+    def source_shares(self, split: str) -> np.ndarray:
+        """``[sources, nodes]``: the share of each source's ``split`` tokens that falls in each node (rows of a
+        source with no labelled token are 0)."""
+        t = node_tokens(self.partition.assign, self._bounds, self.base.train_domains, split,
+                        len(self.partition.nodes)).T
+        return t / np.maximum(t.sum(1, keepdims=True), 1e-300)
+
     @property
     def natural_weights(self) -> np.ndarray:
         sizes = np.array([self.n_tokens("train", n) for n in self.train_domains], dtype=np.float64)
@@ -599,6 +609,14 @@ def ensure_partition(name: str, cfg: PartitionConfig, corpus, progress: bool = F
     return path
 
 
+def resolve_partition(name: str, cfg: PartitionConfig, corpus, progress: bool = False) -> tuple[dict[str, str], Partition]:
+    """Partition ``name`` computed (or found stored): ``({"name", "key", "dir"}, the partition)``; the dict is
+    what training takes (:func:`open_partition`)."""
+    path = ensure_partition(name, cfg, corpus, progress=progress)
+    part = Partition.load(path)
+    return {"name": name, "key": part.key, "dir": str(path.resolve())}, part
+
+
 def open_partition(spec: Any, corpus, seq_len: Optional[int] = None):
     """The corpus as training sees it under partition ``spec`` (``{"name", "key", "dir"}``, as the pipeline passes it).
 
@@ -606,7 +624,7 @@ def open_partition(spec: Any, corpus, seq_len: Optional[int] = None):
     """
     if not isinstance(spec, dict) or "dir" not in spec:
         raise PartitionError(f"partition {spec!r}: training takes a computed partition ({{'name', 'key', 'dir'}}); "
-                             f"resolve a name with ensure_partition (the pipeline and the CLI do)")
+                             f"resolve a name with resolve_partition (the pipeline and the CLI do)")
     part = Partition.load(spec["dir"])
     if spec.get("key") and part.key != spec["key"]:
         raise PartitionError(f"{spec['dir']} holds partition key {part.key}, expected {spec['key']}; compute it again")

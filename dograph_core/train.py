@@ -370,10 +370,9 @@ def main(argv: Optional[list[str]] = None, tracker: Tracker = NullTracker()) -> 
         corpus = TokenCorpus(args.data or p.tokenize.out_dir)
         mp = p.methods[args.method].model_dump() if args.method in p.methods else {"type": args.method}
         if isinstance(mp.get("partition"), str):  # a partition's name: compute it (or find it stored)
-            from dograph_core.partition import Partition, ensure_partition
+            from dograph_core.partition import resolve_partition
 
-            path = ensure_partition(mp["partition"], p.partitions[mp["partition"]], corpus)
-            mp["partition"] = {"name": mp["partition"], "key": Partition.load(path).key, "dir": str(path.resolve())}
+            mp["partition"], _ = resolve_partition(mp["partition"], p.partitions[mp["partition"]], corpus)
         out = args.out or f"{p.pipeline.out_dir}/{args.method}_{p.train.scale}_s{p.train.seed}"
         s = train(p.train, corpus, args.method, mp, out, tracker=tracker, resume=args.resume)
     except (ValueError, OSError, RuntimeError) as e:  # TrainError, OutputError, RunLockedError are RuntimeErrors

@@ -192,7 +192,6 @@ def cmd_tokenize(a: argparse.Namespace) -> int:
 
 def cmd_partition(a: argparse.Namespace) -> int:
     from dograph_core.config import ConfigError
-    from dograph_core.partition import Partition, quality_table
     from tasks.steps import partition_step
 
     p = _params(a)
@@ -211,7 +210,7 @@ def cmd_partition(a: argparse.Namespace) -> int:
     with _data_lock(p.tokenize.out_dir, exclusive=False):
         for name in names:
             r = partition_step(p, name, {"out_dir": p.tokenize.out_dir}, progress=not a.quiet)
-            print(quality_table(Partition.load(r["dir"])))
+            print(r["table"])
             print(f"  stored in {r['dir']}" + (" (up to date, skipped)" if r["cached"] else ""))
     return 0
 

@@ -122,12 +122,10 @@ def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> 
 def partitions(p: Params, data: dict, parent: Any, log: Any) -> None:
     """Compute the partitions the study's methods train over, once each, before any unit needs them;
     print each one's balance and agreement with the sources, and log them to the pipeline's MLflow run."""
-    from dograph_core.partition import Partition, quality_table
-
     names = dict.fromkeys(n for m in p.pipeline.all_methods() if (n := method_spec(p, m).get("partition")))
     for name in names:
         r = partition_task(p, name, data, return_state=True).result()
-        log.info("%s", quality_table(Partition.load(r["dir"])))
+        log.info("%s", r["table"])
         if parent:
             q = r["quality"]
             parent.log_metrics({f"partition.{name}.{k}": float(q[k]) for k in ("balance", "entropy", "ari", "nmi")})

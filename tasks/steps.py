@@ -161,16 +161,16 @@ def _tags(method: str, mtype: str, scale: str, seed: int, data: Mapping[str, Any
 
 
 def partition_step(p: Params, name: str, data: Mapping[str, Any], progress: bool = False) -> dict[str, Any]:
-    """Partition ``name`` of the tokenized corpus, computed once and stored (``partitions.<name>.out_dir``)."""
+    """Partition ``name`` of the tokenized corpus, computed once and stored (``partitions.<name>.out_dir``):
+    what training takes (``name``, ``key``, ``dir``), its quality and the lines that print it."""
     from dograph_core.data.corpus import TokenCorpus
-    from dograph_core.partition import Partition, ensure_partition, partition_dir
+    from dograph_core.partition import partition_dir, quality_table, resolve_partition
 
     corpus = TokenCorpus(data["out_dir"])
     cfg = p.partitions[name]
     cached = (partition_dir(name, cfg, corpus) / "partition.json").exists()
-    path = ensure_partition(name, cfg, corpus, progress=progress)
-    part = Partition.load(path)
-    return {"name": name, "key": part.key, "dir": str(path.resolve()), "kind": part.kind, "quality": part.quality,
+    spec, part = resolve_partition(name, cfg, corpus, progress=progress)
+    return {**spec, "kind": part.kind, "quality": part.quality, "table": quality_table(part),
             "cached": cached}
 
 
@@ -180,7 +180,7 @@ def partition_for(p: Params, spec: Mapping[str, Any], data: Mapping[str, Any]) -
     if not name:
         return None
     r = partition_step(p, name, data)
-    return {"name": name, "key": r["key"], "dir": r["dir"]}
+    return {k: r[k] for k in ("name", "key", "dir")}
 
 
 def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | Path,

@@ -54,13 +54,7 @@ def test_text_clusters_find_sources_with_disjoint_words_and_a_node_is_that_sourc
 
 def test_quality_reports_balance_and_disagreement_for_a_partition_that_cuts_across_sources(corpus, tmp_path):
     """A file partition by document parity cuts every source in two: about balanced, no agreement."""
-    labels = tmp_path / "labels.csv"
-    rows = ["split,domain,doc,node"]
-    for s in ("train", "val", "test"):
-        for d in corpus.train_domains:
-            n = len(doc_bounds(corpus.tokens(s, d), corpus.eot_id)) - 1
-            rows += [f"{s},{d},{j},{'even' if j % 2 == 0 else 'odd'}" for j in range(n)]
-    labels.write_text("\n".join(rows) + "\n")
+    labels = _labels(corpus, tmp_path / "labels.csv")
     part = build_partition("parity", _cfg(tmp_path, kind="file", file={"path": str(labels)}), corpus)
     assert part.nodes == ["even", "odd"]
     q = part.quality

@@ -59,22 +59,10 @@ def rnb_update(G: np.ndarray, q: np.ndarray, lam: float) -> np.ndarray:
 def eval_shares(ctx: MixerContext) -> np.ndarray:
     """``q``: the share of the evaluation (mean over sources of their validation tokens) in each node."""
     k = len(ctx.domains)
-    part = getattr(ctx.corpus, "partition", None)
-    if part is None:
+    if getattr(ctx.corpus, "partition", None) is None:
         return np.full(k, 1.0 / k)
-    from dograph_core.partition import doc_bounds
-
-    base = ctx.corpus.base
-    q = np.zeros(k)
-    for d in base.train_domains:
-        sizes = np.diff(doc_bounds(base.tokens("val", d), base.eot_id))
-        a = part.assign["val", d]
-        share = np.bincount(a[a >= 0], weights=sizes[a >= 0], minlength=k)
-        if share.sum() > 0:
-            q += share / share.sum()
-    if q.sum() <= 0:
-        return np.full(k, 1.0 / k)
-    return q / q.sum()
+    q = ctx.corpus.source_shares("val").sum(0)
+    return q / q.sum() if q.sum() > 0 else np.full(k, 1.0 / k)
 
 
 class RnBMixer(Mixer):
