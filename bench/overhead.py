@@ -29,7 +29,19 @@ Both run at their real cadence inside the DoGraph arms (so the clusters come int
 they are amortised over the mixer's own ``update_every`` / ``recluster_every``:
 ``overhead = median block ratio - 1 + (update_s / T_w + recluster_s / T_c) / uniform step``.
 Seconds per 1000 steps are printed for each part. The five analysis probes a run saves (diagnostics,
-``analysis_probes``) are turned off here.
+``analysis_probes``) are turned off in the blocks.
+
+**A run's overhead** (``run_overhead``, ``--run-steps N``, default 250 as the ``cpu`` preset trains) is
+what a preset's overhead column measures (the ratio of train times, ``summary.json``'s ``train_time_s``):
+the median block ratio plus every event a run of ``N`` steps holds, over ``N`` uniform steps. The
+events are counted at the mixer's own cadence and timed here: the first update (a one-off), the first
+re-clustering (always a probe of the model), the later updates and re-clusterings. The analysis
+probes (Figure 1's panels) are measurement, like the evaluation, and a run's train time leaves them
+out (``analysis_time_s``); one is timed after the blocks and their share is printed apart. On a
+short run the one-off events weigh, so ``overhead`` and ``run_overhead`` differ; ``--method NAME``
+times a method exactly as ``params.yaml`` (and ``--preset``) define it:
+
+    .venv/bin/python bench/overhead.py --scales nano --no-default --method dograph_model --run-steps 250
 
 Variants are DoGraph parameter overrides: ``--variant name:key=value,key=value`` (repeatable);
 ``default`` (the shipped defaults, model nodes) is always run.
@@ -46,7 +58,8 @@ after ``torch.cuda.synchronize``), GPT-2 small and medium shapes:
 (``bench/gpu_check.sh`` runs exactly this and keeps the log.)
 
 Ends with one line of JSON:
-``{"bench": "overhead", "overhead": {scale: default's overhead}, "variants": {scale: {name: {...}}}}``.
+``{"bench": "overhead", "overhead": {scale: default's overhead}, "run_overhead_by_variant": {scale: {name: ...}},
+"variants": {scale: {name: {...}}}}``.
 """
 from __future__ import annotations
 
@@ -58,6 +71,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Optional
 
 import torch
@@ -71,10 +85,13 @@ from dograph_core.data.corpus import TokenCorpus  # noqa: E402
 from dograph_core.microstep import LMLoss, micro_step  # noqa: E402
 from dograph_core.mixers import build_mixer  # noqa: E402
 from dograph_core.mixers.base import MixerContext, identity_reduce  # noqa: E402
+from dograph_core.mixers.dograph import DoGraphMixer  # noqa: E402
+from dograph_core.mixers.dograph_config import DoGraphConfig  # noqa: E402
 from dograph_core.model import build_model  # noqa: E402
 from dograph_core.sampling import MixtureSampler  # noqa: E402
 from dograph_core.train import make_optimizer  # noqa: E402
 
+ANALYSIS_DEFAULT = DoGraphConfig.model_fields["analysis_probes"].default_factory()  # a run's, unless set
 DEFAULT_DATA = ROOT / "data" / "tokenized"  # the default corpus, as `dograph tokenize` (or make run) writes it
 
 
@@ -211,7 +228,7 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
     # the re-clustering timed is one more at the end of each arm, forced: the first (at the first update)
     # is not the steady state when it reuses training features (`recluster_from: online` has few then)
     for a in dg:
-        if hasattr(a.mixer, "_maybe_recluster") and args.nodes == "model":
+        if hasattr(a.mixer, "_maybe_recluster") and a.mixer.cfg.nodes == "model":
             a.mixer.flush()
             if a.mixer.cfg.recluster_from == "online":  # untimed steps until every source has its rows
                 for _ in range(a.mixer.cfg.recluster_every):
@@ -219,12 +236,15 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
                         break
                     a.step()
                     a.mixer.flush()
+            a.first_recluster = a.events["recluster"][0] if a.events["recluster"] else 0.0
             a.mixer._last_try = a.step_no - a.mixer.cfg.recluster_every  # due now (and not the first)
             _sync(a.device)
             t1 = time.perf_counter()
             a.mixer._maybe_recluster(a.step_no, identity_reduce)
             _sync(a.device)
             a.events["recluster"] = [time.perf_counter() - t1]
+    for a in dg:  # one analysis probe (a run takes len(analysis_probes) of them; the arms' are off)
+        a.analysis_s = _time_analysis_probe(a) if variants[a.name].get("analysis_probes", ANALYSIS_DEFAULT) else 0.0
     wall = time.perf_counter() - t0
     n = args.block_steps
     u_step = statistics.median(uni) / n
@@ -236,7 +256,13 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
         rec = statistics.median(a.events["recluster"]) if a.events["recluster"] else 0.0
         online = statistics.median(ratios) - 1
         upd_share = upd / mcfg.update_every / u_step
-        rec_share = (rec / mcfg.recluster_every / u_step) if args.nodes == "model" else 0.0
+        model = mcfg.nodes == "model"
+        rec_share = (rec / mcfg.recluster_every / u_step) if model else 0.0
+        run = run_projection(args.run_steps, mcfg, variants[a.name].get("analysis_probes", ANALYSIS_DEFAULT),
+                             first_update=a.events["update"][0], update=upd,
+                             first_recluster=getattr(a, "first_recluster", 0.0) if model else 0.0,
+                             recluster=rec if model else 0.0, analysis=a.analysis_s)
+        run_overhead = online + run["event_s"] / (args.run_steps * u_step)
         dims = {"in_force": bool(getattr(a.mixer, "in_force", False)),
                 "feature_s_per_step": a.mixer.feature_time / a.step_no, "online_s_per_step": a.mixer.online_time / a.step_no}
         out[a.name] = {
@@ -244,7 +270,10 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
             "ratios": [round(r, 4) for r in ratios], "ratio_iqr": _iqr(ratios),
             "update_s": upd, "update_share": upd_share, "update_s_per_1000": upd * 1000 / mcfg.update_every,
             "recluster_s": rec, "recluster_share": rec_share,
-            "recluster_s_per_1000": rec * 1000 / mcfg.recluster_every if args.nodes == "model" else 0.0,
+            "recluster_s_per_1000": rec * 1000 / mcfg.recluster_every if model else 0.0,
+            "run_steps": args.run_steps, "run_overhead": run_overhead, "run_events": run,
+            "first_update_s": a.events["update"][0], "first_recluster_s": run["first_recluster_s"],
+            "analysis_probe_s": a.analysis_s,
             "progress_probe_s": statistics.median(a.parts["progress_probe"][1:]),
             "solve_s": statistics.median(a.parts["solve"][1:]),
             "n_updates": len(a.events["update"]), "n_reclusters": len(a.events["recluster"]),
@@ -257,6 +286,63 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
               f"+ recluster {100 * rec_share:.1f}% ({rec:.2f} s / {mcfg.recluster_every} steps); "
               f"uniform step {u_step:.3f} s; feature {dims['feature_s_per_step']:.3f} s/step; "
               f"model nodes in force: {dims['in_force']}", file=sys.stderr)
+        print(f"{scale} {a.name}: a {args.run_steps}-step run: {100 * run_overhead:+.1f}% = online {100 * online:+.1f}% "
+              f"+ its events {run['event_s']:.1f} s ({run['updates']} updates, the first {a.events['update'][0]:.2f} s; "
+              f"{run['reclusters']} re-clusterings, the first {run['first_recluster_s']:.2f} s; "
+              f") over {args.run_steps} uniform steps; not counted, as a run's train time does not count them: "
+              f"{run['analysis_probes']} analysis probes of {a.analysis_s:.2f} s "
+              f"({100 * run['analysis_s'] / (args.run_steps * u_step):.1f}% more)",
+              file=sys.stderr)
+    return out
+
+
+def _time_analysis_probe(a: Arm) -> float:
+    """Seconds of one of the analysis probes a run takes (Figure 1's panels), written to a scratch directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        a.mixer.ctx.out_dir = Path(tmp)
+        try:
+            _sync(a.device)
+            t0 = time.perf_counter()
+            a.mixer._analysis_probe(a.step_no)
+            _sync(a.device)
+            return time.perf_counter() - t0
+        finally:
+            a.mixer.ctx.out_dir = None
+
+
+def run_projection(steps: int, mcfg, analysis_probes: list[float], *, first_update: float, update: float,
+                   first_recluster: float, recluster: float, analysis: float) -> dict[str, Any]:
+    """The mixer's events in a run of ``steps`` steps, at the cadence the mixer keeps in a run: an update
+    every ``update_every`` steps (the first a one-off), a re-clustering at the first update and then once
+    ``recluster_every`` steps have passed (model nodes), and the analysis probes at the steps
+    ``DoGraphMixer.analysis_steps`` gives for that length."""
+    ups = list(range(mcfg.update_every, steps + 1, mcfg.update_every))
+    rec, last = 0, None
+    for s in ups if first_recluster or recluster else []:
+        if last is None or s - last >= mcfg.recluster_every:
+            rec, last = rec + 1, s
+    shape = SimpleNamespace(cfg=SimpleNamespace(update_every=mcfg.update_every, analysis_probes=analysis_probes),
+                            ctx=SimpleNamespace(total_steps=steps))
+    n_probes = len(DoGraphMixer.analysis_steps(shape))
+    event_s = (first_update + (len(ups) - 1) * update if ups else 0.0) \
+        + (first_recluster + (rec - 1) * recluster if rec else 0.0)
+    return {"updates": len(ups), "reclusters": rec, "analysis_probes": n_probes, "event_s": event_s,
+            "first_recluster_s": first_recluster, "analysis_s": n_probes * analysis}
+
+
+def methods_from_params(path: str, preset: Optional[str], names: list[str]) -> dict[str, dict]:
+    """DoGraph methods as ``params.yaml`` (and a preset) define them, as bench variants (what a run trains)."""
+    from dograph_core.config import load_params
+
+    p = load_params(path, preset, [])
+    out: dict[str, dict] = {}
+    for name in names:
+        if name not in p.methods:
+            raise SystemExit(f"--method {name}: not a method of {path} (known: {sorted(p.methods)})")
+        m = {k: v for k, v in p.methods[name].model_dump().items() if v is not None}
+        if m.pop("type", None) != "dograph" or m.pop("partition", None):
+            raise SystemExit(f"--method {name}: the bench times DoGraph over the sources; {name} is not that")
+        out[name] = m
     return out
 
 
@@ -279,6 +365,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--nodes", choices=["human", "model"], default="model")
     ap.add_argument("--data", default=None, help=f"a tokenized corpus (default: {DEFAULT_DATA} if present, else synthetic)")
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...")
+    ap.add_argument("--method", action="append", default=[], metavar="NAME",
+                    help="also time a DoGraph method as --params (and --preset) define it, e.g. dograph_model")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--run-steps", type=int, default=250,
+                    help="project the overhead of a run this long, one-off events included (the cpu preset's 250)")
     ap.add_argument("--no-default", action="store_true", help="skip the default DoGraph arm")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every arm on it)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as training on a GPU")
@@ -290,6 +382,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(1)
     os.environ.setdefault("DO_NOT_TRACK", "true")
     variants: dict[str, dict] = {} if args.no_default else {"default": {}}
+    variants.update(methods_from_params(args.params, args.preset, args.method))
     variants.update(dict(parse_variant(v) for v in args.variant))
     with tempfile.TemporaryDirectory() as tmp:
         if args.data or DEFAULT_DATA.exists():
@@ -309,6 +402,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                 res["overhead"][scale] = round(r["default"]["overhead"], 4)
             res["overhead_by_variant"] = res.get("overhead_by_variant", {})
             res["overhead_by_variant"][scale] = {k: round(v["overhead"], 4) for k, v in r.items() if isinstance(v, dict)}
+            res.setdefault("run_overhead_by_variant", {})[scale] = {
+                k: round(v["run_overhead"], 4) for k, v in r.items() if isinstance(v, dict)}
     print(json.dumps(res))
 
 

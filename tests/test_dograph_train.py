@@ -3,6 +3,7 @@ that the static mixer can read back, plus the analysis plots; a resumed run matc
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -62,3 +63,26 @@ def test_resumed_dograph_run_matches_uninterrupted(corpus, tmp_path, apply):
     assert np.allclose(a["weights"], b["weights"], atol=1e-8)
     assert np.allclose(a["meta"]["node_weights"], b["meta"]["node_weights"], atol=1e-8)
     assert full["param_checksum"] == pytest.approx(resumed["param_checksum"], rel=1e-6)
+
+
+def test_analysis_probes_are_left_out_of_train_time_and_reported_apart(corpus, tmp_path, monkeypatch):
+    """Figure 1's probes are measurement, like the evaluation: the overhead column (a ratio of train
+    times) must not count them. A probe made to take 0.3 s is in ``analysis_time_s``, not in
+    ``train_time_s``, and not in the mixer's online time."""
+    from dograph_core.mixers.dograph import DoGraphMixer
+
+    real = DoGraphMixer._take_analysis_probe
+
+    def slow(self, step):
+        time.sleep(1.0)
+        real(self, step)
+
+    params = {"type": "dograph", "nodes": "human", **PARAMS, "analysis_probes": [0.0, 1.0], "plots": False}
+    fast = train(cfg(steps=6), corpus, "dograph", params, tmp_path / "fast")
+    monkeypatch.setattr(DoGraphMixer, "_take_analysis_probe", slow)
+    s = train(cfg(steps=6), corpus, "dograph", params, tmp_path / "slow")
+    assert s["analysis_time_s"] >= 2.0 and fast["analysis_time_s"] < 2.0   # two probes (steps 0 and 6)
+    assert s["train_time_s"] < fast["train_time_s"] + 1.0                  # the 2 s of sleep are not train time
+    assert s["wall_time_s"] >= s["train_time_s"] + 2.0                     # the wall time still holds them
+    assert sorted(int(p.stem.split("_")[1]) for p in (tmp_path / "slow" / "mixer" / "probes").glob("step_*.npz")) == [0, 6]
+    assert json.loads((tmp_path / "slow" / "summary.json").read_text())["analysis_time_s"] == s["analysis_time_s"]

@@ -100,6 +100,7 @@ class DoGraphMixer(Mixer):
         self._diag: dict[str, float] = {}
         self.feature_time = 0.0   # seconds in the online sketch (diagnostics, benchmark)
         self.online_time = 0.0    # seconds in example_weights + observe
+        self.analysis_time = 0.0  # seconds in the analysis probes (measurement: a run's train time leaves them out)
         self.events = EventLog(ctx.out_dir, ctx.rank == 0)
         self._analysis_done: set[int] = set()
         self._last_try: Optional[int] = None
@@ -281,11 +282,11 @@ class DoGraphMixer(Mixer):
             self.online_time += time.perf_counter() - t0
 
     def observe(self, stats: BatchStats) -> None:
-        t0 = time.perf_counter()
+        t0, a0 = time.perf_counter(), self.analysis_time
         try:
             self._observe(stats)
-        finally:
-            self.online_time += time.perf_counter() - t0
+        finally:  # the step-0 analysis probe is taken here; it is measurement, not the online part
+            self.online_time += time.perf_counter() - t0 - (self.analysis_time - a0)
 
     def _see_model(self, stats: BatchStats) -> None:
         self._model = stats.model if stats.model is not None else self._model
@@ -644,6 +645,13 @@ class DoGraphMixer(Mixer):
                 return
 
     def _analysis_probe(self, step: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._take_analysis_probe(step)
+        finally:
+            self.analysis_time += time.perf_counter() - t0
+
+    def _take_analysis_probe(self, step: int) -> None:
         self._analysis_done.add(step)
         if self.ctx.out_dir is None or self.ctx.rank != 0 or self.ctx.corpus is None:
             return
