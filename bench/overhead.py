@@ -17,8 +17,8 @@ cannot sample fairly (one re-clustering in ``recluster_every`` steps):
 * ``update``: every ``update_every`` steps, the graph update (the progress probe re-scored for model
   nodes, the node statistics, the Pyomo solve and the graph-off reference), timed around
   ``mixer.update``; its re-clustering part is subtracted and counted below. The first update is
-  left out (a one-off: the solver's import, and no clusters yet, so no progress probe); each arm
-  steps on, untimed, until one more update has been timed;
+  left out of ``overhead`` (a one-off: the solver's import, and no clusters yet, so no progress probe;
+  ``run_overhead`` counts it once); each arm steps on, untimed, until one more update has been timed;
 * ``recluster``: every ``recluster_every`` steps, the clustering probe (``probe_size`` sequences,
   two projections, k-means twice; with ``recluster_from: online`` the training features kept since and
   a probe only for the sources short of them), timed around the mixer's ``_maybe_recluster`` once more
@@ -44,7 +44,7 @@ times a method exactly as ``params.yaml`` (and ``--preset``) define it:
     .venv/bin/python bench/overhead.py --scales nano --no-default --method dograph_model --run-steps 250
 
 Variants are DoGraph parameter overrides: ``--variant name:key=value,key=value`` (repeatable);
-``default`` (the shipped defaults, model nodes) is always run.
+``default`` (the mixer's own defaults, ``--nodes``) is run unless ``--no-default``.
 
     .venv/bin/python bench/overhead.py --scales nano --blocks 6 --block-steps 5 \\
         --variant count:sketch=count --variant tok32:feature_tokens=32
@@ -58,8 +58,8 @@ after ``torch.cuda.synchronize``), GPT-2 small and medium shapes:
 (``bench/gpu_check.sh`` runs exactly this and keeps the log.)
 
 Ends with one line of JSON:
-``{"bench": "overhead", "overhead": {scale: default's overhead}, "run_overhead_by_variant": {scale: {name: ...}},
-"variants": {scale: {name: {...}}}}``.
+``{"bench": "overhead", "overhead": {scale: default's overhead}, "overhead_by_variant": {scale: {name: ...}},
+"run_overhead_by_variant": {scale: {name: ...}}, "variants": {scale: {name: {...}}}, scale: {uniform step, ...}}``.
 """
 from __future__ import annotations
 
@@ -236,14 +236,18 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
                         break
                     a.step()
                     a.mixer.flush()
-            a.first_recluster = a.events["recluster"][0] if a.events["recluster"] else 0.0
+            a.first_recluster = a.events["recluster"][0] if a.events["recluster"] else None
             a.mixer._last_try = a.step_no - a.mixer.cfg.recluster_every  # due now (and not the first)
             _sync(a.device)
             t1 = time.perf_counter()
             a.mixer._maybe_recluster(a.step_no, identity_reduce)
             _sync(a.device)
             a.events["recluster"] = [time.perf_counter() - t1]
-    for a in dg:  # one analysis probe (a run takes len(analysis_probes) of them; the arms' are off)
+            if a.first_recluster is None:  # no first re-clustering was seen: count the forced one in its place
+                print(f"{scale} {a.name}: no first re-clustering in the warm-up; the run projection counts a "
+                      f"later one in its place", file=sys.stderr)
+                a.first_recluster = a.events["recluster"][0]
+    for a in dg:  # one analysis probe (a run takes len(analysis_steps()) of them; the arms' own are off)
         a.analysis_s = _time_analysis_probe(a) if variants[a.name].get("analysis_probes", ANALYSIS_DEFAULT) else 0.0
     wall = time.perf_counter() - t0
     n = args.block_steps
@@ -288,8 +292,7 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
               f"model nodes in force: {dims['in_force']}", file=sys.stderr)
         print(f"{scale} {a.name}: a {args.run_steps}-step run: {100 * run_overhead:+.1f}% = online {100 * online:+.1f}% "
               f"+ its events {run['event_s']:.1f} s ({run['updates']} updates, the first {a.events['update'][0]:.2f} s; "
-              f"{run['reclusters']} re-clusterings, the first {run['first_recluster_s']:.2f} s; "
-              f") over {args.run_steps} uniform steps; not counted, as a run's train time does not count them: "
+              f"{run['reclusters']} re-clusterings, the first {run['first_recluster_s']:.2f} s) over {args.run_steps} uniform steps; not counted, as a run's train time does not count them: "
               f"{run['analysis_probes']} analysis probes of {a.analysis_s:.2f} s "
               f"({100 * run['analysis_s'] / (args.run_steps * u_step):.1f}% more)",
               file=sys.stderr)
@@ -330,8 +333,9 @@ def run_projection(steps: int, mcfg, analysis_probes: list[float], *, first_upda
             "first_recluster_s": first_recluster, "analysis_s": n_probes * analysis}
 
 
-def methods_from_params(path: str, preset: Optional[str], names: list[str]) -> dict[str, dict]:
-    """DoGraph methods as ``params.yaml`` (and a preset) define them, as bench variants (what a run trains)."""
+def methods_from_params(path: str, preset: Optional[str], names: list[str]) -> tuple[dict[str, dict], Any]:
+    """DoGraph methods as ``params.yaml`` (and a preset) define them, as bench variants (what a run trains),
+    and the params' train section (the run's steps, batch and sequence length)."""
     from dograph_core.config import load_params
 
     p = load_params(path, preset, [])
@@ -343,7 +347,7 @@ def methods_from_params(path: str, preset: Optional[str], names: list[str]) -> d
         if m.pop("type", None) != "dograph" or m.pop("partition", None):
             raise SystemExit(f"--method {name}: the bench times DoGraph over the sources; {name} is not that")
         out[name] = m
-    return out
+    return out, p.train
 
 
 def _iqr(x: list[float]) -> float:
@@ -359,8 +363,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--blocks", type=int, default=6, help="timed blocks per DoGraph arm")
     ap.add_argument("--block-steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=21, help="untimed steps first (default: past the first update)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default: the params' train.batch_size with --method, else 16")
+    ap.add_argument("--seq-len", type=int, default=None, help="default: the params' train.seq_len with --method, else 128")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nodes", choices=["human", "model"], default="model")
     ap.add_argument("--data", default=None, help=f"a tokenized corpus (default: {DEFAULT_DATA} if present, else synthetic)")
@@ -369,8 +373,9 @@ def main(argv: Optional[list[str]] = None) -> None:
                     help="also time a DoGraph method as --params (and --preset) define it, e.g. dograph_model")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--preset", default=None)
-    ap.add_argument("--run-steps", type=int, default=250,
-                    help="project the overhead of a run this long, one-off events included (the cpu preset's 250)")
+    ap.add_argument("--run-steps", type=int, default=None,
+                    help="project the overhead of a run this long, one-off events included "
+                         "(default: the params' train.steps with --method, else 250, the cpu preset's)"),
     ap.add_argument("--no-default", action="store_true", help="skip the default DoGraph arm")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every arm on it)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as training on a GPU")
@@ -382,8 +387,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         torch.set_num_threads(1)
     os.environ.setdefault("DO_NOT_TRACK", "true")
     variants: dict[str, dict] = {} if args.no_default else {"default": {}}
-    variants.update(methods_from_params(args.params, args.preset, args.method))
+    shape = {"batch": 16, "seq_len": 128, "run_steps": 250}
+    if args.method:  # the method and the run's shape as the params (and preset) define them
+        methods, train = methods_from_params(args.params, args.preset, args.method)
+        variants.update(methods)
+        shape = {"batch": train.batch_size, "seq_len": train.seq_len, "run_steps": train.steps}
+    for k, v in shape.items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    if args.run_steps <= 0 or args.batch <= 0 or args.seq_len <= 0:
+        ap.error("--run-steps, --batch and --seq-len must be positive")
     variants.update(dict(parse_variant(v) for v in args.variant))
+    if len(variants) > 1:  # lazy imports (the solver, k-means) are paid by the first DoGraph arm of the process
+        print(f"note: {len(variants)} DoGraph arms: only the first ({next(iter(variants))}) pays the one-off imports "
+              "in its first update and re-clustering, so the others' run_overhead is low by that much; "
+              "time one method per call (--no-default --method NAME) for a run's overhead", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         if args.data or DEFAULT_DATA.exists():
             corpus, data = TokenCorpus(args.data or DEFAULT_DATA), str(args.data or DEFAULT_DATA)
@@ -393,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             corpus, data = synthetic_corpus(Path(tmp) / "corpus", vocab=args.vocab), f"synthetic (vocabulary {args.vocab})"
         res: dict[str, Any] = {"bench": "overhead", "data": data, "device": args.device, "dtype": args.dtype,
                                "threads": 1 if args.device == "cpu" else torch.get_num_threads(), "batch": args.batch,
-                               "seq_len": args.seq_len, "nodes": args.nodes, "overhead": {}, "variants": {}}
+                               "seq_len": args.seq_len, "run_steps": args.run_steps, "overhead": {}, "variants": {}}
         for scale in [s for s in args.scales.split(",") if s]:
             r = bench_scale(scale, corpus, args, variants)
             res["variants"][scale] = {k: v for k, v in r.items() if isinstance(v, dict)}
