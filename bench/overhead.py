@@ -248,7 +248,8 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
                       f"later one in its place", file=sys.stderr)
                 a.first_recluster = a.events["recluster"][0]
     for a in dg:  # one analysis probe (a run takes len(analysis_steps()) of them; the arms' own are off)
-        a.analysis_s = _time_analysis_probe(a) if variants[a.name].get("analysis_probes", ANALYSIS_DEFAULT) else 0.0
+        a.run_probes = variants[a.name].get("analysis_probes", ANALYSIS_DEFAULT)
+        a.analysis_s = _time_analysis_probe(a) if a.run_probes else 0.0
     wall = time.perf_counter() - t0
     n = args.block_steps
     u_step = statistics.median(uni) / n
@@ -262,10 +263,8 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
         upd_share = upd / mcfg.update_every / u_step
         model = mcfg.nodes == "model"
         rec_share = (rec / mcfg.recluster_every / u_step) if model else 0.0
-        run = run_projection(args.run_steps, mcfg, variants[a.name].get("analysis_probes", ANALYSIS_DEFAULT),
-                             first_update=a.events["update"][0], update=upd,
-                             first_recluster=getattr(a, "first_recluster", 0.0) if model else 0.0,
-                             recluster=rec if model else 0.0, analysis=a.analysis_s)
+        run = run_projection(args.run_steps, mcfg, a.run_probes, first_update=a.events["update"][0], update=upd,
+                             first_recluster=getattr(a, "first_recluster", 0.0), recluster=rec, analysis=a.analysis_s)
         run_overhead = online + run["event_s"] / (args.run_steps * u_step)
         dims = {"in_force": bool(getattr(a.mixer, "in_force", False)),
                 "feature_s_per_step": a.mixer.feature_time / a.step_no, "online_s_per_step": a.mixer.online_time / a.step_no}
@@ -292,7 +291,8 @@ def bench_scale(scale: str, corpus, args, variants: dict[str, dict]) -> dict[str
               f"model nodes in force: {dims['in_force']}", file=sys.stderr)
         print(f"{scale} {a.name}: a {args.run_steps}-step run: {100 * run_overhead:+.1f}% = online {100 * online:+.1f}% "
               f"+ its events {run['event_s']:.1f} s ({run['updates']} updates, the first {a.events['update'][0]:.2f} s; "
-              f"{run['reclusters']} re-clusterings, the first {run['first_recluster_s']:.2f} s) over {args.run_steps} uniform steps; not counted, as a run's train time does not count them: "
+              f"{run['reclusters']} re-clusterings, the first {run['first_recluster_s']:.2f} s) over {args.run_steps} "
+              f"uniform steps; not counted, as a run's train time does not count them: "
               f"{run['analysis_probes']} analysis probes of {a.analysis_s:.2f} s "
               f"({100 * run['analysis_s'] / (args.run_steps * u_step):.1f}% more)",
               file=sys.stderr)
@@ -321,7 +321,7 @@ def run_projection(steps: int, mcfg, analysis_probes: list[float], *, first_upda
     ``DoGraphMixer.analysis_steps`` gives for that length."""
     ups = list(range(mcfg.update_every, steps + 1, mcfg.update_every))
     rec, last = 0, None
-    for s in ups if first_recluster or recluster else []:
+    for s in ups if mcfg.nodes == "model" else []:  # human nodes never re-cluster
         if last is None or s - last >= mcfg.recluster_every:
             rec, last = rec + 1, s
     shape = SimpleNamespace(cfg=SimpleNamespace(update_every=mcfg.update_every, analysis_probes=analysis_probes),
@@ -330,7 +330,7 @@ def run_projection(steps: int, mcfg, analysis_probes: list[float], *, first_upda
     event_s = (first_update + (len(ups) - 1) * update if ups else 0.0) \
         + (first_recluster + (rec - 1) * recluster if rec else 0.0)
     return {"updates": len(ups), "reclusters": rec, "analysis_probes": n_probes, "event_s": event_s,
-            "first_recluster_s": first_recluster, "analysis_s": n_probes * analysis}
+            "first_recluster_s": first_recluster if rec else 0.0, "analysis_s": n_probes * analysis}
 
 
 def methods_from_params(path: str, preset: Optional[str], names: list[str]) -> tuple[dict[str, dict], Any]:
@@ -375,7 +375,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--preset", default=None)
     ap.add_argument("--run-steps", type=int, default=None,
                     help="project the overhead of a run this long, one-off events included "
-                         "(default: the params' train.steps with --method, else 250, the cpu preset's)"),
+                         "(default: the params' train.steps with --method, else 250, the cpu preset's)")
     ap.add_argument("--no-default", action="store_true", help="skip the default DoGraph arm")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (every arm on it)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as training on a GPU")
