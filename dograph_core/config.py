@@ -57,6 +57,17 @@ MethodName = Annotated[str, AfterValidator(_method_name)]
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
+def _label_fields(value: list[str]) -> list[str]:
+    if any(not f.strip() for f in value) or len(set(value)) != len(value):
+        raise ValueError(f"label_fields {value!r}: give distinct, non-empty field names")
+    return value
+
+
+LabelFields = Annotated[list[str], AfterValidator(_label_fields)]
+_LABEL_FIELDS = ("fields (dotted paths) carried to every document as labels, e.g. [topic, format]; a partition "
+                 "`{kind: file, file: {column: topic}}` makes them the nodes")
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
@@ -71,6 +82,7 @@ class LocalSourceConfig(Section):
     format: Literal["auto", "txt", "jsonl", "parquet"] = "auto"
     text_field: str = "text"
     domain_field: str = "domain"
+    label_fields: LabelFields = Field(default_factory=list, description=_LABEL_FIELDS)
 
 
 class HFSourceConfig(Section):
@@ -82,6 +94,7 @@ class HFSourceConfig(Section):
     streaming: bool = True
     max_docs: Optional[Int] = Field(None, gt=0, description="stop after this many documents")
     data_files: Optional[list[str]] = Field(None, description="files for a packaged builder such as 'json' or 'parquet'")
+    label_fields: LabelFields = Field(default_factory=list, description=_LABEL_FIELDS)
 
 
 class PrepareConfig(Section):

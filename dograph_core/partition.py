@@ -15,7 +15,9 @@ clustering itself, not just the weights learned over it. Kinds:
   centred and unit-normalised: a static gradient partition, computed once (as DIDS does with a proxy
   model); DoGraph's ``nodes: model`` is the live one, re-clustered during training;
 * ``file``: node labels read from a CSV or JSON-lines file with the columns ``split``,
-  ``domain``, ``doc`` (the document's index in that shard) and ``node``.
+  ``domain``, ``doc`` (the document's index in that shard) and ``node``; or (``file.column``) a
+  label field carried with every document from the user's records (``prepare.<source>.label_fields``
+  through prepare and tokenize, e.g. a topic classifier's output), each distinct value a node.
 
 The unit is the document (the text between two end-of-text tokens): that is what a labeller or a
 topic classifier sees, and it keeps documents whole inside a node. A node's training tokens are its
@@ -80,6 +82,8 @@ class HiddenSettings(_Strict):
 
 class FileSettings(_Strict):
     path: Optional[str] = Field(None, description="CSV or JSON lines with split, domain, doc, node per document")
+    column: Optional[str] = Field(None, description="or a label field carried with the corpus "
+                                                    "(prepare.<source>.label_fields): its values are the nodes")
 
 
 class PartitionConfig(_Strict):
@@ -193,6 +197,9 @@ def partition_key(cfg: PartitionConfig, corpus) -> str:
              "text_model": cfg.text.model if cfg.kind == "text" else None,
              "hidden_model": cfg.hidden.model if cfg.kind in ("hidden", "gradient") else None}
     inputs.update({k: _fingerprint(v) for k, v in paths.items() if v})  # only when set: other keys unchanged
+    if cfg.kind == "file" and cfg.file.column:  # the carried labels: a relabelled corpus is a new partition
+        files = sorted(Path(corpus.root).glob("*/*.labels.json"))
+        inputs["labels"] = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
     blob = json.dumps(inputs, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
@@ -213,7 +220,7 @@ def build_partition(name: str, cfg: PartitionConfig, corpus, work_dir: Optional[
         assign = {(s, d): np.full(len(b) - 1, domains.index(d), dtype=np.int64) for (s, d), b in bounds.items()}
         centroids = None
     elif cfg.kind == "file":
-        nodes, assign = _read_labels(cfg, where, bounds, corpus.heldout_domains)
+        nodes, assign = _read_labels(cfg, where, bounds, corpus)
         centroids = None
     else:
         k = cfg.k or 8
@@ -242,10 +249,16 @@ def _check_nodes(part: Partition, where: str) -> None:
                              f"(or give every node a document in {where}.file.path)")
 
 
-def _read_labels(cfg: PartitionConfig, where: str, bounds: dict, heldout: list[str]) -> tuple[list[str], dict]:
-    path = cfg.file.path
+def _read_labels(cfg: PartitionConfig, where: str, bounds: dict, corpus) -> tuple[list[str], dict]:
+    path, column = cfg.file.path, cfg.file.column
+    if path and column:
+        raise PartitionError(f"{where}.file: give a labels file (path) or a label field (column), not both")
+    if column:
+        return _assign_labels(_column_labels(corpus, column, where, bounds), cfg, where, bounds, corpus.heldout_domains,
+                              f"{where}.file.column = {column!r}", unknown_eval_ok=True)
     if not path:
-        raise PartitionError(f"{where}.file.path: a file partition needs a labels file (CSV or JSON lines)")
+        raise PartitionError(f"{where}.file.path: a file partition needs a labels file (CSV or JSON lines), "
+                             f"or {where}.file.column: a label field carried with the corpus")
     p = Path(path)
     if not p.is_file():
         raise PartitionError(f"{where}.file.path = {path!r}: no such file")
@@ -265,13 +278,46 @@ def _read_labels(cfg: PartitionConfig, where: str, bounds: dict, heldout: list[s
         except (KeyError, ValueError, TypeError) as e:
             raise PartitionError(f"{where}.file.path = {path!r}: row {i + 1} needs split, domain, doc (an integer) "
                                  f"and node ({e!r})") from None
+    return _assign_labels(labels, cfg, where, bounds, corpus.heldout_domains, f"{where}.file.path = {path!r}")
+
+
+def _column_labels(corpus, column: str, where: str, bounds: dict) -> dict[tuple[str, str, int], str]:
+    """The corpus's label field ``column`` per document, as node names (each value made file-safe)."""
+    from dograph_core.data.corpus import CorpusError
+
+    labels: dict[tuple[str, str, int], str] = {}
+    names: dict[str, str] = {}  # node name -> the value it came from
+    for (s, d), b in bounds.items():
+        try:
+            values = corpus.labels(s, d, column)
+        except CorpusError as e:
+            raise PartitionError(f"{where}.file.column = {column!r}: {e}") from None
+        if len(values) != len(b) - 1:
+            raise PartitionError(f"{where}.file.column = {column!r}: {s}/{d} has {len(values)} labels for {len(b) - 1} "
+                                 f"documents; re-run the tokenize stage")
+        for j, v in enumerate(values):
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", v.strip()).strip("._-") or "_"
+            if names.setdefault(name, v) != v:
+                raise PartitionError(f"{where}.file.column = {column!r}: the labels {names[name]!r} and {v!r} would "
+                                     f"both be node {name!r}; make them differ in a letter or digit")
+            labels[s, d, j] = name
+    return labels
+
+
+def _assign_labels(labels: dict[tuple[str, str, int], str], cfg: PartitionConfig, where: str, bounds: dict,
+                   heldout: list[str], source: str, unknown_eval_ok: bool = False) -> tuple[list[str], dict]:
+    """Nodes and assignments from a node name per (split, domain, document index); every training document
+    needs one. A validation or test document whose node has no training document is an error, or with
+    ``unknown_eval_ok`` (labels carried with the data, where a rare value may miss the training split)
+    left out of that split's nodes."""
     nodes = sorted({v for (s, _, _), v in labels.items() if s == "train"})
     bad = [v for v in nodes if not re.fullmatch(r"[A-Za-z0-9_.-]+", v) or v in heldout]
     if bad:
-        raise PartitionError(f"{where}.file.path = {path!r}: node names {bad[:5]} must be letters, digits, '_', '.' "
+        raise PartitionError(f"{source}: node names {bad[:5]} must be letters, digits, '_', '.' "
                              f"or '-' and not a held-out source's name ({heldout})")
     if cfg.k is not None and len(nodes) != cfg.k:
-        raise PartitionError(f"{where}.k = {cfg.k}, but {path} names {len(nodes)} nodes on training documents: {nodes[:10]}")
+        raise PartitionError(f"{where}.k = {cfg.k}, but {source} names {len(nodes)} nodes on training documents: "
+                             f"{nodes[:10]}")
     ids = {v: i for i, v in enumerate(nodes)}
     assign, missing = {}, []
     for (s, d), b in bounds.items():
@@ -279,18 +325,18 @@ def _read_labels(cfg: PartitionConfig, where: str, bounds: dict, heldout: list[s
         for j in range(len(a)):
             v = labels.get((s, d, j))
             if v is None or v not in ids:
-                if s == "train" or v is not None:
+                if s == "train" or (v is not None and not unknown_eval_ok):
                     missing.append(f"{s}/{d}/{j}" + ("" if v is None else f" (node {v!r} has no training document)"))
                 continue
             a[j] = ids[v]
         assign[s, d] = a
     if missing:
-        raise PartitionError(f"{where}.file.path = {path!r} does not cover every training document: {len(missing)} "
+        raise PartitionError(f"{source} does not cover every training document: {len(missing)} "
                              f"missing, first {missing[:3]}")
-    for (s, d), a in assign.items():  # held-out splits without labels: nearest is unknown, so keep them out
+    for (s, d), a in assign.items():  # held-out splits without a known node: nearest is unknown, so keep them out
         if (a < 0).any():
-            log.warning("%s: %d %s documents of %s have no label and are left out of that split's nodes",
-                        where, int((a < 0).sum()), s, d)
+            log.warning("%s: %d %s documents of %s have no label of a training node and are left out of that "
+                        "split's nodes", source, int((a < 0).sum()), s, d)
     return nodes, assign
 
 

@@ -5,6 +5,8 @@ On-disk layout written by the ``tokenize`` stage (``data/tokenized/`` by default
     corpus.json              the corpus table and metadata (schema below)
     tokenizer/               the tokenizer in Hugging Face format
     <split>/<domain>.bin     one shard per domain and split (see shards.py)
+    <split>/<domain>.labels.json   {"columns": {field: [value per document]}}, only when the prepared
+                             records carried labels (corpus.json's "label_columns" lists the fields)
 
 ``corpus.json``::
 
@@ -123,6 +125,27 @@ class TokenCorpus:
                 )
             self._maps[key] = tokens
         return self._maps[key]
+
+    @property
+    def label_columns(self) -> list[str]:
+        """The label fields carried with every document (``prepare.<source>.label_fields``)."""
+        return list(self.meta.get("label_columns", []))
+
+    def labels(self, split: str, domain: str, column: str) -> list[str]:
+        """The value of label field ``column`` for each document of one shard, in order."""
+        if column not in self.label_columns:
+            carried = f"it carries {self.label_columns}" if self.label_columns else "it carries none"
+            raise CorpusError(f"{self.root}: no label field {column!r} ({carried}); name it in "
+                              f"prepare.local.label_fields (or prepare.hf.label_fields) and re-run prepare and tokenize")
+        self.tokens(split, domain)  # the split and domain are checked
+        path = self.root / split / f"{domain}.labels.json"
+        try:
+            values = read_json(path)["columns"][column]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorpusError(f"{path}: cannot read the labels ({type(e).__name__}: {e}); re-run the tokenize stage") from None
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise CorpusError(f"{path}: {column!r} is not a list of strings; re-run the tokenize stage")
+        return values
 
     def n_tokens(self, split: str, domain: str) -> int:
         return int(self.tokens(split, domain).shape[0])

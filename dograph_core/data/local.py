@@ -9,6 +9,11 @@ Local formats (``prepare.local.path``):
   such as ``meta.source`` reach nested fields);
 * ``.parquet`` files, a file or a directory of them, with the same two fields.
 
+Records (jsonl, parquet, Hugging Face) may carry labels besides their domain: each field named in
+``label_fields`` (a topic or format classifier's output, say) is read as a string and travels with
+every document cut from the record, through prepare and tokenize, to a ``file`` partition that
+makes one of them the nodes (``file: {column: topic}``). A record without one of them is skipped.
+
 Hugging Face (``prepare.hf``): ``datasets.load_dataset(name, config, split=...,
 streaming=...)`` with the domain read from a dotted path, e.g. SlimPajama's
 ``meta.redpajama_set_name``; ``max_docs`` stops early. A packaged builder on local
@@ -19,13 +24,26 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple, Optional
 
 from dograph_core.config import HFSourceConfig, LocalSourceConfig
 from dograph_core.data.text import Issues, PrepareError, RawDoc, decode, dotted_get, normalise
 from dograph_core.io import is_transient
 
 _JSONL = (".jsonl", ".jsonl.gz")
+
+
+class _Fields(NamedTuple):
+    """What a record reader looks up, and the params section that names it."""
+
+    text: str
+    domain: str
+    labels: list[str]
+    section: str
+
+    @classmethod
+    def of(cls, cfg: LocalSourceConfig | HFSourceConfig, section: str) -> "_Fields":
+        return cls(cfg.text_field, cfg.domain_field, list(cfg.label_fields), section)
 
 
 def detect_format(path: Path) -> str:
@@ -55,6 +73,9 @@ def iter_local(cfg: LocalSourceConfig, issues: Issues) -> Iterator[RawDoc]:
         raise PrepareError(f"prepare.local.path={cfg.path!r} does not exist")
     fmt = detect_format(path) if cfg.format == "auto" else cfg.format
     if fmt == "txt":
+        if cfg.label_fields:
+            raise PrepareError(f"prepare.local.label_fields = {cfg.label_fields}: .txt files have no fields; "
+                               f"give the documents as .jsonl or .parquet records with those fields")
         yield from _iter_txt_dirs(path, issues)
     else:
         files = [path] if path.is_file() else sorted(
@@ -65,7 +86,7 @@ def iter_local(cfg: LocalSourceConfig, issues: Issues) -> Iterator[RawDoc]:
         reader = _iter_jsonl if fmt == "jsonl" else _iter_parquet
         for f in files:
             rel = f.name if path.is_file() else f.relative_to(path).as_posix()
-            yield from reader(f, rel, cfg.text_field, cfg.domain_field, issues)
+            yield from reader(f, rel, _Fields.of(cfg, "prepare.local"), issues)
 
 
 def _iter_txt_dirs(root: Path, issues: Issues) -> Iterator[RawDoc]:
@@ -96,33 +117,35 @@ def _iter_txt_dirs(root: Path, issues: Issues) -> Iterator[RawDoc]:
             yield RawDoc(d.name, "", "")
 
 
-def _record_fields(rec: Any, where: str, text_field: str, domain_field: str, issues: Issues,
-                   section: str = "prepare.local"):
+def _record(rec: Any, where: str, key: str, fields: _Fields, issues: Issues) -> Optional[RawDoc]:
+    """The record as a :class:`RawDoc`, or None (skipped, with the reason) when a field is missing or unusable."""
     if not isinstance(rec, dict):
         issues.skip(f"expected a JSON object, got {type(rec).__name__}", file=where)
         return None
-    try:
-        text = dotted_get(rec, text_field)
-    except KeyError:
-        issues.skip(f"no text field {text_field!r} (fields: {sorted(rec)[:10]}); set {section}.text_field",
-                    file=where)
-        return None
-    try:
-        domain = dotted_get(rec, domain_field)
-    except KeyError:
-        issues.skip(f"no domain field {domain_field!r} (fields: {sorted(rec)[:10]}); "
-                    f"set {section}.domain_field", file=where)
-        return None
+    values = {}
+    for what, name in (("text", fields.text), ("domain", fields.domain), *(("label", f) for f in fields.labels)):
+        try:
+            values[what, name] = dotted_get(rec, name)
+        except KeyError:
+            setting = "label_fields" if what == "label" else f"{what}_field"
+            issues.skip(f"no {what} field {name!r} (fields: {sorted(rec)[:10]}); set {fields.section}.{setting}",
+                        file=where)
+            return None
+    text = values["text", fields.text]
     if not isinstance(text, str):
-        issues.skip(f"text field {text_field!r} is {type(text).__name__}, not a string", file=where)
+        issues.skip(f"text field {fields.text!r} is {type(text).__name__}, not a string", file=where)
         return None
-    if domain is None or isinstance(domain, (dict, list)):
-        issues.skip(f"domain field {domain_field!r} is {domain!r}, not a label", file=where)
-        return None
-    return str(domain), normalise(text)
+    for (what, name), v in values.items():
+        # a label is a string or an integer (a class id): a float, a list or nothing is not one
+        unusable = (dict, list) if what == "domain" else (dict, list, float, bool)
+        if what != "text" and (v is None or isinstance(v, unusable)):
+            issues.skip(f"{what} field {name!r} is {v!r}, not a label", file=where)
+            return None
+    labels = {f: str(values["label", f]) for f in fields.labels} or None
+    return RawDoc(str(values["domain", fields.domain]), key, normalise(text), labels)
 
 
-def _iter_jsonl(f: Path, rel: str, text_field: str, domain_field: str, issues: Issues) -> Iterator[RawDoc]:
+def _iter_jsonl(f: Path, rel: str, fields: _Fields, issues: Issues) -> Iterator[RawDoc]:
     data = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
     content = decode(data, str(f), issues)
     if content is None:
@@ -136,12 +159,12 @@ def _iter_jsonl(f: Path, rel: str, text_field: str, domain_field: str, issues: I
         except json.JSONDecodeError as e:
             issues.skip(f"not valid JSON ({e.msg} at column {e.colno})", file=where)
             continue
-        got = _record_fields(rec, where, text_field, domain_field, issues)
-        if got is not None:
-            yield RawDoc(got[0], f"{rel}:{lineno}", got[1])
+        doc = _record(rec, where, f"{rel}:{lineno}", fields, issues)
+        if doc is not None:
+            yield doc
 
 
-def _iter_parquet(f: Path, rel: str, text_field: str, domain_field: str, issues: Issues) -> Iterator[RawDoc]:
+def _iter_parquet(f: Path, rel: str, fields: _Fields, issues: Issues) -> Iterator[RawDoc]:
     import pyarrow.parquet as pq
 
     try:
@@ -151,19 +174,19 @@ def _iter_parquet(f: Path, rel: str, text_field: str, domain_field: str, issues:
         return
     names = pf.schema_arrow.names
     cols = []
-    for field, what in ((text_field, "text"), (domain_field, "domain")):
+    for field, what, setting in ((fields.text, "text", "text_field"), (fields.domain, "domain", "domain_field"),
+                                 *((label, "label", "label_fields") for label in fields.labels)):
         top = field if field in names else field.split(".")[0]
         if top not in names:
-            raise PrepareError(f"{f}: no {what} column {field!r} (columns: {names}); "
-                               f"set prepare.local.{what}_field")
+            raise PrepareError(f"{f}: no {what} column {field!r} (columns: {names}); set {fields.section}.{setting}")
         cols.append(top)
     row = 0
     for batch in pf.iter_batches(batch_size=1024, columns=sorted(set(cols))):
         for rec in batch.to_pylist():
             where = f"{f}:row {row}"
-            got = _record_fields(rec, where, text_field, domain_field, issues)
-            if got is not None:
-                yield RawDoc(got[0], f"{rel}:{row}", got[1])
+            doc = _record(rec, where, f"{rel}:{row}", fields, issues)
+            if doc is not None:
+                yield doc
             row += 1
 
 
@@ -189,9 +212,10 @@ def iter_hf(cfg: HFSourceConfig, issues: Issues) -> Iterator[RawDoc]:
         err.transient = is_transient(e)
         raise err from None
     label = f"{cfg.name}[{cfg.split}]"
+    fields = _Fields.of(cfg, "prepare.hf")
     for i, rec in enumerate(ds):
         if cfg.max_docs is not None and i >= cfg.max_docs:
             break
-        got = _record_fields(rec, f"{label}:row {i}", cfg.text_field, cfg.domain_field, issues, "prepare.hf")
-        if got is not None:
-            yield RawDoc(got[0], f"{cfg.split}:{i}", got[1])
+        doc = _record(rec, f"{label}:row {i}", f"{cfg.split}:{i}", fields, issues)
+        if doc is not None:
+            yield doc

@@ -11,12 +11,13 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 
 class Doc(NamedTuple):
     id: str
     text: str
+    labels: Optional[dict[str, str]] = None  # the source record's label fields, when it has any
 
 
 def unit_hash(s: str) -> float:

@@ -11,7 +11,8 @@ so a killed run leaves the previous output intact and no partial one)::
                             "natural_chars": n, "heldout": bool, "origin": str, "label": str}},
          "skipped": [{"domain" | "file": str, "reason": str}],
          "unfetched": [default domains whose download failed], "config": {...}}
-    <out_dir>/<split>/<domain>.jsonl     lines {"id": str, "domain": str, "text": str}
+    <out_dir>/<split>/<domain>.jsonl     lines {"id": str, "domain": str, "text": str}, and
+                                         "labels": {field: str} with prepare.<source>.label_fields
 
 How documents are made and kept:
 
@@ -47,6 +48,8 @@ from dograph_core.data.plan import Doc
 from dograph_core.data.sources import FetchError, fetch
 from dograph_core.data.text import DataWarning, Issues, PrepareError, RawDoc, chunk
 from dograph_core.io import atomic_path
+
+Labels = dict[str, dict[str, dict[str, str]]]  # domain -> record key -> {label field: value}
 
 SPLITS = ("train", "val", "test")
 MB = 1_000_000
@@ -108,11 +111,15 @@ def _collect_default(cfg: PrepareConfig, specs: Mapping[str, DomainSpec], issues
     return texts, origins
 
 
-def _collect_raw(raw: Iterable[RawDoc]) -> dict[str, list[tuple[str, str]]]:
+def _collect_raw(raw: Iterable[RawDoc]) -> tuple[dict[str, list[tuple[str, str]]], Labels]:
+    """Texts per domain label, and the labels of every record that has them (by domain label, then key)."""
     texts: dict[str, list[tuple[str, str]]] = {}
+    labels: Labels = {}
     for doc in raw:
         texts.setdefault(doc.domain, []).append((doc.key, doc.text))
-    return texts
+        if doc.labels is not None:
+            labels.setdefault(doc.domain, {})[doc.key] = doc.labels
+    return texts, labels
 
 
 def _name_domains(texts: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, list[tuple[str, str]]], dict[str, str]]:
@@ -133,19 +140,22 @@ def _name_domains(texts: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, li
 
 # --- documents -----------------------------------------------------------------------------------
 
-def _documents(texts: dict[str, list[tuple[str, str]]], order: list[str], doc_chars: int) -> dict[str, list[Doc]]:
-    """Chunk every text and remove exact duplicates corpus-wide (first domain in ``order`` wins)."""
+def _documents(texts: dict[str, list[tuple[str, str]]], order: list[str], doc_chars: int,
+               labels: Optional[Labels] = None) -> dict[str, list[Doc]]:
+    """Chunk every text and remove exact duplicates corpus-wide (first domain in ``order`` wins); each
+    piece keeps its text's labels (``labels[domain][key]``)."""
     seen: set[bytes] = set()
     out: dict[str, list[Doc]] = {}
     for name in order:
         docs: list[Doc] = []
+        of_domain = (labels or {}).get(name, {})
         for key, text in sorted(texts.get(name, []), key=lambda kt: kt[0]):
             for i, piece in enumerate(chunk(text, doc_chars)):
                 h = hashlib.sha1(piece.encode("utf-8", "surrogatepass")).digest()
                 if h in seen:
                     continue
                 seen.add(h)
-                docs.append(Doc(f"{name}/{key}#{i}", piece))
+                docs.append(Doc(f"{name}/{key}#{i}", piece, of_domain.get(key)))
         out[name] = docs
     return out
 
@@ -182,10 +192,13 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *,
         unfetched = sorted(d for d in train + held if d not in texts)
         train, held = [d for d in train if d in texts], [d for d in held if d in texts]
         labels = {d: d for d in texts}
+        tags: Labels = {}
     else:
         unfetched = []
         raw = iter_local(cfg.local, issues) if cfg.source == "local" else iter_hf(cfg.hf, issues)
-        texts, labels = _name_domains(_collect_raw(raw))
+        texts, tags = _collect_raw(raw)
+        texts, labels = _name_domains(texts)
+        tags = {name: tags[label] for name, label in labels.items() if label in tags}
         where = cfg.local.path if cfg.source == "local" else cfg.hf.name
         origins = {d: f"{cfg.source}:{where}" for d in texts}
         missing = sorted(set(cfg.heldout) - set(texts))
@@ -194,7 +207,7 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *,
                         f"to one of them or to []", domain=",".join(missing))
         train, held = _wanted(cfg, texts)
     _log(progress, f"chunking and de-duplicating {sum(len(v) for v in texts.values())} texts")
-    docs = _documents(texts, held + train, cfg.doc_chars)
+    docs = _documents(texts, held + train, cfg.doc_chars, tags)
     del texts
     _drop_unusable(docs, cfg.min_domain_chars, issues)
     train = [d for d in train if d in docs]
@@ -247,7 +260,8 @@ def prepare(cfg: PrepareConfig, progress: bool = True, *,
 def _write_jsonl(path: Path, domain: str, docs: list[Doc]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for d in docs:
-            f.write(json.dumps({"id": d.id, "domain": domain, "text": d.text}, ensure_ascii=False) + "\n")
+            rec = {"id": d.id, "domain": domain, "text": d.text, **({"labels": d.labels} if d.labels is not None else {})}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
 
 
 def remove_stale_temporaries(out_dir: Path) -> list[Path]:

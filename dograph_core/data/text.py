@@ -23,11 +23,13 @@ class DataWarning(UserWarning):
 
 
 class RawDoc(NamedTuple):
-    """One text of a source, before chunking. ``key`` is unique within its domain."""
+    """One text of a source, before chunking. ``key`` is unique within its domain; ``labels`` holds the
+    values of the source's label fields (``prepare.<source>.label_fields``), carried to each document."""
 
     domain: str
     key: str
     text: str
+    labels: Optional[dict[str, str]] = None
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Reads what ``prepare`` wrote::
 
     <prepared_dir>/manifest.json           {"train_domains": [...], "heldout_domains": [...], ...}
-    <prepared_dir>/<split>/<domain>.jsonl  one {"id", "domain", "text"} object per line
+    <prepared_dir>/<split>/<domain>.jsonl  one {"id", "domain", "text"[, "labels"]} object per line
 
 and writes ``cfg.out_dir`` in the layout documented in ``corpus.py`` (tokenizer/, one shard per
 split and domain, corpus.json). The whole output directory is built in a temporary directory
@@ -14,6 +14,11 @@ The tokenizer is trained on the training split of the training domains only; val
 held-out text never shape it. Documents are encoded in batches by the Rust backend of ``tokenizers``
 (parallel, no Python loop per token); a literal ``<|endoftext|>`` inside a document is encoded as
 ordinary text, so the end-of-text id appears only between documents.
+
+Records that carry labels (``prepare.<source>.label_fields``) must all carry the same fields; their
+values are written per shard, in document order, to ``<split>/<domain>.labels.json``
+(``{"columns": {field: [value per document]}}``) and the fields are listed in corpus.json's
+``label_columns``: the sampler metadata a ``file`` partition reads (``file: {column: ...}``).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from tqdm.auto import tqdm
 
@@ -44,6 +49,7 @@ __all__ = [
     "format_corpus_table",
     "print_corpus_table",
     "read_manifest",
+    "iter_docs",
     "iter_texts",
     "tokenize",
 ]
@@ -95,6 +101,12 @@ def read_manifest(prepared_dir: str | Path) -> tuple[list[str], list[str]]:
 
 def iter_texts(path: str | Path) -> Iterator[str]:
     """The non-empty ``text`` fields of a prepared jsonl file; a bad line is an error naming file:line."""
+    for text, _, _ in iter_docs(path):
+        yield text
+
+
+def iter_docs(path: str | Path) -> Iterator[tuple[str, Optional[dict[str, str]], str]]:
+    """(text, labels or None, "file:line") of every document with a non-empty text; a bad line is an error."""
     path = Path(path)
     with open(path, "rb") as f:  # decoded line by line, so an error names the exact line
         for lineno, raw in enumerate(f, 1):
@@ -111,8 +123,29 @@ def iter_texts(path: str | Path) -> Iterator[str]:
             text = obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(text, str):
                 raise TokenizeError(f"{path}:{lineno}: no string field 'text'; re-run the prepare stage")
+            labels = obj.get("labels")
+            if labels is not None and not (isinstance(labels, dict)
+                                           and all(isinstance(v, str) for v in labels.values())):
+                raise TokenizeError(f"{path}:{lineno}: 'labels' must map each label field to a string, got "
+                                    f"{labels!r}; re-run the prepare stage")
             if text:
-                yield text
+                yield text, labels, f"{path}:{lineno}"
+
+
+class _LabelColumns:
+    """The label fields of the prepared records: the same on every record, or on none."""
+
+    def __init__(self) -> None:
+        self.columns: Optional[tuple[str, ...]] = None  # unknown until the first record
+        self.first = ""
+
+    def check(self, labels: Optional[dict[str, str]], where: str) -> None:
+        cols = tuple(sorted(labels)) if labels else ()
+        if self.columns is None:
+            self.columns, self.first = cols, where
+        elif cols != self.columns:
+            raise TokenizeError(f"{where}: label fields {list(cols)}, but {self.first} has {list(self.columns)}; "
+                                f"every record needs the same fields (re-run the prepare stage)")
 
 
 def _doc_files(prepared_dir: Path, train: list[str], heldout: list[str]) -> dict[tuple[str, str], Path | None]:
@@ -164,10 +197,15 @@ def _encoder(tok: Any) -> Callable[[list[str]], list[list[int]]]:
     return lambda texts: [e.ids for e in enc.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-def _encode_file(path: Path | None, encode: Callable, writer: ShardWriter) -> None:
+def _encode_file(path: Path | None, encode: Callable, writer: ShardWriter,
+                 columns: _LabelColumns) -> list[Optional[dict[str, str]]]:
+    """Encode a prepared file into ``writer``; the labels of its documents, in order."""
     batch: list[str] = []
+    labels: list[Optional[dict[str, str]]] = []
     chars = 0
-    for text in iter_texts(path) if path is not None else ():
+    for text, doc_labels, where in iter_docs(path) if path is not None else ():
+        columns.check(doc_labels, where)
+        labels.append(doc_labels)
         batch.append(text)
         chars += len(text)
         if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
@@ -175,6 +213,7 @@ def _encode_file(path: Path | None, encode: Callable, writer: ShardWriter) -> No
             batch, chars = [], 0
     if batch:
         writer.add_many(encode(batch))
+    return labels
 
 
 def tokenize(
@@ -216,10 +255,12 @@ def tokenize(
         dtype = dtype_for_vocab(vocab)
         encode = _encoder(tok)
         counts: dict[tuple[str, str], tuple[int, int]] = {}
+        labels: dict[tuple[str, str], list[Optional[dict[str, str]]]] = {}
+        columns = _LabelColumns()
         jobs = [(s, d) for s in SPLITS for d in train + heldout]
         for split, domain in tqdm(jobs, desc="tokenize", unit="shard", disable=not progress):
             with ShardWriter(tmp / split / f"{domain}.bin", eot, thash, dtype) as writer:
-                _encode_file(files[(split, domain)], encode, writer)
+                labels[split, domain] = _encode_file(files[(split, domain)], encode, writer, columns)
             counts[(split, domain)] = (writer.n_docs, writer.n_tokens)
             if split == "train":
                 _check_size(domain, domain in heldout, writer.n_tokens, files[(split, domain)], cfg.min_tokens)
@@ -233,6 +274,11 @@ def tokenize(
                         TokenizeWarning,
                     )
         meta = _meta(cfg, train, heldout, counts, thash, vocab, eot, dtype.name)
+        if columns.columns:  # only then: a corpus without labels keeps its corpus.json as before
+            meta["label_columns"] = list(columns.columns)
+            for (split, domain), of_shard in labels.items():
+                values = {c: [d[c] for d in of_shard if d] for c in columns.columns}
+                (tmp / split / f"{domain}.labels.json").write_text(json.dumps({"columns": values}) + "\n")
         write_json(tmp / "corpus.json", meta)
     if progress:
         print_corpus_table(meta)
