@@ -303,10 +303,13 @@ LIVE = "gradient (live)"  # DoGraph's nodes: model, re-clustered during training
 
 def cell_of(method: str, spec: Mapping[str, Any]) -> tuple[str, str]:
     """``(partition, mixer)`` of a method's params: the partition it names (``human`` if none; DoGraph with
-    ``nodes: model`` is the live gradient partition) and its mixer type."""
+    ``nodes: model`` is the live gradient partition) and its mixer type (for DoGraph, its ``rule``: on the
+    live clusters ``rule: uniform`` is uniform over the nodes, ``rule: rnb`` R&B)."""
     mixer = str(spec.get("type", method))
-    if mixer == "dograph" and spec.get("nodes") == "model":
-        return LIVE, mixer
+    if mixer == "dograph":
+        mixer = str(spec.get("rule") or "dograph")
+        if spec.get("nodes") == "model":
+            return LIVE, mixer
     return str(spec.get("partition") or "human"), mixer
 
 

@@ -251,6 +251,47 @@ def test_bad_config_is_refused_with_the_key(corpus):
         build_mixer("dograph", {"objective": "A9"}, ctx_for(corpus))
     with pytest.raises(MixerError, match="feature_sequences needs apply: sample"):
         build_mixer("dograph", {"nodes": "model", "apply": "loss", "feature_sequences": 4}, ctx_for(corpus))
+    with pytest.raises(MixerError, match="rule uniform sets the weights without DoGraph's objective"):
+        build_mixer("dograph", {"rule": "uniform", "graph": "off"}, ctx_for(corpus))
+
+
+def test_rule_uniform_keeps_equal_weights_on_the_live_clusters_and_samples_the_sources_they_cover(corpus, tmp_path):
+    """The live gradient partition on its own: the clusters re-cluster and follow the model as with DoGraph,
+    but every node keeps weight 1/K, so the sources are drawn by how the clusters cover them,
+    w_s = mean_c P(s | c), not uniformly; DoGraph's rule on the same run moves the cluster weights."""
+    weights = {}
+    for rule in ("uniform", "dograph"):
+        torch.manual_seed(0)
+        m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "rule": rule}, ctx_for(corpus, tmp_path))
+        run(m, nano_model(seq_len=T), 30)
+        assert m.in_force and m.updates["model"] >= 3
+        weights[rule] = m.alpha.copy()
+        if rule == "uniform":
+            cond = m.table / m.table.sum(1, keepdims=True)
+            assert np.array_equal(m.alpha, np.full(3, 1 / 3))
+            assert np.allclose(m.weights, cond.mean(0) / cond.mean(0).sum(), atol=1e-6)
+            assert np.abs(m.weights - 1 / 3).max() > 1e-3         # the clusters do not cover the sources evenly
+    assert np.abs(weights["dograph"] - 1 / 3).max() > 0.01
+
+
+@pytest.mark.parametrize("nodes", ["human", "model"])
+def test_rule_rnb_is_the_balance_step_on_the_nodes_mean_gradients(corpus, nodes):
+    """R&B's rule on DoGraph's nodes: softmax(lam G q / ||G q||), G the Gram matrix of the node mean
+    gradients, q the evaluation's share per node (1/3 per source; for clusters their base frequency)."""
+    from dograph_core.mixers.rnb import rnb_update
+
+    torch.manual_seed(0)
+    extra = {"min_ari": 0.0} if nodes == "model" else {}
+    m = build_mixer("dograph", {**SMALL, "nodes": nodes, "rule": "rnb", "lam": 3.0, **extra}, ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 20)
+    ns = m.mnodes if nodes == "model" else m.human
+    means = ns.means.mean_matrix().numpy()
+    q = m.pi if nodes == "model" else np.full(3, 1 / 3)
+    want = rnb_update(means @ means.T, q, 3.0)
+    assert np.allclose(ns.alpha, want, atol=1e-12)
+    g_q = (means @ means.T) @ q
+    assert int(np.argmax(ns.alpha)) == int(np.argmax(g_q))   # the node most aligned with the evaluation leads
+    assert np.abs(ns.alpha - 1 / 3).max() > 0.01
 
 
 def test_feature_sequences_feed_the_statistics_exact_features_of_a_subset(corpus):

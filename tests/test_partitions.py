@@ -195,6 +195,9 @@ def test_the_report_grid_puts_each_method_in_its_partition_and_mixer_cell():
                "dograph_model": {"type": "dograph", "nodes": "model"}}
     assert cell_of("odm_text", methods["odm_text"]) == ("text", "odm")
     assert cell_of("dograph_model", methods["dograph_model"]) == (LIVE, "dograph")
+    assert cell_of("uniform_live", {"type": "dograph", "nodes": "model", "rule": "uniform"}) == (LIVE, "uniform")
+    assert cell_of("rnb_live", {"type": "dograph", "nodes": "model", "rule": "rnb"}) == (LIVE, "rnb")
+    assert cell_of("dograph_text", {"type": "dograph", "partition": "text"}) == ("text", "dograph")
 
     def row(w):
         return {k: {"mean": w + i} for i, k in enumerate(("val_worst", "val_mean", "heldout"))}

@@ -21,6 +21,11 @@ The method as implemented (``docs/method.md`` derives it and gives every paramet
   x source table (``apply: sample``, the default), or through tempered per-sequence loss weights
   ``clip((a_c / pi_c)^temper, clip)`` normalised by their expectation under the base sampler (the
   same constant on every micro-batch and rank; ``apply: loss``).
+
+``rule`` replaces the objective by a baseline's rule over the same nodes, so a partition and a mixer
+can be told apart on the live clusters too: ``uniform`` (every node 1/K: the live gradient partition's
+own effect) or ``rnb`` (R&B's Balance step ``softmax(lam G q / ||G q||)`` on the nodes' mean gradients,
+:func:`dograph_core.mixers.rnb.rnb_update`).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from dograph_core.mixers.base import BatchStats, Mixer, MixerContext, MixerError
 from dograph_core.mixers.dograph_config import DoGraphConfig
 from dograph_core.mixers.dograph_nodes import NodeSet, build_problem
 from dograph_core.mixers.dograph_parts import EventLog, ProbeError, draw_probe, time_average
+from dograph_core.mixers.rnb import eval_shares, rnb_update
 
 log = logging.getLogger(__name__)
 
@@ -446,6 +452,8 @@ class DoGraphMixer(Mixer):
         cfg = self.cfg
         if not ns.means.seen.any():
             return None
+        if cfg.rule != "dograph":
+            return self._by_rule(ns, step)
         t0 = time.perf_counter()
         # no signal, no reweighting: model nodes' prior is their frequency under the base sampler
         prior = self._pi_floored() if ns is self.mnodes and cfg.prior == "base" else None
@@ -474,6 +482,23 @@ class DoGraphMixer(Mixer):
         return {"alpha": a, "beta": beta, "u": u, "shrink": shrink, "graph_effect_l1": effect, "T": p.T,
                 "node_loss": ns.means.mean_loss().numpy(), "fresh": ns.fresh, "node_total": ns.means.total.numpy(),
                 "solver": info.get("solver"), "update_s": time.perf_counter() - t0}
+
+    def _by_rule(self, ns: NodeSet, step: int) -> dict[str, Any]:
+        """The weights over the nodes in force by a baseline's rule (``rule``), not DoGraph's objective:
+        ``uniform`` (the nodes alone) or R&B's Balance step on the nodes' mean gradients, with ``q`` the
+        evaluation's share in each node (for model nodes their frequency under the base sampler, ``pi``)."""
+        if self.cfg.rule == "uniform":
+            a, extra = np.full(ns.k, 1.0 / ns.k), {}
+        else:
+            m = ns.means.mean_matrix().numpy()
+            g = m @ m.T
+            q = self.pi if ns is self.mnodes else eval_shares(self.ctx)
+            a, extra = rnb_update(g, q, self.cfg.lam), {"gram": g, "q": q}
+        ns.set_alpha(a, step)
+        if ns is self.mnodes:
+            self._diag.update({f"alpha_{i}": float(x) for i, x in enumerate(a)})
+        return {"alpha": a, "rule": self.cfg.rule, "node_loss": ns.means.mean_loss().numpy(), "fresh": ns.fresh,
+                "node_total": ns.means.total.numpy(), **extra}
 
     def _target_mean(self) -> np.ndarray:
         """A1: the target's mean gradient (a held-out domain's from a probe of its training split)."""

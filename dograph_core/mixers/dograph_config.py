@@ -15,6 +15,12 @@ class DoGraphConfig(MixerConfig):
     r1: int = Field(32, gt=0, description="rows of the output-residual projection R_b")
     r2: int = Field(64, gt=0, description="rows of the hidden-state projection R_h (d = r1 r2)")
     proj_seed: int = Field(0, description="projection seed (combined with the run seed); the check uses +1")
+    # -- how the weights over the nodes are set
+    rule: Literal["dograph", "uniform", "rnb"] = Field(
+        "dograph", description="dograph: the progress target through the graph (F1/F2/A1); uniform: the nodes "
+                               "alone, equal weights (a partition's own effect, e.g. the live clusters); rnb: "
+                               "R&B's Balance step softmax(lam G q / ||G q||) on the nodes' mean gradients")
+    lam: float = Field(3.0, gt=0, description="rule rnb: the softmax's scale (R&B, Table 7: 3)")
     # -- the graph and the optimisation
     objective: Literal["F1", "F2", "A1"] = Field(
         "F1", description="F1: need-weighted proportional progress; F2: weighted max-min progress; "
@@ -123,6 +129,9 @@ class DoGraphConfig(MixerConfig):
             raise ValueError(f"target is used by objective A1 only (objective is {self.objective})")
         if self.progress_from == "probe" and self.nodes == "human":
             raise ValueError("progress_from: probe re-scores a fixed probe per cluster; it is for nodes: model")
+        if self.rule != "dograph" and (self.objective != "F1" or self.target is not None or self.graph != "gram"):
+            raise ValueError(f"rule {self.rule} sets the weights without DoGraph's objective and graph: drop "
+                             f"objective, target and graph (they apply to rule dograph)")
         if self.objective == "A1" and self.nodes == "model":
             raise ValueError("objective A1 matches the mixture of source means: use nodes: human")
         return self
