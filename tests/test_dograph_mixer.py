@@ -294,6 +294,22 @@ def test_rule_rnb_is_the_balance_step_on_the_nodes_mean_gradients(corpus, nodes)
     assert np.abs(ns.alpha - 1 / 3).max() > 0.01
 
 
+def test_human_probe_progress_measures_the_model_not_the_sample(corpus):
+    """progress_from: probe re-scores the same windows at every update: a model that does not learn
+    (lr 0) shows no change in any node, where the training windows' losses change by sampling alone;
+    a model that learns shows its own change."""
+    changes = {}
+    for src, lr in (("batch", 0.0), ("probe", 0.0), ("probe", 0.05)):
+        torch.manual_seed(0)
+        m = build_mixer("dograph", {**SMALL, "progress_from": src, "progress_probe": 12}, ctx_for(corpus))
+        run(m, nano_model(seq_len=T), 20, lr=lr)
+        changes[src, lr] = np.abs(np.stack(list(m.human.progress.changes)))
+        assert changes[src, lr].shape == (3, 3)
+    assert changes["probe", 0.0].max() < 1e-6
+    assert changes["batch", 0.0].max() > 1e-3
+    assert changes["probe", 0.05].max() > 1e-3
+
+
 def test_feature_sequences_feed_the_statistics_exact_features_of_a_subset(corpus):
     """The cost lever keeps each feature exact and only takes fewer of them: 4 micro-batches of 12
     sequences add 4 x 4 features, from the sources of the drawn sequences, and the features it adds are

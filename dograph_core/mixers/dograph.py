@@ -387,7 +387,10 @@ class DoGraphMixer(Mixer):
             rec.update(self._update_model(step, reduce))
         self._maybe_analysis_probe(step)
         self.human.commit()
-        self.human.record_batch_progress()
+        if self.cfg.progress_from == "probe" and not self.model_mode:
+            rec["probe_nodes"] = self._human_probe_progress()
+        else:
+            self.human.record_batch_progress()
         rec["human"] = self._solve(self.human, step)
         if self.model_mode and self.in_force:
             rec["model"] = self._solve(self.mnodes, step)
@@ -530,6 +533,25 @@ class DoGraphMixer(Mixer):
             prev = np.bincount(labels, weights=self._pprobe_prev, minlength=k) / np.maximum(n, 1)
         self.mnodes.progress.record(now, n >= self.cfg.min_node_samples, prev=prev)
         self._pprobe_prev = loss
+        return {"count": n, "loss": now}
+
+    def _human_probe_progress(self) -> dict[str, Any]:
+        """Human-node losses on a fixed probe set (``progress_from: probe``): the same windows of every
+        source at each update, forward only, so a node's change is the model's and not the sampling noise
+        of different training windows."""
+        if self._pprobe is None:
+            self._pprobe = draw_probe(self.ctx.corpus, self.ctx.domains, self.cfg.progress_probe,
+                                      self.ctx.seq_len, self._seed * 7 + 3)
+        ids, src = self._pprobe
+        dev = next(self._model.parameters()).device
+        b = self.cfg.probe_batch
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.ctx.bf16):
+            loss = torch.cat([sequence_loss(self._model(ids[s:s + b, :-1].to(dev)).logits, ids[s:s + b, 1:].to(dev))
+                              for s in range(0, ids.shape[0], b)]).float().cpu().numpy()
+        k = self.human.k
+        n = np.bincount(src, minlength=k).astype(np.float64)
+        now = np.bincount(src, weights=loss, minlength=k) / np.maximum(n, 1)
+        self.human.progress.record(now, n > 0)
         return {"count": n, "loss": now}
 
     def _maybe_recluster(self, step: int, reduce: Reduce) -> None:

@@ -58,7 +58,8 @@ class DoGraphConfig(MixerConfig):
                             "always uniform)")
     progress_from: Literal["auto", "batch", "probe"] = Field(
         "auto", description="node losses from the training windows (batch) or a fixed probe set re-scored at each "
-                            "update (probe); auto: probe for model nodes, batch for human nodes")
+                            "update (probe: the same windows every time, so a change is the model's, not the "
+                            "sample's); auto: probe for model nodes, batch for human nodes")
     progress_probe: int = Field(96, gt=0, description="sequences in the fixed progress probe (stratified over sources)")
     # -- model-perceived domains
     recluster_every: int = Field(100, gt=0, description="T_c: full re-clustering of a probe every this many steps")
@@ -127,8 +128,6 @@ class DoGraphConfig(MixerConfig):
             raise ValueError("objective A1 needs a target: a domain name or a mixture {domain: weight}")
         if self.target is not None and self.objective != "A1":
             raise ValueError(f"target is used by objective A1 only (objective is {self.objective})")
-        if self.progress_from == "probe" and self.nodes == "human":
-            raise ValueError("progress_from: probe re-scores a fixed probe per cluster; it is for nodes: model")
         if self.rule != "dograph" and (self.objective != "F1" or self.target is not None or self.graph != "gram"):
             raise ValueError(f"rule {self.rule} sets the weights without DoGraph's objective and graph: drop "
                              f"objective, target and graph (they apply to rule dograph)")
