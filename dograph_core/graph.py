@@ -41,6 +41,7 @@ class NodeMeans:
         self.loss = torch.zeros(k, dtype=torch.float64)          # EMA of the mean loss per node
         self.weight = torch.zeros(k, dtype=torch.float64)        # EMA bias correction: 1 - ema^n per node
         self.total = torch.zeros(k, dtype=torch.float64)         # all samples ever seen per node
+        self.last = torch.zeros(k, dim, dtype=torch.float64)     # the latest window's plain mean (any samples)
 
     def add(self, z: torch.Tensor, nodes: torch.Tensor, loss: Optional[torch.Tensor] = None) -> None:
         if z.ndim != 2 or z.shape[1] != self.dim or nodes.shape != (z.shape[0],):
@@ -58,6 +59,8 @@ class NodeMeans:
         if skipped:
             log.info("graph window: nodes %s had fewer than %d samples; their means are kept", skipped, self.min_count)
         c = self.counts.clamp_min(1.0)[:, None]
+        any_ = self.counts > 0
+        self.last[any_] = self.sums[any_] / c[any_]
         a = self.ema
         self.means[ok] = a * self.means[ok] + (1 - a) * (self.sums[ok] / c[ok])
         self.loss[ok] = a * self.loss[ok] + (1 - a) * (self.loss_sums[ok] / c[ok, 0])
@@ -78,7 +81,8 @@ class NodeMeans:
         return self.weight > 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k).clone() for k in ("sums", "counts", "loss_sums", "means", "loss", "weight", "total")}
+        return {k: getattr(self, k).clone()
+                for k in ("sums", "counts", "loss_sums", "means", "loss", "weight", "total", "last")}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, v in state.items():

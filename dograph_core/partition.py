@@ -100,8 +100,10 @@ class PartitionConfig(_Strict):
     def settings(self) -> dict[str, Any]:
         """The settings that decide the nodes (not where they are stored)."""
         out: dict[str, Any] = {"kind": self.kind, "k": self.k, "seed": self.seed}
-        if self.kind in ("text", "hidden", "file"):
+        if self.kind in ("text", "hidden"):
             out[self.kind] = getattr(self, self.kind).model_dump()
+        if self.kind == "file":  # only what is set: a labels file's partition keeps the key it had before `column`
+            out["file"] = self.file.model_dump(exclude_none=True)
         if self.kind == "gradient":
             out["hidden"] = self.hidden.model_dump()
         return out

@@ -274,24 +274,39 @@ def test_rule_uniform_keeps_equal_weights_on_the_live_clusters_and_samples_the_s
     assert np.abs(weights["dograph"] - 1 / 3).max() > 0.01
 
 
-@pytest.mark.parametrize("nodes", ["human", "model"])
-def test_rule_rnb_is_the_balance_step_on_the_nodes_mean_gradients(corpus, nodes):
-    """R&B's rule on DoGraph's nodes: softmax(lam G q / ||G q||), G the Gram matrix of the node mean
-    gradients, q the evaluation's share per node (1/3 per source; for clusters their base frequency)."""
+def test_rule_rnb_is_the_balance_step_on_the_last_windows_mean_gradients(corpus):
+    """R&B's rule on DoGraph's nodes, by hand: softmax(lam G q / ||G q||), G the Gram matrix of each node's
+    plain mean feature over the window just closed (not the running average across windows), a node
+    without a sequence in that window keeping its previous mean, q = 1/3 per source."""
+    m = build_mixer("dograph", {**SMALL, "rule": "rnb", "lam": 3.0}, ctx_for(corpus))
+    ns, d = m.human, m.human.means.dim
+    e0, e1 = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64)
+    e0[0], e1[1] = 1.0, 1.0
+
+    def window(rows: dict[int, torch.Tensor]) -> None:
+        for node, z in rows.items():
+            ns.means.add(torch.stack([z] * 4), torch.full((4,), node), torch.ones(4))
+        ns.commit()
+
+    window({0: e0, 1: e1, 2: e0 + e1})
+    window({0: 2 * e1, 1: e1})               # node 2 draws nothing: it keeps e0 + e1
+    m._by_rule(ns, 10)
+    # means (e0, e1 coordinates) [[0, 2], [0, 1], [1, 1]]: G q = [8, 4, 5] / 3, ||G q|| = sqrt(105) / 3
+    x = 3.0 * np.array([8.0, 4.0, 5.0]) / np.sqrt(105.0)
+    assert np.allclose(ns.alpha, np.exp(x) / np.exp(x).sum(), atol=1e-12)
+    assert int(np.argmax(ns.alpha)) == 0                     # the node most aligned with the evaluation leads
+
+
+def test_rule_rnb_runs_on_the_live_clusters_with_their_base_frequency_as_q(corpus):
     from dograph_core.mixers.rnb import rnb_update
 
     torch.manual_seed(0)
-    extra = {"min_ari": 0.0} if nodes == "model" else {}
-    m = build_mixer("dograph", {**SMALL, "nodes": nodes, "rule": "rnb", "lam": 3.0, **extra}, ctx_for(corpus))
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "rule": "rnb"}, ctx_for(corpus))
     run(m, nano_model(seq_len=T), 20)
-    ns = m.mnodes if nodes == "model" else m.human
-    means = ns.means.mean_matrix().numpy()
-    q = m.pi if nodes == "model" else np.full(3, 1 / 3)
-    want = rnb_update(means @ means.T, q, 3.0)
-    assert np.allclose(ns.alpha, want, atol=1e-12)
-    g_q = (means @ means.T) @ q
-    assert int(np.argmax(ns.alpha)) == int(np.argmax(g_q))   # the node most aligned with the evaluation leads
-    assert np.abs(ns.alpha - 1 / 3).max() > 0.01
+    assert m.in_force and m.updates["model"] >= 2
+    last = m.mnodes.means.last.numpy()
+    assert np.allclose(m.mnodes.alpha, rnb_update(last @ last.T, m.pi, 3.0), atol=1e-12)
+    assert not np.allclose(m.mnodes.alpha, rnb_update(last @ last.T, np.full(3, 1 / 3), 3.0), atol=1e-3)
 
 
 def test_human_probe_progress_measures_the_model_not_the_sample(corpus):

@@ -198,3 +198,32 @@ def test_huggingface_records_carry_labels_too(tmp_path, monkeypatch):
     rows = [r for s in ("train", "val", "test") for d in ("alpha", "beta") for r in _prepared_rows(cfg, s, d)]
     assert rows and all(r["labels"]["meta.topic"] == records[int(re.search(r":(\d+)#", r["id"]).group(1))]["meta"]["topic"]
                         for r in rows)
+
+
+def test_an_empty_document_and_an_evaluation_only_label_keep_every_other_label_in_place(built, tmp_path):
+    """tokenize skips a prepared document with no text, and its label with it; a validation document whose
+    topic no training document has is left out of that split's nodes, not an error (it may be rare)."""
+    _, cfg, _, _ = built
+    prepared = tmp_path / "prepared"
+    shutil.copytree(cfg.out_dir, prepared)
+    train = prepared / "train" / "alpha.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    rows.insert(1, {**rows[0], "id": "alpha/empty#0", "text": "", "labels": {"meta.topic": "Empty", "format": "0"}})
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    val = prepared / "val" / "beta.jsonl"
+    vrows = [json.loads(line) for line in val.read_text().splitlines()]
+    vrows[0]["labels"]["meta.topic"] = "Rare"
+    val.write_text("".join(json.dumps(r) + "\n" for r in vrows))
+    tokenize(prepared, TokenizeConfig(out_dir=str(tmp_path / "tok"), vocab_size=600), progress=False)
+    corpus = TokenCorpus(tmp_path / "tok")
+    assert corpus.labels("train", "alpha", "meta.topic") == [r["labels"]["meta.topic"] for r in rows if r["text"]]
+    part = build_partition("topic", PartitionConfig(kind="file", file={"column": "meta.topic"},
+                                                    out_dir=str(tmp_path / "parts")), corpus)
+    assert "Empty" not in part.nodes and "Rare" not in part.nodes
+    assert part.assign["val", "beta"][0] == -1 and (part.assign["val", "beta"][1:] >= 0).all()
+
+
+def test_a_labels_file_partition_keeps_the_settings_and_key_it_had_before_columns_existed():
+    assert PartitionConfig(kind="file", file={"path": "l.csv"}).settings() == {
+        "kind": "file", "k": None, "seed": 0, "file": {"path": "l.csv"}}
+    assert PartitionConfig(kind="file", file={"column": "topic"}).settings()["file"] == {"column": "topic"}

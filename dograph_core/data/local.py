@@ -10,9 +10,10 @@ Local formats (``prepare.local.path``):
 * ``.parquet`` files, a file or a directory of them, with the same two fields.
 
 Records (jsonl, parquet, Hugging Face) may carry labels besides their domain: each field named in
-``label_fields`` (a topic or format classifier's output, say) is read as a string and travels with
-every document cut from the record, through prepare and tokenize, to a ``file`` partition that
-makes one of them the nodes (``file: {column: topic}``). A record without one of them is skipped.
+``label_fields`` (a topic or format classifier's output, say) is read as a string (an integer class
+id becomes its digits; a float, a boolean, a list or null is refused) and travels with every document
+cut from the record, through prepare and tokenize, to a ``file`` partition that makes one of them the
+nodes (``file: {column: topic}``). A record without a usable value of each is skipped, with the reason.
 
 Hugging Face (``prepare.hf``): ``datasets.load_dataset(name, config, split=...,
 streaming=...)`` with the domain read from a dotted path, e.g. SlimPajama's

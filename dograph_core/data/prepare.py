@@ -142,8 +142,9 @@ def _name_domains(texts: dict[str, list[tuple[str, str]]]) -> tuple[dict[str, li
 
 def _documents(texts: dict[str, list[tuple[str, str]]], order: list[str], doc_chars: int,
                labels: Optional[Labels] = None) -> dict[str, list[Doc]]:
-    """Chunk every text and remove exact duplicates corpus-wide (first domain in ``order`` wins); each
-    piece keeps its text's labels (``labels[domain][key]``)."""
+    """Chunk every text and remove exact duplicates corpus-wide (first domain in ``order`` wins, then the
+    first key in sorted order); each piece keeps its text's labels (``labels[domain][key]``), so a
+    duplicate dropped here takes its record's labels with it."""
     seen: set[bytes] = set()
     out: dict[str, list[Doc]] = {}
     for name in order:

@@ -205,7 +205,8 @@ def _encode_file(path: Path | None, encode: Callable, writer: ShardWriter,
     chars = 0
     for text, doc_labels, where in iter_docs(path) if path is not None else ():
         columns.check(doc_labels, where)
-        labels.append(doc_labels)
+        if doc_labels:  # every record has labels or none does (checked): no list of Nones for a plain corpus
+            labels.append(doc_labels)
         batch.append(text)
         chars += len(text)
         if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
@@ -277,7 +278,7 @@ def tokenize(
         if columns.columns:  # only then: a corpus without labels keeps its corpus.json as before
             meta["label_columns"] = list(columns.columns)
             for (split, domain), of_shard in labels.items():
-                values = {c: [d[c] for d in of_shard if d] for c in columns.columns}
+                values = {c: [d[c] for d in of_shard] for c in columns.columns}
                 (tmp / split / f"{domain}.labels.json").write_text(json.dumps({"columns": values}) + "\n")
         write_json(tmp / "corpus.json", meta)
     if progress:

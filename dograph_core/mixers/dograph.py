@@ -488,12 +488,13 @@ class DoGraphMixer(Mixer):
 
     def _by_rule(self, ns: NodeSet, step: int) -> dict[str, Any]:
         """The weights over the nodes in force by a baseline's rule (``rule``), not DoGraph's objective:
-        ``uniform`` (the nodes alone) or R&B's Balance step on the nodes' mean gradients, with ``q`` the
-        evaluation's share in each node (for model nodes their frequency under the base sampler, ``pi``)."""
+        ``uniform`` (the nodes alone) or R&B's Balance step on the nodes' mean gradients of the window just
+        closed (a node without a sequence in it keeps its previous mean, as in :class:`RnBMixer`), with ``q``
+        the evaluation's share in each node (for model nodes their frequency under the base sampler, ``pi``)."""
         if self.cfg.rule == "uniform":
             a, extra = np.full(ns.k, 1.0 / ns.k), {}
         else:
-            m = ns.means.mean_matrix().numpy()
+            m = ns.means.last.numpy()
             g = m @ m.T
             q = self.pi if ns is self.mnodes else eval_shares(self.ctx)
             a, extra = rnb_update(g, q, self.cfg.lam), {"gram": g, "q": q}
@@ -539,6 +540,8 @@ class DoGraphMixer(Mixer):
         """Human-node losses on a fixed probe set (``progress_from: probe``): the same windows of every
         source at each update, forward only, so a node's change is the model's and not the sampling noise
         of different training windows."""
+        if self._model is None:
+            raise ProbeError("no model seen yet (observe() was never called)")
         if self._pprobe is None:
             self._pprobe = draw_probe(self.ctx.corpus, self.ctx.domains, self.cfg.progress_probe,
                                       self.ctx.seq_len, self._seed * 7 + 3)
@@ -551,7 +554,7 @@ class DoGraphMixer(Mixer):
         k = self.human.k
         n = np.bincount(src, minlength=k).astype(np.float64)
         now = np.bincount(src, weights=loss, minlength=k) / np.maximum(n, 1)
-        self.human.progress.record(now, n > 0)
+        self.human.progress.record(now, n >= self.cfg.min_node_samples)
         return {"count": n, "loss": now}
 
     def _maybe_recluster(self, step: int, reduce: Reduce) -> None:

@@ -19,7 +19,8 @@ class DoGraphConfig(MixerConfig):
     rule: Literal["dograph", "uniform", "rnb"] = Field(
         "dograph", description="dograph: the progress target through the graph (F1/F2/A1); uniform: the nodes "
                                "alone, equal weights (a partition's own effect, e.g. the live clusters); rnb: "
-                               "R&B's Balance step softmax(lam G q / ||G q||) on the nodes' mean gradients")
+                               "R&B's Balance step softmax(lam G q / ||G q||) on the nodes' mean gradients "
+                               "of the last window (DoGraph's sketched features)")
     lam: float = Field(3.0, gt=0, description="rule rnb: the softmax's scale (R&B, Table 7: 3)")
     # -- the graph and the optimisation
     objective: Literal["F1", "F2", "A1"] = Field(
@@ -59,7 +60,8 @@ class DoGraphConfig(MixerConfig):
     progress_from: Literal["auto", "batch", "probe"] = Field(
         "auto", description="node losses from the training windows (batch) or a fixed probe set re-scored at each "
                             "update (probe: the same windows every time, so a change is the model's, not the "
-                            "sample's); auto: probe for model nodes, batch for human nodes")
+                            "sample's); auto: probe for model nodes, batch for human nodes (with nodes: "
+                            "model, the fallback human nodes always use batch)")
     progress_probe: int = Field(96, gt=0, description="sequences in the fixed progress probe (stratified over sources)")
     # -- model-perceived domains
     recluster_every: int = Field(100, gt=0, description="T_c: full re-clustering of a probe every this many steps")
