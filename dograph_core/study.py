@@ -326,7 +326,10 @@ def partition_markdown(agg: dict[str, Any], methods: Mapping[str, Mapping[str, A
         cells: dict[tuple[str, str], str] = {}
         for m in a["rows"]:
             if m in methods:
-                cells.setdefault(cell_of(m, methods[m]), m)
+                part, mixer = cell_of(m, methods[m])
+                if (part, mixer) in cells:  # two methods in one cell (e.g. DoGraph's rule uniform beside plain
+                    mixer = f"{mixer} ({m})"  # uniform): each gets a column, none is dropped
+                cells[part, mixer] = m
         rows_ = list(dict.fromkeys(p for p, _ in cells))
         cols = list(dict.fromkeys(x for _, x in cells))
         if len(rows_) < 2:

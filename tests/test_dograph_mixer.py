@@ -251,8 +251,10 @@ def test_bad_config_is_refused_with_the_key(corpus):
         build_mixer("dograph", {"objective": "A9"}, ctx_for(corpus))
     with pytest.raises(MixerError, match="feature_sequences needs apply: sample"):
         build_mixer("dograph", {"nodes": "model", "apply": "loss", "feature_sequences": 4}, ctx_for(corpus))
-    with pytest.raises(MixerError, match="rule uniform sets the weights without DoGraph's objective"):
-        build_mixer("dograph", {"rule": "uniform", "graph": "off"}, ctx_for(corpus))
+    with pytest.raises(MixerError, match=r"rule uniform does not use \['graph', 'tau'\]: they apply to rule dograph"):
+        build_mixer("dograph", {"rule": "uniform", "graph": "off", "tau": 2.0}, ctx_for(corpus))
+    with pytest.raises(MixerError, match=r"rule dograph does not use \['lam'\]: they apply to rule rnb only"):
+        build_mixer("dograph", {"lam": 2.0}, ctx_for(corpus))
 
 
 def test_rule_uniform_keeps_equal_weights_on_the_live_clusters_and_samples_the_sources_they_cover(corpus, tmp_path):

@@ -212,6 +212,12 @@ def test_the_report_grid_puts_each_method_in_its_partition_and_mixer_cell():
     assert "| human | 6.500 |  |  |" in md
     assert "| text | 6.400 (-0.050; p 0.100) | 6.300 |  |" in md
     assert f"| {LIVE} |  |  | 6.450 |" in md
+    # a second method in a taken cell gets its own column instead of being dropped
+    methods["uniform_text_rule"] = {"type": "dograph", "nodes": "human", "partition": "text", "rule": "uniform"}
+    agg["nano"]["rows"]["uniform_text_rule"] = row(6.2)
+    md = partition_markdown(agg, methods, {})
+    assert "| partition | uniform | odm | dograph | uniform (uniform_text_rule) |" in md
+    assert "| text | 6.400 (-0.050; p 0.100) | 6.300 |  | 6.200 |" in md
 
 
 def test_text_from_a_local_embedding_model_directory(corpus, tmp_path):

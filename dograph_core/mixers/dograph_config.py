@@ -8,6 +8,11 @@ from pydantic import Field, model_validator
 from dograph_core.mixers.base import MixerConfig
 
 
+# what only DoGraph's own rule reads: with rule uniform or rnb, setting one of these is a mistake
+DOGRAPH_ONLY = {"objective", "graph", "rho", "knn", "target", "tau_kl", "eps", "floor", "cap", "solver", "fallback",
+                "shrink", "tau", "prior", "horizon", "min_windows"}
+
+
 class DoGraphConfig(MixerConfig):
     update_every: int = Field(20, gt=0, description="T_w: rebuild the graph and re-solve every this many steps")
     nodes: Literal["human", "model"] = Field("human", description="graph nodes: the human sources or gradient clusters")
@@ -130,9 +135,10 @@ class DoGraphConfig(MixerConfig):
             raise ValueError("objective A1 needs a target: a domain name or a mixture {domain: weight}")
         if self.target is not None and self.objective != "A1":
             raise ValueError(f"target is used by objective A1 only (objective is {self.objective})")
-        if self.rule != "dograph" and (self.objective != "F1" or self.target is not None or self.graph != "gram"):
-            raise ValueError(f"rule {self.rule} sets the weights without DoGraph's objective and graph: drop "
-                             f"objective, target and graph (they apply to rule dograph)")
+        ignored = sorted(self.model_fields_set & ({"lam"} if self.rule == "dograph" else DOGRAPH_ONLY))
+        if ignored:
+            what = "apply to rule rnb only" if self.rule == "dograph" else "apply to rule dograph only"
+            raise ValueError(f"rule {self.rule} does not use {ignored}: they {what}; drop them")
         if self.objective == "A1" and self.nodes == "model":
             raise ValueError("objective A1 matches the mixture of source means: use nodes: human")
         return self
