@@ -286,6 +286,7 @@ def _read_labels(cfg: PartitionConfig, where: str, bounds: dict, corpus) -> tupl
 def _column_labels(corpus, column: str, where: str, bounds: dict) -> dict[tuple[str, str, int], str]:
     """The corpus's label field ``column`` per document, as node names (each value made file-safe)."""
     from dograph_core.data.corpus import CorpusError
+    from dograph_core.data.text import file_safe
 
     labels: dict[tuple[str, str, int], str] = {}
     names: dict[str, str] = {}  # node name -> the value it came from
@@ -298,7 +299,7 @@ def _column_labels(corpus, column: str, where: str, bounds: dict) -> dict[tuple[
             raise PartitionError(f"{where}.file.column = {column!r}: {s}/{d} has {len(values)} labels for {len(b) - 1} "
                                  f"documents; re-run the tokenize stage")
         for j, v in enumerate(values):
-            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", v.strip()).strip("._-") or "_"
+            name = file_safe(v) or "_"
             if names.setdefault(name, v) != v:
                 raise PartitionError(f"{where}.file.column = {column!r}: the labels {names[name]!r} and {v!r} would "
                                      f"both be node {name!r}; make them differ in a letter or digit")

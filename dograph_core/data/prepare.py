@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import sys
 import time
@@ -46,7 +45,7 @@ from dograph_core.data.default_corpus import DomainSpec, catalogue as default_ca
 from dograph_core.data.local import iter_hf, iter_local
 from dograph_core.data.plan import Doc
 from dograph_core.data.sources import FetchError, fetch
-from dograph_core.data.text import DataWarning, Issues, PrepareError, RawDoc, chunk
+from dograph_core.data.text import DataWarning, Issues, PrepareError, RawDoc, chunk, file_safe
 from dograph_core.io import atomic_path
 
 Labels = dict[str, dict[str, dict[str, str]]]  # domain -> record key -> {label field: value}
@@ -64,7 +63,7 @@ def _log(progress: bool, msg: str) -> None:
 
 def safe_name(label: str) -> str:
     """The file-safe domain name of a label (letters, digits, ``_ . -``)."""
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", label.strip()).strip("._-")
+    name = file_safe(label)
     if not name:
         raise PrepareError(f"domain label {label!r} has no usable characters for a file name")
     return name

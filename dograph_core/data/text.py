@@ -22,6 +22,11 @@ class DataWarning(UserWarning):
     """Input that was skipped; the message names the file or domain and the reason."""
 
 
+def file_safe(label: str) -> str:
+    """``label`` as letters, digits, ``_ . -`` (each other run becomes ``_``, ends trimmed); empty if none is left."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label.strip()).strip("._-")
+
+
 class RawDoc(NamedTuple):
     """One text of a source, before chunking. ``key`` is unique within its domain; ``labels`` holds the
     values of the source's label fields (``prepare.<source>.label_fields``), carried to each document."""

@@ -243,10 +243,7 @@ class DoGraphMixer(Mixer):
         ids = ids.to(dev)
         if self.cfg.features == "exact":
             zs = self._exact(ids, [self._seed + i for i in range(n_proj)])
-            b = self.cfg.probe_batch
-            with torch.no_grad():
-                losses = torch.cat([sequence_loss(self._model(ids[s:s + b, :-1]).logits, ids[s:s + b, 1:])
-                                    for s in range(0, ids.shape[0], b)])
+            losses = self._probe_losses(ids)
         else:
             emb = self._model.get_output_embeddings().weight
             # the stability check's projection is the one the online sketch uses (seed + 1), built once
@@ -256,6 +253,20 @@ class DoGraphMixer(Mixer):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.ctx.bf16):
                 zs, losses = probe_features(self._model, ids, projs, None, (1, 1), self.cfg.probe_batch)
         return [z.detach().cpu() for z in zs], losses.detach().float().cpu().numpy()
+
+    def _probe_losses(self, ids: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+        """Each probe window's mean loss, forward only, ``probe_batch`` windows at a time (``ids`` on the model's device)."""
+        b = self.cfg.probe_batch
+        with torch.no_grad(), torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return torch.cat([sequence_loss(self._model(ids[s:s + b, :-1]).logits, ids[s:s + b, 1:])
+                              for s in range(0, ids.shape[0], b)])
+
+    def _progress_probe(self) -> tuple[torch.Tensor, np.ndarray]:
+        """The fixed progress probe (``progress_probe`` windows stratified over the nodes' sources), drawn once."""
+        if self._pprobe is None:
+            self._pprobe = draw_probe(self.ctx.corpus, self.ctx.domains, self.cfg.progress_probe,
+                                      self.ctx.seq_len, self._seed * 7 + 3)
+        return self._pprobe
 
     # -- hooks ------------------------------------------------------------------------------
     def _pi_floored(self) -> np.ndarray:
@@ -521,10 +532,7 @@ class DoGraphMixer(Mixer):
     def _probe_progress(self) -> dict[str, Any]:
         """Model-node losses on a fixed probe set: the same sequences at this and the last update,
         both grouped by their *current* cluster, so membership drift is not mistaken for progress."""
-        if self._pprobe is None:
-            self._pprobe = draw_probe(self.ctx.corpus, self.ctx.domains, self.cfg.progress_probe,
-                                      self.ctx.seq_len, self._seed * 7 + 3)
-        (z,), loss = self._probe_features(self._pprobe[0], 1)
+        (z,), loss = self._probe_features(self._progress_probe()[0], 1)
         labels = self.clusters.assign(z.double().numpy())
         k = self.cfg.k
         n = np.bincount(labels, minlength=k).astype(np.float64)
@@ -542,15 +550,9 @@ class DoGraphMixer(Mixer):
         of different training windows."""
         if self._model is None:
             raise ProbeError("no model seen yet (observe() was never called)")
-        if self._pprobe is None:
-            self._pprobe = draw_probe(self.ctx.corpus, self.ctx.domains, self.cfg.progress_probe,
-                                      self.ctx.seq_len, self._seed * 7 + 3)
-        ids, src = self._pprobe
-        dev = next(self._model.parameters()).device
-        b = self.cfg.probe_batch
-        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.ctx.bf16):
-            loss = torch.cat([sequence_loss(self._model(ids[s:s + b, :-1].to(dev)).logits, ids[s:s + b, 1:].to(dev))
-                              for s in range(0, ids.shape[0], b)]).float().cpu().numpy()
+        ids, src = self._progress_probe()
+        ids = ids.to(next(self._model.parameters()).device)
+        loss = self._probe_losses(ids, self.ctx.bf16).float().cpu().numpy()
         k = self.human.k
         n = np.bincount(src, minlength=k).astype(np.float64)
         now = np.bincount(src, weights=loss, minlength=k) / np.maximum(n, 1)
