@@ -132,7 +132,8 @@ class LiveClusters:
     window's own (mini-batch k-means with a constant rate, so old geometry is forgotten) and updates
     the prices: ``p_k += balance * log(occupancy_k / target_k)``, clipped to ``[-max_price, max_price]``
     (cosine units). A crowded cluster's price rises and a starved one's falls until occupancy is near
-    the target; ``balance = 0`` turns the guard off.
+    the target; ``balance = 0`` turns the guard off. The occupancy balanced may be given in
+    terms of another sampler than the one that drew the window (:meth:`commit`).
     """
 
     def __init__(self, c: Clustering, lr: float = 0.3, balance: float = 0.1, max_price: float = 0.5):
@@ -159,10 +160,14 @@ class LiveClusters:
         """The window's sums (reduce these across ranks before :meth:`commit`)."""
         return [self.xsum, self.zsum, self.counts]
 
-    def commit(self, target: np.ndarray) -> np.ndarray:
-        """Fold the window in; returns the window's occupancy (share of sequences per cluster)."""
+    def commit(self, target: np.ndarray, occupancy: Optional[np.ndarray] = None) -> np.ndarray:
+        """Fold the window in; returns the window's occupancy (share of sequences per cluster).
+
+        The prices balance ``occupancy`` when it is given (for example the clusters' frequency under
+        another sampler than the one that drew the window), else the window's own occupancy."""
         n = float(self.counts.sum())
         occ = (self.counts / max(n, 1.0)).numpy().copy()
+        guard = occ if occupancy is None else np.asarray(occupancy, dtype=np.float64)
         if n > 0:
             a = self.lr
             self.mean = (1 - a) * self.mean + a * (self.zsum.numpy() / n)
@@ -171,7 +176,7 @@ class LiveClusters:
             c = (1 - a) * self.centroids[seen] + a * win
             self.centroids[seen] = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
             if self.balance > 0:
-                step = self.balance * np.log((occ + 1e-3) / (np.asarray(target) + 1e-3))
+                step = self.balance * np.log((guard + 1e-3) / (np.asarray(target) + 1e-3))
                 self.prices = np.clip(self.prices + step, -self.max_price, self.max_price)
         self.xsum.zero_(), self.zsum.zero_(), self.counts.zero_()
         return occ

@@ -169,9 +169,78 @@ def test_model_nodes_resampling_mode_maps_clusters_to_sources(corpus):
     m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "apply": "sample"}, ctx_for(corpus))
     assert m.apply == "sample"
     run(m, nano_model(seq_len=T), 15)
-    cond = m.table / m.table.sum(1, keepdims=True)
+    cond = m.ctab / m.ctab.sum(1, keepdims=True)    # P(s | c) under the uniform base (rows of equal source mass)
+    assert np.allclose(m.ctab, m.table)             # re-clustered at step 15: the live table starts from the probe's
     assert np.allclose(m.weights, (m.alpha @ cond) / (m.alpha @ cond).sum(), atol=1e-6)
     assert np.allclose(m.sampling_weights(), m.weights)
+
+
+def in_force_three_clusters(corpus, **extra):
+    """A model-node mixer in force with K = 3 clusters over the 3 sources, and a helper that folds in a
+    window in which every sequence of source s lands in cluster ``where[s]``, drawn by source weights ``w``."""
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "recluster_every": 1000, **extra},
+                    ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 10)
+    assert m.in_force
+
+    def window(w, where=(0, 1, 2), n=60, step=15):
+        m.set_weights(np.asarray(w, dtype=float), step - 5)
+        src = torch.tensor([s for s in range(3) for _ in range(round(n * w[s]))])
+        labels = torch.tensor([where[s] for s in src.tolist()])
+        z = torch.from_numpy(m.clusters.mean + m.clusters.centroids[labels.numpy()]).float()
+        m._add(z, src, torch.ones(len(src)), labels, torch.ones(len(src), dtype=torch.float64))
+        return m._update_model(step, lambda t: t)
+    return m, window
+
+
+@pytest.mark.parametrize("under", ["base", "sampler"])
+def test_the_occupancy_guard_does_not_push_back_on_the_weights(corpus, under):
+    """Weights that draw source 0 (cluster 0) at 0.6 leave cluster 0 balanced under the uniform base sampler:
+    balancing that occupancy (the default) leaves the prices where they were; balancing the sampled window's
+    own occupancy (the ablation) raises cluster 0's price by balance * log(0.6 / (1/3)), against the weights."""
+    m, window = in_force_three_clusters(corpus, balance_under=under)
+    before = m.clusters.prices.copy()
+    rec = window([0.6, 0.2, 0.2])
+    assert np.allclose(rec["occupancy"], [0.6, 0.2, 0.2])
+    if under == "base":
+        assert np.allclose(m.clusters.prices, before, atol=1e-12)
+    else:
+        step = 0.1 * np.log((np.array([0.6, 0.2, 0.2]) + 1e-3) / (1 / 3 + 1e-3))
+        assert np.allclose(m.clusters.prices, np.clip(before + step, -0.5, 0.5))
+        assert m.clusters.prices[0] > before[0]
+
+
+@pytest.mark.parametrize("table_ema", [0.8, None])
+def test_the_source_map_follows_where_the_sources_sequences_land_now(corpus, table_ema):
+    """The live table adds each window's assignments to its decayed counts, so when source 0's sequences move
+    from cluster 0 to cluster 1, weight on cluster 1 draws source 0 more; frozen (None), the map stays the
+    re-clustering's. Then alpha = pi (the clusters' base frequency under the table) gives the base weights."""
+    m, window = in_force_three_clusters(corpus, table_ema=table_ema)
+    old = m.ctab.copy()
+    m.mnodes.alpha = np.array([0.1, 0.8, 0.1])
+    w_before = m._cluster_to_sources()
+    for i in range(3):
+        rec = window([1 / 3, 1 / 3, 1 / 3], where=(1, 1, 2), step=15 + 5 * i)
+    counts = np.array([[0, 0, 0], [20, 20, 0], [0, 0, 20]], dtype=float)
+    if table_ema is None:
+        assert np.array_equal(m.ctab, old)
+    else:
+        assert np.allclose(m.ctab, 0.8 ** 3 * old + (0.8 ** 2 + 0.8 + 1) * counts)
+    m.mnodes.alpha = np.array([0.1, 0.8, 0.1])
+    w_after = m._cluster_to_sources()
+    if table_ema is None:
+        assert np.allclose(w_after, w_before)
+    else:
+        assert w_after[0] > w_before[0] + 0.04          # 0.36 -> 0.41 here
+        psc = (m.ctab + 1e-9) / (m.ctab + 1e-9).sum(1, keepdims=True)     # P(s | c), uniform base
+        assert np.allclose(w_after, m.alpha @ psc)
+        # what the source weights express, against what was asked: expected = P(c | s) @ w
+        given = (m.ctab + 1e-9) / (m.ctab + 1e-9).sum(0)
+        assert np.allclose(rec["expected"], given @ np.full(3, 1 / 3))
+        assert rec["expected_gap_l1"] == pytest.approx(np.abs(rec["expected"] - m.alpha).sum())
+    m.mnodes.alpha = (m.ctab + 1e-9) / (m.ctab + 1e-9).sum(0) @ m.base_weights()
+    assert np.allclose(m._cluster_to_sources(), m.base_weights())
 
 
 def test_exact_feature_path_clusters_on_per_example_gradients(corpus, tmp_path):
@@ -260,7 +329,8 @@ def test_bad_config_is_refused_with_the_key(corpus):
 def test_rule_uniform_keeps_equal_weights_on_the_live_clusters_and_samples_the_sources_they_cover(corpus, tmp_path):
     """The live gradient partition on its own: the clusters re-cluster and follow the model as with DoGraph,
     but every node keeps weight 1/K, so the sources are drawn by how the clusters cover them,
-    w_s = mean_c P(s | c), not uniformly; DoGraph's rule on the same run moves the cluster weights."""
+    w_s = mean_c P(s | c) (under the base sampler, from the live table), not uniformly; DoGraph's rule on the
+    same run moves the cluster weights."""
     weights = {}
     for rule in ("uniform", "dograph"):
         torch.manual_seed(0)
@@ -269,7 +339,8 @@ def test_rule_uniform_keeps_equal_weights_on_the_live_clusters_and_samples_the_s
         assert m.in_force and m.updates["model"] >= 3
         weights[rule] = m.alpha.copy()
         if rule == "uniform":
-            cond = m.table / m.table.sum(1, keepdims=True)
+            given = m.ctab / m.ctab.sum(0, keepdims=True)                 # P(c | s)
+            cond = given / given.sum(1, keepdims=True)                      # P(s | c), the base being uniform
             assert np.array_equal(m.alpha, np.full(3, 1 / 3))
             assert np.allclose(m.weights, cond.mean(0) / cond.mean(0).sum(), atol=1e-6)
             assert np.abs(m.weights - 1 / 3).max() > 1e-3         # the clusters do not cover the sources evenly

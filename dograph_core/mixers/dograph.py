@@ -87,6 +87,8 @@ class DoGraphMixer(Mixer):
         self.clusters: Optional[cl.LiveClusters] = None
         self.clustering: Optional[cl.Clustering] = None     # the last accepted re-clustering
         self.table: Optional[np.ndarray] = None              # its cluster x source table
+        self.ctab: Optional[np.ndarray] = None               # the live table: decayed counts of assignments
+        self._tab_counts = torch.zeros(self.n_nodes, h, dtype=torch.float64)  # the window's cluster x source counts
         self.in_force = False                                # model nodes weight the batch now
         self.pi = np.full(self.n_nodes, 1.0 / self.n_nodes)  # cluster frequency under the base sampler
         self._pi_counts = torch.zeros(self.n_nodes, dtype=torch.float64)
@@ -364,6 +366,7 @@ class DoGraphMixer(Mixer):
         if labels is not None:
             self.mnodes.means.add(z, labels, loss)
             self.clusters.add(z.double().numpy(), labels.numpy())
+            self._tab_counts.index_put_((labels, src), torch.ones(labels.numel(), dtype=torch.float64), accumulate=True)
             # frequencies under the base sampler: reweight what the current sampler drew
             ratio = np.minimum(self.base_weights() / np.maximum(self.sampling_weights(), 1e-12), MAX_RATIO)
             self._pi_counts.index_add_(0, labels, torch.from_numpy(ratio[src.numpy()]))
@@ -375,7 +378,7 @@ class DoGraphMixer(Mixer):
         if self.mnodes is not None:
             ts += [self.mnodes.means.sums, self.mnodes.means.counts, self.mnodes.means.loss_sums]
         if self.clusters is not None:
-            ts += self.clusters.window()
+            ts += [*self.clusters.window(), self._tab_counts]
         return ts
 
     def update(self, step: int, reduce: Reduce = identity_reduce) -> np.ndarray:
@@ -434,10 +437,18 @@ class DoGraphMixer(Mixer):
     def _update_model(self, step: int, reduce: Reduce) -> dict[str, Any]:
         rec: dict[str, Any] = {}
         if self.clusters is not None:
+            cfg = self.cfg
             counts = self._pi_counts.numpy()
-            if counts.sum() > 0:
-                self.pi = self.cfg.ema * self.pi + (1 - self.cfg.ema) * counts / counts.sum()
-            self._occ = self.clusters.commit(np.full(self.cfg.k, 1.0 / self.cfg.k))
+            base_occ = counts / counts.sum() if counts.sum() > 0 else None
+            if base_occ is not None:
+                self.pi = cfg.ema * self.pi + (1 - cfg.ema) * base_occ
+            # the guard balances the clusters under the base sampler, not the window the weights drew
+            self._occ = self.clusters.commit(np.full(cfg.k, 1.0 / cfg.k),
+                                             occupancy=base_occ if cfg.balance_under == "base" else None)
+            drew = self.sampling_weights()   # the source weights of the window just closed
+            tab = self._tab_counts.numpy()
+            if cfg.table_ema is not None and self.ctab is not None:
+                self.ctab = cfg.table_ema * self.ctab + tab
             self.mnodes.commit()
             if self.cfg.progress_from == "batch":
                 self.mnodes.record_batch_progress()
@@ -451,10 +462,13 @@ class DoGraphMixer(Mixer):
                 eff = self.pi * w / float(self.pi @ w)
             else:                     # sampling: the window's own cluster shares
                 eff = self._occ
+                rec.update(self._realisation(drew, float(tab.sum())))
             rec.update(pi=self.pi, occupancy=self._occ, prices=self.clusters.prices, realised=eff,
                        ess_mean=self._diag.get("ess_mean"), ess_low_share=self._diag.get("ess_low_share"),
                        realised_gap_l1=float(np.abs(eff - self.alpha).sum()))
-        self._pi_counts.zero_(), self._ess.zero_()
+            if self.in_force:
+                self._diag["realised_gap_l1"] = rec["realised_gap_l1"]
+        self._pi_counts.zero_(), self._ess.zero_(), self._tab_counts.zero_()
         self._maybe_recluster(step, reduce)
         return rec
 
@@ -607,6 +621,7 @@ class DoGraphMixer(Mixer):
             if self._online_rows and reduce is not identity_reduce:  # each rank's rows are its own: sum them
                 table = reduce(torch.from_numpy(table).double()).round().long().numpy()
             self.table = table
+            self.ctab = table.astype(np.float64)
             self._init_pi(table)   # the new clusters' sizes, not the old ones'
             self.clustering = new
         was = self.in_force
@@ -674,12 +689,33 @@ class DoGraphMixer(Mixer):
         pi = np.maximum(pi, 1e-3)
         self.pi = pi / pi.sum()
 
+    def _cluster_given_source(self) -> np.ndarray:
+        """``R[c, s] = P(cluster c | source s)`` from the live table (the last re-clustering's until a
+        window is folded in). Conditioning on the source makes it independent of how often each source
+        was drawn, so the windows' own assignments estimate it under any source weights."""
+        t = (self.ctab if self.ctab is not None else self.table.astype(np.float64)) + 1e-9
+        return t / t.sum(0, keepdims=True)
+
     def _cluster_to_sources(self) -> np.ndarray:
-        """Sampling weights over sources that realise cluster weights: ``sum_c a_c P(source | c)``."""
-        t = self.table.astype(np.float64) + 1e-9
-        cond = t / t.sum(1, keepdims=True)
-        w = self.alpha @ cond
+        """Sampling weights over sources that realise cluster weights: ``sum_c a_c P(source | c)``, with
+        ``P(source | c)`` under the base sampler (``base_s R[c, s] / pi_c``, ``pi_c = sum_s base_s R[c, s]``),
+        so that ``a = pi`` gives the base weights."""
+        R, base = self._cluster_given_source(), self.base_weights()
+        w = base * ((self.alpha / (R @ base)) @ R)
         return w / w.sum()
+
+    def _realisation(self, drew: np.ndarray, n: float) -> dict[str, Any]:
+        """How well sampling sources realises the cluster weights: ``expected`` is the cluster mixture the
+        source weights ``drew`` give under the live table, ``expected_gap_l1`` its distance from ``a``
+        (what sources cannot express), and ``noise_l1`` the L1 distance a window of ``n`` featurised
+        sequences drawn from ``expected`` shows by chance (normal approximation of the multinomial)."""
+        exp = self._cluster_given_source() @ drew
+        exp = exp / exp.sum()
+        noise = float(np.sum(np.sqrt(2.0 * exp * (1 - exp) / (np.pi * max(n, 1.0)))))
+        gap = float(np.abs(exp - self.alpha).sum())
+        if self.in_force:
+            self._diag.update(expected_gap_l1=gap, noise_l1=noise)
+        return {"expected": exp, "expected_gap_l1": gap, "noise_l1": noise}
 
     # -- analysis -----------------------------------------------------------------------------
     def analysis_steps(self) -> list[int]:
@@ -748,6 +784,7 @@ class DoGraphMixer(Mixer):
                 "labels": torch.from_numpy(c.labels.copy()), "ari": float(c.ari), "ari_init": float(c.ari_init),
                 "step": int(c.step)},
             "table": None if self.table is None else self.table.tolist(),
+            "ctab": None if self.ctab is None else self.ctab.tolist(), "tab_counts": self._tab_counts.clone(),
             "pprobe_prev": None if self._pprobe_prev is None else torch.from_numpy(self._pprobe_prev.copy()),
             "updates": dict(self.updates), "last_step": self.last_step,
             "analysis_done": sorted(self._analysis_done), "last_try": self._last_try,
@@ -780,6 +817,10 @@ class DoGraphMixer(Mixer):
                                             self.cfg.balance if self.cfg.live else 0.0, self.cfg.max_price)
             self.clusters.load_state_dict(state["clusters"])
         self.table = None if state["table"] is None else np.asarray(state["table"], dtype=np.int64)
+        ctab = state.get("ctab", state["table"])   # a checkpoint from before the live table: the probe's
+        self.ctab = None if ctab is None else np.asarray(ctab, dtype=np.float64)
+        if state.get("tab_counts") is not None:
+            self._tab_counts = torch.as_tensor(state["tab_counts"]).double().clone()
         self._pprobe_prev = None if state["pprobe_prev"] is None else _np(state["pprobe_prev"])
         self.updates = {k: int(v) for k, v in state["updates"].items()}
         self.last_step = int(state["last_step"])
@@ -810,6 +851,7 @@ class DoGraphMixer(Mixer):
             "node_schedule": [{"step": s, "weights": w} for s, w in node_hist],
             "model_nodes_in_force_share": self.updates["model"] / total if self.model_mode else None,
             "contingency": None if self.table is None else self.table.tolist(),
+            "contingency_live": None if self.ctab is None else np.round(self.ctab, 3).tolist(),
             "clustering_step": None if self.clustering is None else self.clustering.step,
             "clustering_ari": None if self.clustering is None else self.clustering.ari,
             "target": self.target,

@@ -84,6 +84,15 @@ class DoGraphConfig(MixerConfig):
     cluster_lr: float = Field(0.3, gt=0, le=1, description="online k-means step of the centroids and centring mean per window")
     balance: float = Field(0.1, ge=0, description="price step of the balanced assignment (0 = no occupancy guard)")
     max_price: float = Field(0.5, ge=0, description="bound of each cluster's price (cosine units)")
+    balance_under: Literal["base", "sampler"] = Field(
+        "base", description="the occupancy the guard balances: the clusters' frequency under the base sampler (each "
+                            "sequence counted base/sampling, so cluster weights that draw a cluster more do not raise "
+                            "its price), or the sampled windows' own (the ablation: the guard then pushes back on "
+                            "every weight away from 1/K)")
+    table_ema: Optional[float] = Field(
+        0.8, ge=0, lt=1, description="decay per window of the cluster x source counts that turn cluster weights into "
+                                     "source weights; each window's own assignments are added, so the map follows the "
+                                     "live clusters (None = frozen at the last re-clustering's table, the ablation)")
     fallback_nodes: Literal["human", "uniform"] = Field(
         "human", description="while no recent clustering is stable: DoGraph over the human sources, or uniform")
     apply: Literal["loss", "sample"] = Field("sample", description="model nodes: sampling through the cluster x source "
