@@ -132,16 +132,19 @@ class LiveClusters:
     window's own (mini-batch k-means with a constant rate, so old geometry is forgotten) and updates
     the prices: ``p_k += balance * log(occupancy_k / target_k)``, clipped to ``[-max_price, max_price]``
     (cosine units). A crowded cluster's price rises and a starved one's falls until occupancy is near
-    the target; ``balance = 0`` turns the guard off. The occupancy balanced may be given in
+    the target; ``balance = 0`` turns the guard off. With ``band > 1`` the guard acts only on the part of
+    ``|log(occupancy / target)|`` beyond ``log(band)``: occupancy within a factor ``band`` of the target
+    moves no price (a guard against collapse, not a force towards equal clusters). The occupancy balanced may be given in
     terms of another sampler than the one that drew the window (:meth:`commit`).
     """
 
-    def __init__(self, c: Clustering, lr: float = 0.3, balance: float = 0.1, max_price: float = 0.5):
+    def __init__(self, c: Clustering, lr: float = 0.3, balance: float = 0.1, max_price: float = 0.5, band: float = 1.0):
         self.k, self.dim = c.centroids.shape
         self.mean = c.mean.copy()
         self.centroids = c.centroids.copy()
         self.prices = np.zeros(self.k)
         self.lr, self.balance, self.max_price = lr, balance, max_price
+        self.band = band
         self.xsum = torch.zeros(self.k, self.dim, dtype=torch.float64)
         self.zsum = torch.zeros(self.dim, dtype=torch.float64)
         self.counts = torch.zeros(self.k, dtype=torch.float64)
@@ -176,7 +179,8 @@ class LiveClusters:
             c = (1 - a) * self.centroids[seen] + a * win
             self.centroids[seen] = c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12)
             if self.balance > 0:
-                step = self.balance * np.log((guard + 1e-3) / (np.asarray(target) + 1e-3))
+                g = np.log((guard + 1e-3) / (np.asarray(target) + 1e-3))
+                step = self.balance * np.sign(g) * np.maximum(np.abs(g) - np.log(self.band), 0.0)
                 self.prices = np.clip(self.prices + step, -self.max_price, self.max_price)
         self.xsum.zero_(), self.zsum.zero_(), self.counts.zero_()
         return occ

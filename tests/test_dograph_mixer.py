@@ -194,21 +194,40 @@ def in_force_three_clusters(corpus, **extra):
     return m, window
 
 
+def guard_step(occ, band=2.0, k=3):
+    g = np.log((np.asarray(occ) + 1e-3) / (1 / k + 1e-3))
+    return 0.1 * np.sign(g) * np.maximum(np.abs(g) - np.log(band), 0.0)
+
+
 @pytest.mark.parametrize("under", ["base", "sampler"])
 def test_the_occupancy_guard_does_not_push_back_on_the_weights(corpus, under):
-    """Weights that draw source 0 (cluster 0) at 0.6 leave cluster 0 balanced under the uniform base sampler:
-    balancing that occupancy (the default) leaves the prices where they were; balancing the sampled window's
-    own occupancy (the ablation) raises cluster 0's price by balance * log(0.6 / (1/3)), against the weights."""
+    """Weights that draw source 0 (cluster 0) at 0.8 leave cluster 0 balanced under the uniform base sampler:
+    balancing pi, that frequency (the default), leaves the prices where they were; balancing the sampled
+    window's own occupancy (the ablation) raises cluster 0's price, against the weights, by balance times
+    the part of log(0.8 / (1/3)) beyond log(band)."""
     m, window = in_force_three_clusters(corpus, balance_under=under)
     before = m.clusters.prices.copy()
-    rec = window([0.6, 0.2, 0.2])
-    assert np.allclose(rec["occupancy"], [0.6, 0.2, 0.2])
+    rec = window([0.8, 0.1, 0.1])
+    assert np.allclose(rec["occupancy"], [0.8, 0.1, 0.1])
     if under == "base":
+        assert np.all((m.pi > 1 / 6) & (m.pi < 2 / 3))      # within the band: no price moves
         assert np.allclose(m.clusters.prices, before, atol=1e-12)
     else:
-        step = 0.1 * np.log((np.array([0.6, 0.2, 0.2]) + 1e-3) / (1 / 3 + 1e-3))
-        assert np.allclose(m.clusters.prices, np.clip(before + step, -0.5, 0.5))
+        assert np.allclose(m.clusters.prices, np.clip(before + guard_step([0.8, 0.1, 0.1]), -0.5, 0.5))
         assert m.clusters.prices[0] > before[0]
+
+
+def test_the_guard_still_acts_against_collapse_under_the_base_sampler(corpus):
+    """A cluster holding most of the base sampler's sequences (pi beyond a factor 2 of 1/K) gets a higher price
+    and the starved ones lower prices, by the part beyond the band, whatever the weights drew."""
+    m, window = in_force_three_clusters(corpus)
+    m.pi = np.array([0.8, 0.1, 0.1])
+    before = m.clusters.prices.copy()
+    window([1 / 3, 1 / 3, 1 / 3])
+    pi = 0.8 * np.array([0.8, 0.1, 0.1]) + 0.2 / 3                # the window is balanced under the base sampler
+    assert np.allclose(m.pi, pi)
+    assert np.allclose(m.clusters.prices, np.clip(before + guard_step(pi), -0.5, 0.5))
+    assert np.all(np.sign(m.clusters.prices - before) == [1, -1, -1])
 
 
 @pytest.mark.parametrize("table_ema", [0.8, None])

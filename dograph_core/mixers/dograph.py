@@ -444,7 +444,7 @@ class DoGraphMixer(Mixer):
                 self.pi = cfg.ema * self.pi + (1 - cfg.ema) * base_occ
             # the guard balances the clusters under the base sampler, not the window the weights drew
             self._occ = self.clusters.commit(np.full(cfg.k, 1.0 / cfg.k),
-                                             occupancy=base_occ if cfg.balance_under == "base" else None)
+                                             occupancy=self.pi if cfg.balance_under == "base" else None)
             drew = self.sampling_weights()   # the source weights of the window just closed
             tab = self._tab_counts.numpy()
             if cfg.table_ema is not None and self.ctab is not None:
@@ -614,7 +614,8 @@ class DoGraphMixer(Mixer):
                 new.labels = cl.assign(z.numpy(), mean, cents)
             if self.clusters is None:
                 self.clusters = cl.LiveClusters(new, cfg.cluster_lr if cfg.live else 0.0,
-                                                cfg.balance if cfg.live else 0.0, cfg.max_price)
+                                                cfg.balance if cfg.live else 0.0, cfg.max_price,
+                                                cfg.balance_band)
             else:
                 self.clusters.replace(new)
             table = cl.contingency(new.labels, src, cfg.k, len(self.ctx.domains))
@@ -814,7 +815,8 @@ class DoGraphMixer(Mixer):
             ari=float(c["ari"]), step=int(c["step"]), ari_init=float(c["ari_init"]))
         if state["clusters"] is not None:
             self.clusters = cl.LiveClusters(self.clustering, self.cfg.cluster_lr if self.cfg.live else 0.0,
-                                            self.cfg.balance if self.cfg.live else 0.0, self.cfg.max_price)
+                                            self.cfg.balance if self.cfg.live else 0.0, self.cfg.max_price,
+                                            self.cfg.balance_band)
             self.clusters.load_state_dict(state["clusters"])
         self.table = None if state["table"] is None else np.asarray(state["table"], dtype=np.int64)
         ctab = state.get("ctab", state["table"])   # a checkpoint from before the live table: the probe's

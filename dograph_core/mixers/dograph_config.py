@@ -85,10 +85,12 @@ class DoGraphConfig(MixerConfig):
     balance: float = Field(0.1, ge=0, description="price step of the balanced assignment (0 = no occupancy guard)")
     max_price: float = Field(0.5, ge=0, description="bound of each cluster's price (cosine units)")
     balance_under: Literal["base", "sampler"] = Field(
-        "base", description="the occupancy the guard balances: the clusters' frequency under the base sampler (each "
-                            "sequence counted base/sampling, so cluster weights that draw a cluster more do not raise "
-                            "its price), or the sampled windows' own (the ablation: the guard then pushes back on "
-                            "every weight away from 1/K)")
+        "base", description="the occupancy the guard balances: pi, the clusters' frequency under the base sampler (each "
+                            "sequence counted base/sampling, averaged over windows, so cluster weights that draw a "
+                            "cluster more do not raise its price), or each sampled window's own (the ablation: the "
+                            "guard then pushes back on every weight away from 1/K)")
+    balance_band: float = Field(2.0, ge=1, description="the guard moves a price only for occupancy beyond a factor "
+                                                      "balance_band of 1/K (1 = towards 1/K always)")
     table_ema: Optional[float] = Field(
         0.8, ge=0, lt=1, description="decay per window of the cluster x source counts that turn cluster weights into "
                                      "source weights; each window's own assignments are added, so the map follows the "
