@@ -343,6 +343,9 @@ def test_bad_config_is_refused_with_the_key(corpus):
         build_mixer("dograph", {"rule": "uniform", "graph": "off", "tau": 2.0}, ctx_for(corpus))
     with pytest.raises(MixerError, match=r"rule dograph does not use \['lam'\]: they apply to rule rnb only"):
         build_mixer("dograph", {"lam": 2.0}, ctx_for(corpus))
+    with pytest.raises(MixerError, match=r"progress_probe \(9\) gives 3 windows to each of the 3 sources, under "
+                                         r"min_node_samples \(4\).*at least 12"):
+        build_mixer("dograph", {"nodes": "human", "progress_from": "probe", "progress_probe": 9}, ctx_for(corpus))
 
 
 def test_rule_uniform_keeps_equal_weights_on_the_live_clusters_and_samples_the_sources_they_cover(corpus, tmp_path):

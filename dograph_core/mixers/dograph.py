@@ -71,6 +71,11 @@ class DoGraphMixer(Mixer):
                              "but the mixer context has none (MixerContext.corpus)")
         self.apply = "loss" if (self.model_mode and cfg.apply == "loss") else "sample"
         h = len(ctx.domains)
+        if cfg.progress_from == "probe" and not self.model_mode and cfg.progress_probe // h < cfg.min_node_samples:
+            raise MixerError(
+                f"dograph: progress_probe ({cfg.progress_probe}) gives {cfg.progress_probe // h} windows to each of the "
+                f"{h} sources, under min_node_samples ({cfg.min_node_samples}): no source would ever have a progress "
+                f"score; raise progress_probe to at least {cfg.min_node_samples * h} or lower min_node_samples")
         self.dim = cfg.r1 * cfg.r2 if cfg.features == "sketch" else len(cfg.exact_params) * cfg.exact_r[0] * cfg.exact_r[1]
         try:
             self.human = NodeSet(h, self.dim, cfg)
