@@ -134,8 +134,8 @@ class LiveClusters:
     (cosine units). A crowded cluster's price rises and a starved one's falls until occupancy is near
     the target; ``balance = 0`` turns the guard off. With ``band > 1`` the guard acts only on the part of
     ``|log(occupancy / target)|`` beyond ``log(band)``: occupancy within a factor ``band`` of the target
-    moves no price (a guard against collapse, not a force towards equal clusters). The occupancy balanced may be given in
-    terms of another sampler than the one that drew the window (:meth:`commit`).
+    moves no price (a guard against collapse, not a force towards equal clusters). The occupancy
+    balanced may be given in terms of another sampler than the one that drew the window (:meth:`commit`).
     """
 
     def __init__(self, c: Clustering, lr: float = 0.3, balance: float = 0.1, max_price: float = 0.5, band: float = 1.0):
