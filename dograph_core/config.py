@@ -151,6 +151,10 @@ class TrainConfig(Section):
     ckpt_every: Int = Field(0, ge=0, description="0 = only at the end")
     max_epochs: Optional[float] = Field(None, gt=0, description="cap on repetitions of any domain's data")
     seed: Int = 0
+    data_seed: Optional[Int] = Field(
+        None, ge=0, description="the sampler's seed (which sequences each step reads), apart from the model's "
+                                "initialisation; None = seed. Two runs that differ only here measure how much the "
+                                "data order alone moves the loss")
     progress: bool = True
     log_every: Int = Field(1, gt=0, description="log step metrics (tracker, metrics.jsonl) every this many steps")
 

@@ -185,7 +185,7 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
     mixer = build_mixer(mixer_type, params, ctx)
     sampler = MixtureSampler(
         {d: corpus.tokens("train", d) for d in domains}, domains, cfg.seq_len, cfg.batch_size,
-        mixer.sampling_weights(), seed=cfg.seed, max_epochs=cfg.max_epochs,
+        mixer.sampling_weights(), seed=cfg.seed if cfg.data_seed is None else cfg.data_seed, max_epochs=cfg.max_epochs,
         stratified=getattr(mixer, "stratified_batches", False),  # DoReMi's batch: stratified
     )
     opt, sched = make_optimizer(model, cfg, device)
