@@ -32,6 +32,9 @@ MAX_YAML_NODES = 100_000  # values after alias expansion; a real params file has
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")  # a method name or run id: one path component
 BEST = "@best"  # in pipeline.scale_methods: the best baseline (lowest worst-domain loss) of the first target scale
 YARDSTICK = "uniform_2x"  # the compute yardstick's label: uniform at twice the steps
+REORDER = "uniform_reorder"  # the data-order noise's label: uniform again with another data order
+REORDER_OFFSET = 1000  # its train.data_seed is the seed plus this
+ROLES = {YARDSTICK: "yardstick", REORDER: "reorder"}  # a run's role in the report by its label (else "main")
 
 
 class ConfigError(ValueError):
@@ -47,8 +50,10 @@ def check_name(value: str, what: str, *, method: bool = False) -> str:
 
 
 def _method_name(value: str) -> str:
-    if value == YARDSTICK:
-        raise ConfigError(f"method name {value!r} is reserved for the compute yardstick (pipeline.yardstick_seeds)")
+    if value in ROLES:
+        what = "the compute yardstick (pipeline.yardstick_seeds)" if value == YARDSTICK else \
+            "the data-order noise (pipeline.reorder_seeds)"
+        raise ConfigError(f"method name {value!r} is reserved for {what}")
     return check_name(value, "method name", method=True)
 
 
@@ -187,6 +192,11 @@ class PipelineConfig(Section):
     yardstick_seeds: list[Int] = Field(
         default_factory=list, description="seeds of uniform trained for 2x train.steps at every target scale: "
                                           "the compute yardstick (gains are reported as a fraction of its gain)")
+    reorder_seeds: list[Int] = Field(
+        default_factory=list, description=f"seeds of uniform trained again with another data order (train.data_seed = "
+                                          f"seed + {REORDER_OFFSET}) at every target scale: how much the data order alone "
+                                          f"moves the loss, which pairing by seed does not remove once two methods' "
+                                          f"weights differ (reported next to the paired differences)")
     parents: dict[str, str] = Field(
         default_factory=dict, description="ablations: method -> the method it changes (compared with it, paired by seed)")
     search_train: dict[str, Any] = Field(
@@ -197,6 +207,7 @@ class PipelineConfig(Section):
     @model_validator(mode="after")
     def _study(self) -> "PipelineConfig":
         lists = {"target_scales": self.target_scales, "seeds": self.seeds, "yardstick_seeds": self.yardstick_seeds,
+                 "reorder_seeds": self.reorder_seeds,
                  "methods": self.methods, **{f"scale_methods.{k}": v for k, v in self.scale_methods.items()}}
         for key, values in lists.items():  # two units would write one run directory
             twice = sorted({str(v) for v in values if values.count(v) > 1})
@@ -206,6 +217,10 @@ class PipelineConfig(Section):
         if first is not None and BEST in self.methods_at(first):
             raise ValueError(f"{BEST!r} is the best baseline of the first target scale ({first}); "
                              f"it can only be trained at later scales (scale_methods)")
+        unpaired = sorted(set(self.reorder_seeds) - set(self.seeds))
+        if unpaired:
+            raise ValueError(f"reorder_seeds {unpaired} are not in seeds {self.seeds}: each is paired with uniform "
+                             f"at the same seed")
         selfish = [m for m, parent in self.parents.items() if m == parent]
         if selfish:
             raise ValueError(f"parents: {selfish} name themselves as their parent")

@@ -17,7 +17,7 @@ build one by hand (tests do). Schema (``results.json``)::
                "weights_history": [[step, [float, ...]], ...],
                "curves": [{"step": int, "val_mean": float, "val_worst": float,
                            "val_loss": {domain: float}, "heldout_loss": {domain: float}}, ...],
-               "role": "main" | "yardstick",     # optional (default main)
+               "role": "main" | "yardstick" | "reorder",  # optional (default main)
                "plots": [path, ...]}]}           # optional: the method's own figures (linked)
 
 Numbers over several seeds are averaged, with their standard deviation over seeds; the table says

@@ -41,7 +41,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 def run_record(run_dir: Path, method: str, scale: str, seed: int, role: str = "main",
                search_time_s: Optional[float] = math.nan, every: int = 10) -> dict[str, Any]:
-    """One finished run as a flat record (``role``: ``main`` or ``yardstick``); weights every ``every`` steps."""
+    """One finished run as a flat record (``role``: ``main``, ``yardstick`` or ``reorder``); weights every ``every`` steps."""
     run_dir = Path(run_dir)
     s = _read_json(run_dir / "summary.json")
     ev = _read_json(run_dir / "eval.json")
@@ -181,6 +181,7 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
         methods = list(dict.fromkeys(r["method"] for r in rs if r["role"] == "main"))
         arm = {m: [r for r in rs if r["method"] == m and r["role"] == "main"] for m in methods}
         yard = [r for r in rs if r["role"] == "yardstick"]
+        reorder = [r for r in rs if r["role"] == "reorder"]
         rows = {}
         for m, runs in arm.items():
             rows[m] = {k: mean_std(r[k] for r in runs) for k in (*METRICS, "wall_time_s", "train_time_s")}
@@ -201,6 +202,8 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
             refs.append(("first_best", first_best))
         y = {k: mean_std(r[k] for r in yard) for k in METRICS} if yard else None
         ystick = {k: (y[k]["mean"] - base[k]["mean"]) if (y and base) else math.nan for k in METRICS}
+        noise = {k: data_order_noise(_by_seed(reorder, k), _by_seed(arm["uniform"], k)) for k in METRICS} \
+            if (reorder and base) else None
         target = base["val_mean"]["mean"] if base else math.nan
         diffs: dict[str, Any] = {}
         for m in rows:
@@ -216,8 +219,30 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
                                      "reached": sum(x is not None for x in reach), "n": len(reach)}
             diffs[m] = d
         out[scale] = {"rows": rows, "best_baseline": best, "parents": {m: parents[m] for m in rows if m in parents}, "first_scale_best": first_best, "yardstick": {"delta": ystick, "seeds": [r["seed"] for r in yard]},
+                      "data_order": noise,
                       "uniform_final_mean": target, "diffs": diffs}
     return out
+
+
+def data_order_noise(reordered: Mapping[int, float], uniform: Mapping[int, float]) -> dict[str, Any]:
+    """Uniform with another data order minus uniform, paired by seed, and the root mean square of those
+    differences: how far two runs that differ only in the data order land apart (a mean near 0 is
+    expected; the rms is the scale against which a paired difference between methods is read)."""
+    d = paired(reordered, uniform)
+    d["rms"] = math.sqrt(sum(x * x for x in d["diffs"]) / len(d["diffs"])) if d["diffs"] else math.nan
+    return d
+
+
+def _data_order_line(noise: Optional[Mapping[str, Any]]) -> list[str]:
+    if not noise:
+        return []
+    seeds = noise["val_mean"]["seeds"]
+    per = "; ".join(f"{name} {_num(noise[k]['rms'])} ({', '.join(_num(x, sign=True) for x in noise[k]['diffs'])})"
+                    for k, name in (("val_mean", "mean"), ("val_worst", "worst"), ("heldout", "held-out")))
+    return ["", f"**Data-order noise** (uniform again with another data order, seeds {seeds}, minus uniform; rms, "
+                f"then per seed): {per}. Two runs that differ only in the order of their data land this far apart; "
+                f"pairing by seed does not remove it once two methods' weights differ, so a paired difference of "
+                f"this size is not evidence on its own."]
 
 
 def _median_ratio(num: dict[int, float], den: dict[int, float]) -> float:
@@ -284,7 +309,7 @@ def markdown(agg: dict[str, Any]) -> str:
                   f"{carried}"
                   f"Compute yardstick (uniform at 2x tokens, seeds {y['seeds']}) minus uniform: mean "
                   f"{_num(y['delta']['val_mean'], sign=True)}, worst {_num(y['delta']['val_worst'], sign=True)}, "
-                  f"held-out {_num(y['delta']['heldout'], sign=True)}.", "",
+                  f"held-out {_num(y['delta']['heldout'], sign=True)}.", *_data_order_line(a.get("data_order")), "",
                   f"### {scale}: paired differences by seed (method − reference; negative = better loss; "
                   "mean ± sd [95% CI] (paired t-test p))", "",
                   "| method | vs | Δ mean | Δ worst | Δ held-out | Δ last-word acc |",

@@ -426,7 +426,7 @@ def _evaluate_lm_eval(a: argparse.Namespace, device) -> dict:
 def cmd_report(a: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from dograph_core.config import YARDSTICK
+    from dograph_core.config import REORDER, ROLES, YARDSTICK
     from dograph_core.report import comparison_rows, rich_table
     from tasks.results import write_outputs
 
@@ -438,11 +438,11 @@ def cmd_report(a: argparse.Namespace) -> int:
         if d.is_dir() and marker.exists():
             method, scale, seed = d.name.split("__")
             units.append({"method": method, "scale": scale, "seed": int(seed[1:]), "dir": str(d),
-                          "role": "yardstick" if method == YARDSTICK else "main",
+                          "role": ROLES.get(method, "main"),
                           "search_time_s": _search_time(run_dir, method)})
     if not units:
         raise FileNotFoundError(f"{run_dir}: no finished training runs (train/<method>__<scale>__s<seed>/ with a done marker)")
-    scales, methods = p.pipeline.target_scales, [*p.pipeline.all_methods(), YARDSTICK]  # the params' order
+    scales, methods = p.pipeline.target_scales, [*p.pipeline.all_methods(), YARDSTICK, REORDER]  # the params' order
     units.sort(key=lambda u: (scales.index(u["scale"]) if u["scale"] in scales else len(scales), u["scale"],
                               methods.index(u["method"]) if u["method"] in methods else len(methods), u["method"],
                               u["seed"]))

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from dograph_core.config import YARDSTICK, ConfigError, Params
+from dograph_core.config import REORDER, REORDER_OFFSET, ROLES, YARDSTICK, ConfigError, Params
 from dograph_core.io import read_json, write_json
 from dograph_core.partition import open_partition
 from tasks.cache import clear_done, file_hash, is_done, mark_done, stable_hash
@@ -296,11 +296,13 @@ def unit_name(method: str, scale: str, seed: int) -> str:
 
 def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str, Any], run_dir: str | Path,
                search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None,
-               device: Optional[str] = None, yardstick: bool = False) -> dict[str, Any]:
+               device: Optional[str] = None, yardstick: bool = False, reorder: bool = False) -> dict[str, Any]:
     """Train ``method`` at ``scale``: on the searched mixture (offline methods) or online; evaluate.
 
     ``device`` replaces ``train.device`` for this unit (see :func:`search_step`); not part of the key.
     ``yardstick``: the compute yardstick, ``method`` at twice ``train.steps``, labelled ``uniform_2x``.
+    ``reorder``: the data-order noise, ``method`` with ``train.data_seed = seed + REORDER_OFFSET``, labelled
+    ``uniform_reorder``.
     """
     spec = method_spec(p, method)
     if search is not None:
@@ -309,7 +311,9 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
     else:
         mtype, mparams, weights_key = spec["type"], spec["params"], None
     cfg = _train_cfg(p, scale, seed, 2 * p.train.steps if yardstick else None)
-    label = YARDSTICK if yardstick else method
+    if reorder:
+        cfg = cfg.model_copy(update={"data_seed": seed + REORDER_OFFSET})
+    label = YARDSTICK if yardstick else REORDER if reorder else method
     out = Path(run_dir) / "train" / unit_name(label, scale, seed)
     part = partition_for(p, spec, data)
     if part:  # the mixture (searched or online) is over the partition's nodes
@@ -317,7 +321,7 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "mixer": mtype, "weights": weights_key,
                        "data": data["data_version"], "code": _code(data), **({"partition": part["key"]} if part else {})})
     unit = {"method": label, "scale": scale, "seed": seed, "dir": str(out), "key": key,
-            "role": "yardstick" if yardstick else "main", "search_time_s": (search or {}).get("time_s")}
+            "role": ROLES.get(label, "main"), "search_time_s": (search or {}).get("time_s")}
     run_name = f"{label}@{scale}" + (f"/s{seed}" if seed else "")
     tags = _tags(label, spec["type"], scale, seed, data, "train", Path(run_dir).name)
     if is_done(out, key) and (out / "summary.json").exists():

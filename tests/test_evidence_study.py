@@ -89,3 +89,23 @@ def test_dograph_record_reports_the_realised_gap_of_model_node_updates_only(tmp_
     assert rec["realised_gap"] == pytest.approx(0.4)
     assert rec["realised_floor"] == pytest.approx(0.35)
     assert rec["graph_effect"] == pytest.approx(0.2) and rec["in_force"] == pytest.approx(2 / 3)
+
+
+def test_data_order_noise_by_hand_and_kept_out_of_the_method_rows():
+    """uniform_reorder (role reorder) is paired with uniform by seed: differences +0.03 and -0.04 on the mean
+    give rms sqrt((0.03^2 + 0.04^2) / 2); the run is no method row and no baseline, and the report says it."""
+    recs = [_rec("uniform", 0, 5.00, 5.50, 6.00), _rec("uniform", 1, 5.02, 5.52, 6.02),
+            _rec("odm", 0, 4.99, 5.45, 6.00), _rec("odm", 1, 5.00, 5.47, 6.01),
+            _rec("uniform_reorder", 0, 5.03, 5.49, 6.00, role="reorder", mixer="uniform"),
+            _rec("uniform_reorder", 1, 4.98, 5.56, 6.02, role="reorder", mixer="uniform")]
+    a = aggregate(recs)["nano"]
+    assert set(a["rows"]) == {"uniform", "odm"} and a["best_baseline"] == "odm"
+    n = a["data_order"]
+    assert n["val_mean"]["diffs"] == pytest.approx([0.03, -0.04])
+    assert n["val_mean"]["rms"] == pytest.approx(math.sqrt((0.03 ** 2 + 0.04 ** 2) / 2))
+    assert n["val_worst"]["rms"] == pytest.approx(math.sqrt((0.01 ** 2 + 0.04 ** 2) / 2))
+    assert n["heldout"]["rms"] == pytest.approx(0.0)
+    text = markdown(aggregate(recs))
+    assert "**Data-order noise** (uniform again with another data order, seeds [0, 1]" in text
+    assert "mean 0.035 (+0.030, -0.040)" in text
+    assert "Data-order noise" not in markdown(aggregate(recs[:4]))   # not measured: not claimed

@@ -11,6 +11,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from _orch_fixture import ROOT, nano_overrides, write_local_corpus
 
@@ -29,7 +30,7 @@ def study(tmp_path_factory):
         f"methods.dograph_human_off={TINY_DOGRAPH[:-1]}, graph: 'off'}}",
         "pipeline.parents={dograph_human_off: dograph_human}",
         "pipeline.target_scales=[nano,micro]", "pipeline.scale_methods={micro: [uniform, '@best']}",
-        "pipeline.seeds=[0,1]", "pipeline.yardstick_seeds=[0]", "pipeline.max_parallel=2",
+        "pipeline.seeds=[0,1]", "pipeline.yardstick_seeds=[0]", "pipeline.reorder_seeds=[1]", "pipeline.max_parallel=2",
     ]
     res = pipeline(params=PARAMS, preset="nano", overrides=ov, track=False, publish=str(tmp / "published"))
     return {"tmp": tmp, "ov": ov, "res": res}
@@ -54,11 +55,20 @@ def test_the_study_trains_each_scales_methods_the_best_baseline_and_the_yardstic
         assert summary["steps"] == 12
         assert results["study"][scale]["yardstick"]["seeds"] == [0]
     assert math.isfinite(nano["diffs"]["dograph_human"]["gain_fraction"]["val_worst"])
+    # the data-order noise: uniform again at seed 1 with data_seed 1001, paired with uniform at seed 1
+    for scale in ("nano", "micro"):
+        unit = run_dir / "train" / f"uniform_reorder__{scale}__s1"
+        ck = sorted((unit / "checkpoints").glob("*.pt"))[-1]
+        assert torch.load(ck, weights_only=True)["sampler"]["seed"] == 1001
+        noise = results["study"][scale]["data_order"]["val_mean"]
+        assert noise["seeds"] == [1] and noise["rms"] > 0        # another data order: another loss
+        assert "uniform_reorder" not in results["study"][scale]["rows"]
     # the ablation is compared with its parent, paired by seed
     parent = nano["diffs"]["dograph_human_off"]["parent"]["val_worst"]
     assert parent["seeds"] == [0, 1] and len(parent["diffs"]) == 2
     report = Path(res["report"]).read_text()
     assert "| dograph_human_off | parent (dograph_human) |" in report
+    assert "**Data-order noise** (uniform again with another data order, seeds [1]" in report
     assert f"Carried to the later scales as `@best` (the same, uniform and natural left out): **{expected}**" in report
     assert ("nano's carried best" in report) == (expected != micro["best_baseline"])
 
@@ -96,7 +106,7 @@ def test_a_rerun_of_the_study_trains_nothing(study):
 
     again = pipeline(params=PARAMS, preset="nano", overrides=study["ov"], track=False)
     assert again["run_id"] == study["res"]["run_id"] and again["failed"] == []
-    assert again["cached"] == 2 * 5 + 2 * 2 + 2  # every training of both scales and both yardsticks
+    assert again["cached"] == 2 * 5 + 2 * 2 + 2 + 2  # every training of both scales, both yardsticks and reorders
 
 
 def test_study_settings_are_checked_at_config_time(tmp_path):
@@ -121,6 +131,10 @@ def test_study_settings_are_checked_at_config_time(tmp_path):
         load_params(PARAMS, None, ["pipeline.parents={dograph_human: dograph_humane}"])
     with pytest.raises(ConfigError, match="reserved for the compute yardstick"):
         load_params(PARAMS, None, ["methods.uniform_2x={type: uniform}"])
+    with pytest.raises(ConfigError, match=r"reserved for the data-order noise \(pipeline.reorder_seeds\)"):
+        load_params(PARAMS, None, ["methods.uniform_reorder={type: uniform}"])
+    with pytest.raises(ConfigError, match=r"reorder_seeds \[3\] are not in seeds \[0, 1\]"):
+        load_params(PARAMS, None, ["pipeline.seeds=[0, 1]", "pipeline.reorder_seeds=[1, 3]"])
     with pytest.raises(ConfigError, match=r"pipeline.scale_methods.mikro = 'mikro': unknown scale"):
         check_params(load_params(PARAMS, None, ["pipeline.scale_methods={mikro: [uniform]}"]))
     # the presets the README quotes load and name only defined methods
