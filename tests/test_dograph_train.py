@@ -90,3 +90,17 @@ def test_analysis_probes_are_left_out_of_train_time_and_reported_apart(corpus, t
     log = [json.loads(x) for x in (tmp_path / "slow" / "mixer" / "dograph_log.jsonl").read_text().splitlines()]
     online = [r["online_s_total"] for r in log if "online_s_total" in r]
     assert online and max(online) < 1.5                                    # the step-0 probe is not online time
+
+
+def test_dograph_machinery_does_not_touch_training_when_its_weights_are_uniform(corpus, tmp_path):
+    """With rule: uniform over the sources DoGraph's weights are exactly uniform, while every other part runs
+    (the online sketch, the node statistics and solve, the analysis probes, the update): the run must be the
+    uniform run to the bit. A difference between DoGraph and uniform then comes from the weights alone."""
+    train(cfg(), corpus, "uniform", {}, tmp_path / "u")
+    params = {k: v for k, v in PARAMS.items() if k != "min_windows"}   # a setting of DoGraph's own rule
+    train(cfg(), corpus, "dg", {"type": "dograph", "nodes": "human", "rule": "uniform", **params,
+                                "analysis_probes": [0.0, 0.5, 1.0]}, tmp_path / "d")
+    losses = {r: [json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in json.loads(x)] for r in "ud"}
+    assert len(losses["u"]) == 12 and losses["u"] == losses["d"]
+    assert (tmp_path / "d" / "mixer" / "probes" / "step_0000000.npz").exists()   # the probes did run
