@@ -158,8 +158,9 @@ class TrainConfig(Section):
     seed: Int = 0
     data_seed: Optional[Int] = Field(
         None, ge=0, description="the sampler's seed (which sequences each step reads), apart from the model's "
-                                "initialisation; None = seed. Two runs that differ only here measure how much the "
-                                "data order alone moves the loss")
+                                "initialisation; None = seed. A fixed value gives every seed (and method) the same "
+                                "data order; two runs that differ only here measure how much the data order alone "
+                                "moves the loss (pipeline.reorder_seeds does that per seed)")
     progress: bool = True
     log_every: Int = Field(1, gt=0, description="log step metrics (tracker, metrics.jsonl) every this many steps")
 
@@ -221,6 +222,10 @@ class PipelineConfig(Section):
         if unpaired:
             raise ValueError(f"reorder_seeds {unpaired} are not in seeds {self.seeds}: each is paired with uniform "
                              f"at the same seed")
+        lacking = [s for s in self.target_scales if self.reorder_seeds and "uniform" not in self.methods_at(s)]
+        if lacking:
+            raise ValueError(f"reorder_seeds pairs uniform_reorder with uniform, which is not trained at {lacking}: "
+                             f"add uniform to those scales' methods")
         selfish = [m for m, parent in self.parents.items() if m == parent]
         if selfish:
             raise ValueError(f"parents: {selfish} name themselves as their parent")
@@ -264,7 +269,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _methods_known(self) -> "Params":
         named = [*self.pipeline.all_methods(), *self.pipeline.parents, *self.pipeline.parents.values()]
-        if self.pipeline.yardstick_seeds:
+        if self.pipeline.yardstick_seeds or self.pipeline.reorder_seeds:
             named.append("uniform")
         if self.pipeline.search_train:  # the search's train settings, validated like train's
             try:

@@ -24,7 +24,7 @@ from dograph_core.io import atomic_path
 from dograph_core.stats import fmt_p, fmt_pm, gain_fraction, mean_std, paired, steps_to_reach
 
 METRICS = ("val_mean", "val_worst", "heldout", "last_word")
-DOGRAPH_FIELDS = ("in_force", "end_ari", "graph_effect", "ess", "realised_gap", "realised_floor")  # see dograph_record
+DOGRAPH_FIELDS = ("in_force", "end_ari", "graph_effect", "ess", "realised_gap", "realised_tolerance")  # see dograph_record
 METHOD_ORDER = ["uniform", "natural", "doremi", "doge", "odm", "dograph_human", "dograph_model", "uniform_2x"]
 
 
@@ -106,13 +106,14 @@ def _read_json(path: Path) -> dict[str, Any]:
 def dograph_record(run_dir: Path) -> dict[str, Any]:
     """DoGraph's own evidence of a run (empty for other methods): the share of updates in which model nodes
     were in force, the mean graph effect ||a - a_graph-off||_1 of the nodes in force, the mean effective
-    sample size of the loss weights, how far the windows' cluster mixture was from the weights while model
-    nodes were in force (``realised_gap``; ``realised_floor`` the part sampling sources cannot express plus
-    the window's sampling noise), and the cluster-source agreement of the last analysis probe."""
+    sample size of the loss weights, how far the windows' cluster mixture was from the weights in the windows
+    the model nodes drew (``realised_gap``, logged for those windows only; ``realised_tolerance`` the part
+    sampling sources cannot express plus a window's sampling noise: a realised gap within it is what
+    sampling through sources allows), and the cluster-source agreement of the last analysis probe."""
     meta = _read_json(run_dir / "weights.json").get("meta", {})
     if "nodes" not in meta:
         return {}
-    effects, ess, gaps, floors = [], [], [], []
+    effects, ess, gaps, tolerance = [], [], [], []
     for rec in _read_jsonl(run_dir / "mixer" / "dograph_log.jsonl"):
         if rec.get("event") != "update":
             continue
@@ -122,10 +123,10 @@ def dograph_record(run_dir: Path) -> dict[str, Any]:
             effects.append(e)
         if rec.get("ess_mean") is not None and who == "model":
             ess.append(rec["ess_mean"])
-        if who == "model" and rec.get("realised_gap_l1") is not None:
+        if rec.get("realised_gap_l1") is not None:   # a window drawn by the model nodes' weights
             gaps.append(rec["realised_gap_l1"])
             if rec.get("expected_gap_l1") is not None:
-                floors.append(rec["expected_gap_l1"] + rec["noise_l1"])
+                tolerance.append(rec["expected_gap_l1"] + rec["noise_l1"])
     ari = math.nan  # the run's own clusters against the sources (model nodes); k-means of the features otherwise
     align = run_dir / "mixer" / "plots" / "alignment.csv"
     if align.is_file():
@@ -138,7 +139,7 @@ def dograph_record(run_dir: Path) -> dict[str, Any]:
             "graph_effect": sum(effects) / len(effects) if effects else math.nan,
             "ess": sum(ess) / len(ess) if ess else math.nan,
             "realised_gap": sum(gaps) / len(gaps) if gaps else math.nan,
-            "realised_floor": sum(floors) / len(floors) if floors else math.nan}
+            "realised_tolerance": sum(tolerance) / len(tolerance) if tolerance else math.nan}
 
 
 def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
@@ -294,14 +295,15 @@ def markdown(agg: dict[str, Any]) -> str:
                       "batch (the rest fell back to the human sources). End ARI: at the last analysis probe, the run's "
                       "own clusters (model nodes; k-means of the features for human nodes) against the human sources. Graph effect: the mean over updates of "
                       "‖α − α_graph-off‖₁. ESS: mean effective sample size of the loss weights (share of the micro-batch). "
-                      "Realised gap: the mean over model-node updates of ‖window's cluster mixture − α‖₁; its floor (sampling "
-                      "through sources) is the part the source weights cannot express plus a window's sampling noise.", "",
-                      "| method | model nodes in force | end ARI (clusters vs sources) | graph effect | ESS | realised gap | its floor |",
+                      "Realised gap: the mean over the windows the model nodes drew of ‖window's cluster mixture − α‖₁; tolerance: "
+                      "the part the source weights cannot express plus a window's sampling noise (sampling through "
+                      "sources realises α when the gap is within it).", "",
+                      "| method | model nodes in force | end ARI (clusters vs sources) | graph effect | ESS | realised gap | tolerance |",
                       "|---|---:|---:|---:|---:|---:|---:|"]
             for m, r in dg.items():
                 parts.append(f"| {m} | {fmt_pm(r['in_force'], 2)} | {fmt_pm(r['end_ari'], 2)} | "
                              f"{fmt_pm(r['graph_effect'], 3)} | {fmt_pm(r['ess'], 2)} | "
-                             f"{fmt_pm(r['realised_gap'], 2)} | {fmt_pm(r['realised_floor'], 2)} |")
+                             f"{fmt_pm(r['realised_gap'], 2)} | {fmt_pm(r['realised_tolerance'], 2)} |")
         y = a["yardstick"]
         carried = f"Carried to the later scales as `@best` (the same, uniform and natural left out): " \
                   f"**{a['first_scale_best']}**. " if scale == next(iter(agg)) and a["first_scale_best"] and len(agg) > 1 else ""

@@ -202,19 +202,22 @@ def guard_step(occ, band=2.0, k=3):
 @pytest.mark.parametrize("under", ["base", "sampler"])
 def test_the_occupancy_guard_does_not_push_back_on_the_weights(corpus, under):
     """Weights that draw source 0 (cluster 0) at 0.8 leave cluster 0 balanced under the uniform base sampler:
-    balancing pi, that frequency (the default), leaves the prices where they were; balancing the sampled
-    window's own occupancy (the ablation) raises cluster 0's price, against the weights, by balance times
-    the part of log(0.8 / (1/3)) beyond log(band)."""
+    balancing pi, that frequency (the default), keeps pi moving towards 1/3 (each sequence counted
+    base/sampling) and leaves the prices where they were; balancing the sampled window's own occupancy (the
+    ablation) raises cluster 0's price, against the weights, by balance times the part of log(0.8 / (1/3))
+    beyond log(band)."""
     m, window = in_force_three_clusters(corpus, balance_under=under)
-    before = m.clusters.prices.copy()
+    before, pi0 = m.clusters.prices.copy(), m.pi.copy()
     rec = window([0.8, 0.1, 0.1])
     assert np.allclose(rec["occupancy"], [0.8, 0.1, 0.1])
-    if under == "base":
-        assert np.all((m.pi > 1 / 6) & (m.pi < 2 / 3))      # within the band: no price moves
-        assert np.allclose(m.clusters.prices, before, atol=1e-12)
-    else:
+    if under == "sampler":
         assert np.allclose(m.clusters.prices, np.clip(before + guard_step([0.8, 0.1, 0.1]), -0.5, 0.5))
         assert m.clusters.prices[0] > before[0]
+        return
+    for i in range(3):
+        window([0.8, 0.1, 0.1], step=20 + 5 * i)
+    assert np.allclose(m.pi, 0.8 ** 4 * pi0 + (1 - 0.8 ** 4) / 3)   # the windows were balanced under the base
+    assert np.allclose(m.clusters.prices, before, atol=1e-12)
 
 
 def test_the_guard_still_acts_against_collapse_under_the_base_sampler(corpus):
@@ -240,6 +243,7 @@ def test_the_source_map_follows_where_the_sources_sequences_land_now(corpus, tab
     m.mnodes.alpha = np.array([0.1, 0.8, 0.1])
     w_before = m._cluster_to_sources()
     for i in range(3):
+        pre = m.ctab.copy()                              # the table the window was drawn by
         rec = window([1 / 3, 1 / 3, 1 / 3], where=(1, 1, 2), step=15 + 5 * i)
     counts = np.array([[0, 0, 0], [20, 20, 0], [0, 0, 20]], dtype=float)
     if table_ema is None:
@@ -254,8 +258,9 @@ def test_the_source_map_follows_where_the_sources_sequences_land_now(corpus, tab
         assert w_after[0] > w_before[0] + 0.04          # 0.36 -> 0.41 here
         psc = (m.ctab + 1e-9) / (m.ctab + 1e-9).sum(1, keepdims=True)     # P(s | c), uniform base
         assert np.allclose(w_after, m.alpha @ psc)
-        # what the source weights express, against what was asked: expected = P(c | s) @ w
-        given = (m.ctab + 1e-9) / (m.ctab + 1e-9).sum(0)
+        # what the source weights express, against what was asked: expected = P(c | s) @ w, with P(c | s)
+        # from the table before the window joined it (out of sample)
+        given = (pre + 1e-9) / (pre + 1e-9).sum(0)
         assert np.allclose(rec["expected"], given @ np.full(3, 1 / 3))
         assert rec["expected_gap_l1"] == pytest.approx(np.abs(rec["expected"] - m.alpha).sum())
     m.mnodes.alpha = (m.ctab + 1e-9) / (m.ctab + 1e-9).sum(0) @ m.base_weights()
@@ -343,9 +348,9 @@ def test_bad_config_is_refused_with_the_key(corpus):
         build_mixer("dograph", {"rule": "uniform", "graph": "off", "tau": 2.0}, ctx_for(corpus))
     with pytest.raises(MixerError, match=r"rule dograph does not use \['lam'\]: they apply to rule rnb only"):
         build_mixer("dograph", {"lam": 2.0}, ctx_for(corpus))
-    with pytest.raises(MixerError, match=r"progress_probe \(9\) gives 3 windows to each of the 3 sources, under "
+    with pytest.raises(MixerError, match=r"progress_probe \(11\) gives some of the 3 sources only 3 windows, under "
                                          r"min_node_samples \(4\).*at least 12"):
-        build_mixer("dograph", {"nodes": "human", "progress_from": "probe", "progress_probe": 9}, ctx_for(corpus))
+        build_mixer("dograph", {"nodes": "human", "progress_from": "probe", "progress_probe": 11}, ctx_for(corpus))
 
 
 def test_rule_uniform_keeps_equal_weights_on_the_live_clusters_and_samples_the_sources_they_cover(corpus, tmp_path):

@@ -135,6 +135,9 @@ def test_study_settings_are_checked_at_config_time(tmp_path):
         load_params(PARAMS, None, ["methods.uniform_reorder={type: uniform}"])
     with pytest.raises(ConfigError, match=r"reorder_seeds \[3\] are not in seeds \[0, 1\]"):
         load_params(PARAMS, None, ["pipeline.seeds=[0, 1]", "pipeline.reorder_seeds=[1, 3]"])
+    with pytest.raises(ConfigError, match=r"uniform, which is not trained at \['micro'\]"):
+        load_params(PARAMS, None, ["pipeline.reorder_seeds=[0]", "pipeline.target_scales=[nano, micro]",
+                                   "pipeline.scale_methods={micro: [odm]}"])
     with pytest.raises(ConfigError, match=r"pipeline.scale_methods.mikro = 'mikro': unknown scale"):
         check_params(load_params(PARAMS, None, ["pipeline.scale_methods={mikro: [uniform]}"]))
     # the presets the README quotes load and name only defined methods

@@ -73,9 +73,10 @@ class DoGraphMixer(Mixer):
         h = len(ctx.domains)
         if cfg.progress_from == "probe" and not self.model_mode and cfg.progress_probe // h < cfg.min_node_samples:
             raise MixerError(
-                f"dograph: progress_probe ({cfg.progress_probe}) gives {cfg.progress_probe // h} windows to each of the "
-                f"{h} sources, under min_node_samples ({cfg.min_node_samples}): no source would ever have a progress "
-                f"score; raise progress_probe to at least {cfg.min_node_samples * h} or lower min_node_samples")
+                f"dograph: progress_probe ({cfg.progress_probe}) gives some of the {h} sources only "
+                f"{cfg.progress_probe // h} windows, under min_node_samples ({cfg.min_node_samples}): those sources "
+                f"would never have a progress score; raise progress_probe to at least {cfg.min_node_samples * h} "
+                f"or lower min_node_samples")
         self.dim = cfg.r1 * cfg.r2 if cfg.features == "sketch" else len(cfg.exact_params) * cfg.exact_r[0] * cfg.exact_r[1]
         try:
             self.human = NodeSet(h, self.dim, cfg)
@@ -451,9 +452,7 @@ class DoGraphMixer(Mixer):
             self._occ = self.clusters.commit(np.full(cfg.k, 1.0 / cfg.k),
                                              occupancy=self.pi if cfg.balance_under == "base" else None)
             drew = self.sampling_weights()   # the source weights of the window just closed
-            tab = self._tab_counts.numpy()
-            if cfg.table_ema is not None and self.ctab is not None:
-                self.ctab = cfg.table_ema * self.ctab + tab
+            tab = self._tab_counts.numpy().copy()
             self.mnodes.commit()
             if self.cfg.progress_from == "batch":
                 self.mnodes.record_batch_progress()
@@ -462,17 +461,19 @@ class DoGraphMixer(Mixer):
             ess = self._ess.numpy()
             if ess[1] > 0:
                 self._diag.update(ess_mean=float(ess[0] / ess[1]), ess_low_share=float(ess[2] / ess[1]))
-            if self.apply == "loss":  # the mixture the loss weights realise under the base sampler
-                w = self.cluster_weights()
-                eff = self.pi * w / float(self.pi @ w)
-            else:                     # sampling: the window's own cluster shares
-                eff = self._occ
-                rec.update(self._realisation(drew, float(tab.sum())))
-            rec.update(pi=self.pi, occupancy=self._occ, prices=self.clusters.prices, realised=eff,
-                       ess_mean=self._diag.get("ess_mean"), ess_low_share=self._diag.get("ess_low_share"),
-                       realised_gap_l1=float(np.abs(eff - self.alpha).sum()))
-            if self.in_force:
+            rec.update(pi=self.pi, occupancy=self._occ, prices=self.clusters.prices,
+                       ess_mean=self._diag.get("ess_mean"), ess_low_share=self._diag.get("ess_low_share"))
+            if self.in_force:  # the window just closed was drawn (or weighted) by the model nodes' weights
+                if self.apply == "loss":  # the mixture the loss weights realise under the base sampler
+                    w = self.cluster_weights()
+                    eff = self.pi * w / float(self.pi @ w)
+                else:                     # sampling: the window's own cluster shares, against what the
+                    eff = self._occ       # table said before the window joined it (out of sample)
+                    rec.update(self._realisation(drew, float(tab.sum())))
+                rec.update(realised=eff, realised_gap_l1=float(np.abs(eff - self.alpha).sum()))
                 self._diag["realised_gap_l1"] = rec["realised_gap_l1"]
+            if cfg.table_ema is not None and self.ctab is not None:
+                self.ctab = cfg.table_ema * self.ctab + tab
         self._pi_counts.zero_(), self._ess.zero_(), self._tab_counts.zero_()
         self._maybe_recluster(step, reduce)
         return rec
@@ -698,7 +699,9 @@ class DoGraphMixer(Mixer):
     def _cluster_given_source(self) -> np.ndarray:
         """``R[c, s] = P(cluster c | source s)`` from the live table (the last re-clustering's until a
         window is folded in). Conditioning on the source makes it independent of how often each source
-        was drawn, so the windows' own assignments estimate it under any source weights."""
+        was drawn, so the windows' own assignments estimate it under any source weights. A source with
+        no counts (none in the probe, or not drawn for a long time) gets ``1/K`` for every cluster: its
+        weight is then the base weight scaled by the mean of ``a_c / pi_c``, neither starved nor favoured."""
         t = (self.ctab if self.ctab is not None else self.table.astype(np.float64)) + 1e-9
         return t / t.sum(0, keepdims=True)
 
@@ -719,8 +722,7 @@ class DoGraphMixer(Mixer):
         exp = exp / exp.sum()
         noise = float(np.sum(np.sqrt(2.0 * exp * (1 - exp) / (np.pi * max(n, 1.0)))))
         gap = float(np.abs(exp - self.alpha).sum())
-        if self.in_force:
-            self._diag.update(expected_gap_l1=gap, noise_l1=noise)
+        self._diag.update(expected_gap_l1=gap, noise_l1=noise)
         return {"expected": exp, "expected_gap_l1": gap, "noise_l1": noise}
 
     # -- analysis -----------------------------------------------------------------------------
