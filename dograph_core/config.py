@@ -222,7 +222,7 @@ class PipelineConfig(Section):
         if unpaired:
             raise ValueError(f"reorder_seeds {unpaired} are not in seeds {self.seeds}: each is paired with uniform "
                              f"at the same seed")
-        lacking = [s for s in self.target_scales if self.reorder_seeds and "uniform" not in self.methods_at(s)]
+        lacking = [s for s in self.target_scales if "uniform" not in self.methods_at(s)] if self.reorder_seeds else []
         if lacking:
             raise ValueError(f"reorder_seeds pairs uniform_reorder with uniform, which is not trained at {lacking}: "
                              f"add uniform to those scales' methods")

@@ -76,18 +76,18 @@ def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> 
     futures: list[tuple[tuple[str, str, int], Any]] = []
     slot = 0  # the unit's index: where its round-robin choice of GPU starts (tasks.devices)
 
-    def submit(method: str, scale: str, seed: int, yardstick: bool = False, reorder: bool = False) -> None:
+    def submit(method: str, scale: str, seed: int, reference: Optional[str] = None) -> None:
         nonlocal slot
         search = None
-        if not (yardstick or reorder) and is_offline(method_spec(p, method)["type"]):
+        if reference is None and is_offline(method_spec(p, method)["type"]):
             if method not in searches:
                 searches[method] = search_task.submit(p, method, data, run_dir, tracking, seed0, slot=slot)
                 slot += 1
             search = searches[method]
-        label = YARDSTICK if yardstick else REORDER if reorder else method
+        label = reference or method
         t = train_task.with_options(task_run_name=f"train-{label}@{scale}-s{seed}")
         futures.append(((label, scale, seed), t.submit(p, method, scale, seed, data, run_dir, search, tracking,
-                                                       slot=slot, yardstick=yardstick, reorder=reorder)))
+                                                       slot=slot, reference=reference)))
         slot += 1
 
     for scale in p.pipeline.target_scales:
@@ -96,9 +96,9 @@ def run_units(p: Params, data: dict, run_dir: str, tracking: Optional[dict]) -> 
                 if method != BEST:
                     submit(method, scale, seed)
         for seed in p.pipeline.yardstick_seeds:
-            submit("uniform", scale, seed, yardstick=True)
+            submit("uniform", scale, seed, reference=YARDSTICK)
         for seed in p.pipeline.reorder_seeds:
-            submit("uniform", scale, seed, reorder=True)
+            submit("uniform", scale, seed, reference=REORDER)
     later = needs_best(p)
     if later:  # as soon as the first scale's candidates have finished, not after everything else
         first, cands = p.pipeline.target_scales[0], set(best_candidates(p))

@@ -166,11 +166,11 @@ def search_task(p: Params, method: str, data: Mapping[str, Any], run_dir: str,
 @task(name="train", task_run_name="train-{method}@{scale}-s{seed}", **_common)
 def train_task(p: Params, method: str, scale: str, seed: int, data: Mapping[str, Any], run_dir: str,
                search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None,
-               slot: int = 0, yardstick: bool = False, reorder: bool = False) -> Any:
+               slot: int = 0, reference: Optional[str] = None) -> Any:
     """One training run, on its own GPU when parallel units share a machine with several."""
     with device_lease(p, Path(run_dir) / ".devices", slot) as device:
         out = steps.train_step(p, method, scale, seed, data, run_dir, search, tracking, device=device,
-                               yardstick=yardstick, reorder=reorder)
+                               reference=reference)
     return cached_state(out, f"{out['method']}@{scale} seed {seed}")
 
 

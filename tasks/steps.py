@@ -296,24 +296,26 @@ def unit_name(method: str, scale: str, seed: int) -> str:
 
 def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str, Any], run_dir: str | Path,
                search: Optional[Mapping[str, Any]] = None, tracking: Optional[Mapping[str, Any]] = None,
-               device: Optional[str] = None, yardstick: bool = False, reorder: bool = False) -> dict[str, Any]:
+               device: Optional[str] = None, reference: Optional[str] = None) -> dict[str, Any]:
     """Train ``method`` at ``scale``: on the searched mixture (offline methods) or online; evaluate.
 
     ``device`` replaces ``train.device`` for this unit (see :func:`search_step`); not part of the key.
-    ``yardstick``: the compute yardstick, ``method`` at twice ``train.steps``, labelled ``uniform_2x``.
-    ``reorder``: the data-order noise, ``method`` with ``train.data_seed = seed + REORDER_OFFSET``, labelled
-    ``uniform_reorder``.
+    ``reference`` (a label of :data:`ROLES`, the unit's directory name): ``uniform_2x``, the compute
+    yardstick, is ``method`` at twice ``train.steps``; ``uniform_reorder``, the data-order noise, is
+    ``method`` with ``train.data_seed = seed + REORDER_OFFSET``.
     """
+    if reference is not None and reference not in ROLES:
+        raise ValueError(f"reference {reference!r}: expected one of {sorted(ROLES)}")
     spec = method_spec(p, method)
     if search is not None:
         mtype, mparams = "static", {"path": str(search["weights"])}
         weights_key = file_hash(search["weights"])
     else:
         mtype, mparams, weights_key = spec["type"], spec["params"], None
-    cfg = _train_cfg(p, scale, seed, 2 * p.train.steps if yardstick else None)
-    if reorder:
+    cfg = _train_cfg(p, scale, seed, 2 * p.train.steps if reference == YARDSTICK else None)
+    if reference == REORDER:
         cfg = cfg.model_copy(update={"data_seed": seed + REORDER_OFFSET})
-    label = YARDSTICK if yardstick else REORDER if reorder else method
+    label = reference or method
     out = Path(run_dir) / "train" / unit_name(label, scale, seed)
     part = partition_for(p, spec, data)
     if part:  # the mixture (searched or online) is over the partition's nodes

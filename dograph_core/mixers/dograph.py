@@ -702,7 +702,7 @@ class DoGraphMixer(Mixer):
         was drawn, so the windows' own assignments estimate it under any source weights. A source with
         no counts (none in the probe, or not drawn for a long time) gets ``1/K`` for every cluster: its
         weight is then the base weight scaled by the mean of ``a_c / pi_c``, neither starved nor favoured."""
-        t = (self.ctab if self.ctab is not None else self.table.astype(np.float64)) + 1e-9
+        t = self.ctab + 1e-9   # set with every accepted table (and restored with it)
         return t / t.sum(0, keepdims=True)
 
     def _cluster_to_sources(self) -> np.ndarray:
