@@ -227,6 +227,10 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
     last_ckpt: Optional[Path] = latest if start else None
     t_log, tok_log, train_time = time.time(), 0, 0.0
     loss_value = float("nan")
+    clip = getattr(mixer, "total_grad_clip", None)  # a mixer may own the total clip (DoGE: its max_grad_norm)
+    clip = cfg.grad_clip if clip is None else clip
+    # the pre-clip gradient norm, summarised so that a spike between two logged steps is not lost
+    gn_interval, gn_max, gn_max_step, clipped = 0.0, 0.0, 0, 0
     for step in range(start + 1, cfg.steps + 1):
         if STOP.is_set() and not info.enabled:  # (a DDP run is stopped by torchrun, rank by rank)
             if bar is not None:
@@ -265,9 +269,12 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
                 "it can be the data, the mixer's weights, a learning rate too high for this scale "
                 "(train.lr, train.warmup_steps) or bf16 range (train.dtype=fp32)"
             )
-        clip = getattr(mixer, "total_grad_clip", None)  # a mixer may own the total clip (DoGE: its max_grad_norm)
-        clip = cfg.grad_clip if clip is None else clip
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)) if clip > 0 else None
+        if grad_norm is not None:
+            gn_interval = max(gn_interval, grad_norm)
+            clipped += grad_norm > clip
+            if grad_norm > gn_max:
+                gn_max, gn_max_step = grad_norm, step
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -283,10 +290,13 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
             now = time.time()
             tok_s = tok_log / max(now - t_log, 1e-9)
             t_log, tok_log = now, 0
+            gn_log, gn_interval = gn_interval, 0.0
             if info.is_main:
                 metrics = {"loss": loss_value, "lr": lr, "tokens_per_s": tok_s}
                 if grad_norm is not None:
                     metrics["grad_norm"] = grad_norm
+                    if cfg.log_every > 1:
+                        metrics["grad_norm_max"] = gn_log  # over the steps since the last log
                 if mixer.apply != "sample":
                     metrics["objective"] = objective
                 metrics.update({f"weight/{d}": float(w) for d, w in zip(domains, mixer.weights)})
@@ -324,6 +334,9 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         "tokens_per_s": (cfg.steps - start) * tokens_per_step / max(train_time, 1e-9),
         "device": str(device), "dtype": "bf16" if bf16 else "fp32", "world_size": info.world_size,
         "final_loss": loss_value, **summarize_eval(final_eval),
+        # pre-clip gradient norm over the steps this process trained (after resumed_from_step)
+        "grad_norm_max": gn_max if clip > 0 else None, "grad_norm_max_step": gn_max_step or None,
+        "clipped_steps": int(clipped) if clip > 0 else None,
         "final_weights": dict(zip(domains, map(float, mixer.final_weights()))),
         "mixture": sampler.report(), "param_checksum": param_checksum, "rank": info.rank,
     }

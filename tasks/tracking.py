@@ -273,10 +273,12 @@ class MLflowTracker:
                      **{f"tokens_{k}": int(v) for k, v in (r.get("tokens") or {}).items()},
                      **{f"docs_{k}": int(v) for k, v in (r.get("docs") or {}).items()}}
                     for r in meta.get("table", [])]
-            ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(Path(tokenized_dir).resolve()),
-                                         name=f"corpus-{digest}", digest=digest)
+            with warnings.catch_warnings():  # two advisory UserWarnings per run (the local path's source class,
+                warnings.simplefilter("ignore", UserWarning)  # integer columns) that every flow log repeated
+                ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(Path(tokenized_dir).resolve()),
+                                             name=f"corpus-{digest}", digest=digest)._to_mlflow_entity()
             self._client.log_inputs(self.run_id, datasets=[
-                DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])])
+                DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
         self._guard("log the dataset", send)
 

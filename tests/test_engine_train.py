@@ -97,6 +97,31 @@ def test_data_seed_changes_the_batches_and_nothing_else(corpus, tmp_path):
     assert not torch.allclose(w["d0"][key], w["s1"][key], atol=1e-3)
 
 
+def test_a_gradient_spike_between_two_logged_steps_is_not_lost(corpus, tmp_path):
+    """With log_every > 1 each logged row holds the largest pre-clip gradient norm of its interval, and the
+    summary the run's largest, its step and how many steps the clip cut: the spike that a sampled log
+    misses (a run logged every 10 steps showed none of the step-32 spike of a micro run)."""
+    def rows(out):
+        return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "grad_norm" in r]
+
+    train(cfg(steps=8, eval_every=0, grad_clip=1e9), corpus, "uniform", {}, tmp_path / "free")
+    clip = float(np.median([r["grad_norm"] for r in rows(tmp_path / "free")]))
+    every = train(cfg(steps=8, eval_every=0, grad_clip=clip), corpus, "uniform", {}, tmp_path / "every")
+    sparse = train(cfg(steps=8, eval_every=0, grad_clip=clip, log_every=4), corpus, "uniform", {}, tmp_path / "sparse")
+    norms = {r["step"]: r["grad_norm"] for r in rows(tmp_path / "every")}
+    logged = {r["step"]: r for r in rows(tmp_path / "sparse")}
+    assert sorted(logged) == [4, 8] and "grad_norm_max" not in rows(tmp_path / "every")[0]
+    assert max(norms[s] for s in range(1, 5)) > norms[4]  # the first interval's spike is not at its logged step
+    for end in (4, 8):
+        assert logged[end]["grad_norm"] == norms[end]
+        assert logged[end]["grad_norm_max"] == max(norms[s] for s in range(end - 3, end + 1))
+    top = max(norms, key=norms.get)
+    for s in (every, sparse):
+        assert (s["grad_norm_max"], s["grad_norm_max_step"]) == (norms[top], top)
+        assert s["clipped_steps"] == sum(v > clip for v in norms.values())
+    assert 0 < every["clipped_steps"] < 8
+
+
 def test_static_mixer_weights_drive_the_sampled_mixture(corpus, tmp_path):
     s = train(cfg(steps=4, eval_every=0), corpus, "static", {"weights": {"alpha": 0, "beta": 1, "gamma": 0}}, tmp_path / "r")
     mix = s["mixture"]["domains"]
