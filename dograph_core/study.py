@@ -195,7 +195,7 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
                 if base else math.nan
         baselines = [m for m in rows if is_baseline(m, arm[m][0].get("mixer"), parents)]
         best = min(baselines, key=lambda m: rows[m]["val_worst"]["mean"]) if baselines else None
-        if scale == scales[0]:
+        if scale == scales[0] and len(scales) > 1:  # one scale alone carries nothing to a later one
             first_best = carried_baseline({m: rows[m]["val_worst"]["mean"] for m in baselines
                                            if is_carried(m, arm[m][0].get("mixer"), parents)})
         refs = [("uniform", "uniform"), ("best", best)]

@@ -68,6 +68,16 @@ def test_second_scale_is_also_compared_with_the_first_scales_best_and_overhead_i
     assert "nano's carried best (odm)" in markdown(agg)
 
 
+def test_a_single_scale_has_no_carried_best():
+    """With one scale nothing is carried to a later one: a static mixture (the type @best trains as) is an
+    ordinary baseline, not "micro's carried best", even when uniform has the lowest worst-domain loss."""
+    recs = [_rec(m, s, 5.0, w, 6.0, scale="micro", mixer=t) for s in (0, 1)
+            for m, w, t in (("uniform", 5.4, "uniform"), ("near_uniform", 5.5, "static"), ("dograph_model", 5.3, "dograph"))]
+    agg = aggregate(recs)
+    assert agg["micro"]["first_scale_best"] is None and agg["micro"]["best_baseline"] == "uniform"
+    assert "first_best" not in agg["micro"]["diffs"]["dograph_model"] and "carried best" not in markdown(agg)
+
+
 def test_dograph_record_reports_the_realised_gap_of_the_windows_model_nodes_drew(tmp_path):
     """The realised gap is averaged over the updates that log it (the windows drawn by the model nodes'
     weights, including the last one before a fall-back to human nodes; a fall-back window logs none), and its
