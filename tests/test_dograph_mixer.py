@@ -147,6 +147,23 @@ def test_without_progress_model_nodes_do_not_reweight(corpus, prior):
         assert w[small] == w.max() and np.abs(w - 1).max() > 0.03
 
 
+@pytest.mark.parametrize("table_ema", [0.8, None])
+def test_without_progress_sampled_model_nodes_draw_the_base_weights(corpus, table_ema):
+    """The same with the weights acting through the sampler (the default): with no progress signal and the
+    graph off, the sources are drawn at their base weights (1/3 each), because the prior is the clusters'
+    frequency under the table the sampler realises them through. The sampler's other estimate of that
+    frequency, pi, differs here by several hundredths; a prior from it moved the source weights as much."""
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "graph": "off", "apply": "sample",
+                                "table_ema": table_ema}, ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 30, lr=0.0)
+    assert m.in_force and m.updates["model"] >= 3
+    by_table = m._cluster_given_source() @ m.base_weights()
+    assert np.abs(by_table - m.pi).max() > 0.03            # the two estimates differ: the choice matters
+    assert np.allclose(m.alpha, by_table, atol=2e-3)
+    assert np.allclose(m.sampling_weights(), m.base_weights(), atol=1e-3)
+
+
 def test_unstable_clustering_falls_back_to_human_nodes(corpus, caplog, monkeypatch, tmp_path):
     from dograph_core import clustering
 

@@ -281,6 +281,17 @@ class DoGraphMixer(Mixer):
         pi = np.maximum(self.pi, self.cfg.pi_floor)
         return pi / pi.sum()
 
+    def _base_frequency(self) -> np.ndarray:
+        """The clusters' frequency under the base sampler, estimated as the weights are realised: sampling
+        through sources, the live table's ``sum_s base_s P(c | s)`` (the divisor of :meth:`_cluster_to_sources`,
+        so ``a`` equal to it draws exactly the base weights); weighting losses, ``pi`` (the divisor of
+        :meth:`cluster_weights`). Two estimates of one frequency, ``pi`` and the table's, differ by up to a
+        tenth, and a prior from the other one moved the source weights with no signal at all."""
+        if self.apply == "sample" and self.ctab is not None:
+            f = np.maximum(self._cluster_given_source() @ self.base_weights(), self.cfg.pi_floor)
+            return f / f.sum()
+        return self._pi_floored()
+
     def cluster_weights(self) -> np.ndarray:
         """Per-cluster loss weights: ``clip((a/pi)^temper)``, divided by their mean under the base sampler."""
         cfg = self.cfg
@@ -490,7 +501,7 @@ class DoGraphMixer(Mixer):
             return self._by_rule(ns, step)
         t0 = time.perf_counter()
         # no signal, no reweighting: model nodes' prior is their frequency under the base sampler
-        prior = self._pi_floored() if ns is self.mnodes and cfg.prior == "base" else None
+        prior = self._base_frequency() if ns is self.mnodes and cfg.prior == "base" else None
         beta, u, shrink = ns.progress.targets(cfg.tau, prior)
         try:
             target = self._target_mean() if cfg.objective == "A1" else None
