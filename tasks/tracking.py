@@ -273,8 +273,9 @@ class MLflowTracker:
                      **{f"tokens_{k}": int(v) for k, v in (r.get("tokens") or {}).items()},
                      **{f"docs_{k}": int(v) for k, v in (r.get("docs") or {}).items()}}
                     for r in meta.get("table", [])]
-            with warnings.catch_warnings():  # two advisory UserWarnings per run (the local path's source class,
-                warnings.simplefilter("ignore", UserWarning)  # integer columns) that every flow log repeated
+            with warnings.catch_warnings():  # two advisory warnings that every flow log repeated, and only them
+                warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways", category=UserWarning)
+                warnings.filterwarnings("ignore", message=".*Inferred schema contains integer", category=UserWarning)
                 ds = mlflow.data.from_pandas(pd.DataFrame(rows), source=str(Path(tokenized_dir).resolve()),
                                              name=f"corpus-{digest}", digest=digest)._to_mlflow_entity()
             self._client.log_inputs(self.run_id, datasets=[

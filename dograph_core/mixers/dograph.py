@@ -284,8 +284,8 @@ class DoGraphMixer(Mixer):
     def _base_frequency(self) -> np.ndarray:
         """The clusters' frequency under the base sampler, estimated as the weights are realised: sampling
         through sources, the live table's ``sum_s base_s P(c | s)`` (the divisor of :meth:`_cluster_to_sources`,
-        so ``a`` equal to it draws exactly the base weights); weighting losses, ``pi`` (the divisor of
-        :meth:`cluster_weights`). Two estimates of one frequency, ``pi`` and the table's, differ by up to a
+        so ``a`` equal to it draws exactly the base weights while no cluster is below ``pi_floor``);
+        weighting losses, ``pi`` (the divisor of :meth:`cluster_weights`). Two estimates of one frequency, ``pi`` and the table's, differ by up to a
         tenth, and a prior from the other one moved the source weights with no signal at all."""
         if self.apply == "sample" and self.ctab is not None:
             f = np.maximum(self._cluster_given_source() @ self.base_weights(), self.cfg.pi_floor)
@@ -524,7 +524,7 @@ class DoGraphMixer(Mixer):
                            f"{tag}_shrink": shrink, "solve_s": float(info.get("solve_s", 0.0))})
         if ns is self.mnodes:
             self._diag.update({f"alpha_{i}": float(x) for i, x in enumerate(a)})
-        return {"alpha": a, "beta": beta, "u": u, "shrink": shrink, "graph_effect_l1": effect, "T": p.T,
+        return {"alpha": a, "beta": beta, "prior": prior, "u": u, "shrink": shrink, "graph_effect_l1": effect, "T": p.T,
                 "node_loss": ns.means.mean_loss().numpy(), "fresh": ns.fresh, "node_total": ns.means.total.numpy(),
                 "solver": info.get("solver"), "update_s": time.perf_counter() - t0}
 
