@@ -285,8 +285,8 @@ class DoGraphMixer(Mixer):
         """The clusters' frequency under the base sampler, estimated as the weights are realised: sampling
         through sources, the live table's ``sum_s base_s P(c | s)`` (the divisor of :meth:`_cluster_to_sources`,
         so ``a`` equal to it draws exactly the base weights while no cluster is below ``pi_floor``);
-        weighting losses, ``pi`` (the divisor of :meth:`cluster_weights`). Two estimates of one frequency, ``pi`` and the table's, differ by up to a
-        tenth, and a prior from the other one moved the source weights with no signal at all."""
+        weighting losses, ``pi`` (the divisor of :meth:`cluster_weights`). The two estimates of one frequency
+        differ by up to a tenth, and a prior from the other one moved the source weights with no signal."""
         if self.apply == "sample" and self.ctab is not None:
             f = np.maximum(self._cluster_given_source() @ self.base_weights(), self.cfg.pi_floor)
             return f / f.sum()
