@@ -334,9 +334,9 @@ def _train(cfg, corpus, method, mixer_type, params, out, tracker, resume, extra,
         "tokens_per_s": (cfg.steps - start) * tokens_per_step / max(train_time, 1e-9),
         "device": str(device), "dtype": "bf16" if bf16 else "fp32", "world_size": info.world_size,
         "final_loss": loss_value, **summarize_eval(final_eval),
-        # pre-clip gradient norm over the steps this process trained (after resumed_from_step)
-        "grad_norm_max": gn_max if clip > 0 and gn_max_step else None, "grad_norm_max_step": gn_max_step or None,
-        "clipped_steps": int(clipped) if clip > 0 and gn_max_step else None,
+        # pre-clip gradient norm over the steps this process trained (after resumed_from_step); None if none
+        "grad_norm_max": gn_max if gn_max_step else None, "grad_norm_max_step": gn_max_step or None,
+        "clipped_steps": int(clipped) if gn_max_step else None,
         "final_weights": dict(zip(domains, map(float, mixer.final_weights()))),
         "mixture": sampler.report(), "param_checksum": param_checksum, "rank": info.rank,
     }

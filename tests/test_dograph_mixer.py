@@ -126,16 +126,21 @@ def test_model_node_progress_is_measured_on_a_fixed_probe(corpus):
     assert np.abs(np.nan_to_num(h)).max() > 1e-4
 
 
+def without_progress(corpus, **extra):
+    """Model nodes in force with the graph off, fed by a model that does not learn (lr 0): no progress signal."""
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "graph": "off", **extra}, ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 30, lr=0.0)
+    assert m.in_force and m.updates["model"] >= 3
+    return m
+
+
 @pytest.mark.parametrize("prior", ["base", "uniform"])
 def test_without_progress_model_nodes_do_not_reweight(corpus, prior):
     """A model that does not learn (lr 0) gives no progress signal; with the graph off the weights are
     then beta. Under the default prior that is the clusters' own frequency: every loss weight is 1 (the
     run is uniform training). A uniform prior over clusters would up-weight the small ones on no evidence."""
-    torch.manual_seed(0)
-    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "graph": "off", "prior": prior, "apply": "loss"},
-                    ctx_for(corpus))
-    run(m, nano_model(seq_len=T), 30, lr=0.0)
-    assert m.in_force and m.updates["model"] >= 3
+    m = without_progress(corpus, prior=prior, apply="loss")
     pi = np.maximum(m.pi, m.cfg.pi_floor) / np.maximum(m.pi, m.cfg.pi_floor).sum()
     assert pi.max() - pi.min() > 0.05                      # clusters of unequal size, so the prior matters
     w = m.cluster_weights()
@@ -153,11 +158,7 @@ def test_without_progress_sampled_model_nodes_draw_the_base_weights(corpus, tabl
     graph off, the sources are drawn at their base weights (1/3 each), because the prior is the clusters'
     frequency under the table the sampler realises them through. The sampler's other estimate of that
     frequency, pi, differs here by several hundredths; a prior from it moved the source weights as much."""
-    torch.manual_seed(0)
-    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "graph": "off", "apply": "sample",
-                                "table_ema": table_ema}, ctx_for(corpus))
-    run(m, nano_model(seq_len=T), 30, lr=0.0)
-    assert m.in_force and m.updates["model"] >= 3
+    m = without_progress(corpus, apply="sample", table_ema=table_ema)
     by_table = m._cluster_given_source() @ m.base_weights()
     assert np.abs(by_table - m.pi).max() > 0.03            # the two estimates differ: the choice matters
     assert np.allclose(m.alpha, by_table, atol=2e-3)

@@ -277,9 +277,10 @@ class DoGraphMixer(Mixer):
         return self._pprobe
 
     # -- hooks ------------------------------------------------------------------------------
-    def _pi_floored(self) -> np.ndarray:
-        pi = np.maximum(self.pi, self.cfg.pi_floor)
-        return pi / pi.sum()
+    def _floored(self, freq: np.ndarray) -> np.ndarray:
+        """A cluster frequency floored at ``pi_floor`` and renormalised."""
+        f = np.maximum(freq, self.cfg.pi_floor)
+        return f / f.sum()
 
     def _base_frequency(self) -> np.ndarray:
         """The clusters' frequency under the base sampler, estimated as the weights are realised: sampling
@@ -287,15 +288,13 @@ class DoGraphMixer(Mixer):
         so ``a`` equal to it draws exactly the base weights while no cluster is below ``pi_floor``);
         weighting losses, ``pi`` (the divisor of :meth:`cluster_weights`). The two estimates of one frequency
         differ by up to a tenth, and a prior from the other one moved the source weights with no signal."""
-        if self.apply == "sample" and self.ctab is not None:
-            f = np.maximum(self._cluster_given_source() @ self.base_weights(), self.cfg.pi_floor)
-            return f / f.sum()
-        return self._pi_floored()
+        by_table = self.apply == "sample" and self.ctab is not None
+        return self._floored(self._cluster_given_source() @ self.base_weights() if by_table else self.pi)
 
     def cluster_weights(self) -> np.ndarray:
         """Per-cluster loss weights: ``clip((a/pi)^temper)``, divided by their mean under the base sampler."""
         cfg = self.cfg
-        pi = self._pi_floored()
+        pi = self._floored(self.pi)
         w = np.clip((self.alpha / pi) ** cfg.temper, *cfg.clip)
         return w / float(pi @ w)
 
