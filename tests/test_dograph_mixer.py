@@ -165,6 +165,22 @@ def test_without_progress_sampled_model_nodes_draw_the_base_weights(corpus, tabl
     assert np.allclose(m.sampling_weights(), m.base_weights(), atol=1e-3)
 
 
+def test_model_nodes_take_over_at_their_prior(corpus):
+    """When the first clustering is accepted, the model nodes have no progress signal of their own yet:
+    until their first solve they draw the sources at their base weights (1/3 each). Starting them at 1/K
+    over clusters of unequal size drew the sources up to 0.02-0.04 away from 1/8 for the first update
+    interval at micro, right in the loss spikes after the warm-up."""
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "apply": "sample"}, ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 5)                       # the first update: clustering accepted, no solve
+    assert m.in_force and m.updates["model"] == 0
+    by_table = m._cluster_given_source() @ m.base_weights()
+    assert by_table.max() - by_table.min() > 0.05          # clusters of unequal size: 1/K would move the sources
+    assert np.allclose(m.alpha, by_table / by_table.sum(), atol=1e-9)
+    assert np.allclose(m.sampling_weights(), m.base_weights(), atol=1e-3)
+    assert m.mnodes.history[-1] == (5, m.alpha.tolist())   # the time average counts the prior from this step
+
+
 def test_unstable_clustering_falls_back_to_human_nodes(corpus, caplog, monkeypatch, tmp_path):
     from dograph_core import clustering
 

@@ -643,6 +643,11 @@ class DoGraphMixer(Mixer):
             self.clustering = new
         was = self.in_force
         self.in_force = stable
+        if stable and not was and cfg.rule == "dograph":
+            # model nodes take over with no progress signal of their own yet: no signal, no reweighting, so
+            # they start at their prior (the sources keep their base weights), not at 1/K over the clusters
+            prior = self._base_frequency() if cfg.prior == "base" else np.full(cfg.k, 1.0 / cfg.k)
+            self.mnodes.set_alpha(prior, step)
         if was != stable or not stable:
             what = "model-perceived domains in force" if stable else f"falling back to {cfg.fallback_nodes} nodes"
             why = reason if new is None else f"ARI across projections {new.ari:.3f} vs min_ari {cfg.min_ari}"
