@@ -431,7 +431,10 @@ def test_rule_rnb_is_the_balance_step_on_the_last_windows_mean_gradients(corpus)
     assert int(np.argmax(ns.alpha)) == 0                     # the node most aligned with the evaluation leads
 
 
-def test_rule_rnb_runs_on_the_live_clusters_with_their_base_frequency_as_q(corpus):
+def test_rule_rnb_runs_on_the_live_clusters_with_the_evaluations_share_as_q(corpus):
+    """R&B weighs each node's gradient by the evaluation's share in it. The evaluation weighs the sources
+    equally, so on live clusters q is mean_s P(c | s) from the table the sampler uses, not pi (the
+    clusters' occupancy, another estimate) nor 1/K."""
     from dograph_core.mixers.rnb import rnb_update
 
     torch.manual_seed(0)
@@ -439,8 +442,11 @@ def test_rule_rnb_runs_on_the_live_clusters_with_their_base_frequency_as_q(corpu
     run(m, nano_model(seq_len=T), 20)
     assert m.in_force and m.updates["model"] >= 2
     last = m.mnodes.means.last.numpy()
-    assert np.allclose(m.mnodes.alpha, rnb_update(last @ last.T, m.pi, 3.0), atol=1e-12)
-    assert not np.allclose(m.mnodes.alpha, rnb_update(last @ last.T, np.full(3, 1 / 3), 3.0), atol=1e-3)
+    q = m._cluster_given_source().mean(1)                  # the table as the last update read it
+    assert np.abs(q - m.pi).max() > 0.01 and np.abs(q - 1 / 3).max() > 0.005
+    assert np.allclose(m.mnodes.alpha, rnb_update(last @ last.T, q, 3.0), atol=1e-12)
+    for other in (m.pi, np.full(3, 1 / 3)):
+        assert not np.allclose(m.mnodes.alpha, rnb_update(last @ last.T, other, 3.0), atol=1e-3)
 
 
 def test_human_probe_progress_measures_the_model_not_the_sample(corpus):

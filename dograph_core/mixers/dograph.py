@@ -531,13 +531,15 @@ class DoGraphMixer(Mixer):
         """The weights over the nodes in force by a baseline's rule (``rule``), not DoGraph's objective:
         ``uniform`` (the nodes alone) or R&B's Balance step on the nodes' mean gradients of the window just
         closed (a node without a sequence in it keeps its previous mean, as in :class:`RnBMixer`), with ``q``
-        the evaluation's share in each node (for model nodes their frequency under the base sampler, ``pi``)."""
+        the evaluation's share in each node. The evaluation weighs the sources equally, so for model nodes
+        that is ``mean_s P(c | s)`` from the live table the sampler realises the weights through (``pi``,
+        the clusters' occupancy under the base sampler, is another estimate and differs by several hundredths)."""
         if self.cfg.rule == "uniform":
             a, extra = np.full(ns.k, 1.0 / ns.k), {}
         else:
             m = ns.means.last.numpy()
             g = m @ m.T
-            q = self.pi if ns is self.mnodes else eval_shares(self.ctx)
+            q = self._cluster_given_source().mean(1) if ns is self.mnodes else eval_shares(self.ctx)
             a, extra = rnb_update(g, q, self.cfg.lam), {"gram": g, "q": q}
         ns.set_alpha(a, step)
         if ns is self.mnodes:
