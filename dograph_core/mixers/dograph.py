@@ -532,8 +532,8 @@ class DoGraphMixer(Mixer):
         ``uniform`` (the nodes alone) or R&B's Balance step on the nodes' mean gradients of the window just
         closed (a node without a sequence in it keeps its previous mean, as in :class:`RnBMixer`), with ``q``
         the evaluation's share in each node. The evaluation weighs the sources equally, so for model nodes
-        that is ``mean_s P(c | s)`` from the live table the sampler realises the weights through (``pi``,
-        the clusters' occupancy under the base sampler, is another estimate and differs by several hundredths)."""
+        that is ``mean_s P(c | s)`` from the live table the sampler realises the weights through, not ``pi``
+        (the clusters' occupancy under the base sampler, a separate estimate that drifts from the table's)."""
         if self.cfg.rule == "uniform":
             a, extra = np.full(ns.k, 1.0 / ns.k), {}
         else:
