@@ -141,7 +141,7 @@ def test_without_progress_model_nodes_do_not_reweight(corpus, prior):
     then beta. Under the default prior that is the clusters' own frequency: every loss weight is 1 (the
     run is uniform training). A uniform prior over clusters would up-weight the small ones on no evidence."""
     m = without_progress(corpus, prior=prior, apply="loss")
-    pi = np.maximum(m.pi, m.cfg.pi_floor) / np.maximum(m.pi, m.cfg.pi_floor).sum()
+    pi = m._floored(m.pi)
     assert pi.max() - pi.min() > 0.05                      # clusters of unequal size, so the prior matters
     w = m.cluster_weights()
     if prior == "base":

@@ -291,6 +291,11 @@ class DoGraphMixer(Mixer):
         by_table = self.apply == "sample" and self.ctab is not None
         return self._floored(self._cluster_given_source() @ self.base_weights() if by_table else self.pi)
 
+    def _prior(self, ns: NodeSet) -> Optional[np.ndarray]:
+        """beta without a progress signal (None = uniform): no signal, no reweighting, so for model nodes
+        under ``prior: base`` their frequency under the base sampler; human nodes are uniform."""
+        return self._base_frequency() if ns is self.mnodes and self.cfg.prior == "base" else None
+
     def cluster_weights(self) -> np.ndarray:
         """Per-cluster loss weights: ``clip((a/pi)^temper)``, divided by their mean under the base sampler."""
         cfg = self.cfg
@@ -499,8 +504,7 @@ class DoGraphMixer(Mixer):
         if cfg.rule != "dograph":
             return self._by_rule(ns, step)
         t0 = time.perf_counter()
-        # no signal, no reweighting: model nodes' prior is their frequency under the base sampler
-        prior = self._base_frequency() if ns is self.mnodes and cfg.prior == "base" else None
+        prior = self._prior(ns)
         beta, u, shrink = ns.progress.targets(cfg.tau, prior)
         try:
             target = self._target_mean() if cfg.objective == "A1" else None
@@ -646,10 +650,10 @@ class DoGraphMixer(Mixer):
         was = self.in_force
         self.in_force = stable
         if stable and not was and cfg.rule == "dograph":
-            # model nodes take over with no progress signal of their own yet: no signal, no reweighting, so
-            # they start at their prior (the sources keep their base weights), not at 1/K over the clusters
-            prior = self._base_frequency() if cfg.prior == "base" else np.full(cfg.k, 1.0 / cfg.k)
-            self.mnodes.set_alpha(prior, step)
+            # model nodes take over with no progress signal of their own yet: they start at their prior (the
+            # sources keep their base weights), not at the 1/K they were built with
+            prior = self._prior(self.mnodes)
+            self.mnodes.set_alpha(np.full(cfg.k, 1.0 / cfg.k) if prior is None else prior, step)
         if was != stable or not stable:
             what = "model-perceived domains in force" if stable else f"falling back to {cfg.fallback_nodes} nodes"
             why = reason if new is None else f"ARI across projections {new.ari:.3f} vs min_ari {cfg.min_ari}"
