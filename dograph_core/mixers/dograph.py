@@ -528,7 +528,8 @@ class DoGraphMixer(Mixer):
         if ns is self.mnodes:
             self._diag.update({f"alpha_{i}": float(x) for i, x in enumerate(a)})
         return {"alpha": a, "beta": beta, "prior": prior, "u": u, "shrink": shrink, "graph_effect_l1": effect, "T": p.T,
-                "node_loss": ns.means.mean_loss().numpy(), "fresh": ns.fresh, "node_total": ns.means.total.numpy(),
+                "node_loss": ns.means.mean_loss().numpy(), "window_loss": ns.window_loss, "fresh": ns.fresh,
+                "node_total": ns.means.total.numpy(),
                 "solver": info.get("solver"), "update_s": time.perf_counter() - t0}
 
     def _by_rule(self, ns: NodeSet, step: int) -> dict[str, Any]:
@@ -548,7 +549,8 @@ class DoGraphMixer(Mixer):
         ns.set_alpha(a, step)
         if ns is self.mnodes:
             self._diag.update({f"alpha_{i}": float(x) for i, x in enumerate(a)})
-        return {"alpha": a, "rule": self.cfg.rule, "node_loss": ns.means.mean_loss().numpy(), "fresh": ns.fresh,
+        return {"alpha": a, "rule": self.cfg.rule, "node_loss": ns.means.mean_loss().numpy(),
+                "window_loss": ns.window_loss, "fresh": ns.fresh,
                 "node_total": ns.means.total.numpy(), **extra}
 
     def _target_mean(self) -> np.ndarray:

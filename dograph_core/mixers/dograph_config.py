@@ -10,7 +10,7 @@ from dograph_core.mixers.base import MixerConfig
 
 # what only DoGraph's own rule reads: with rule uniform or rnb, setting one of these is a mistake
 DOGRAPH_ONLY = {"objective", "graph", "rho", "knn", "target", "tau_kl", "eps", "floor", "cap", "solver", "fallback",
-                "shrink", "tau", "prior", "horizon", "min_windows"}
+                "shrink", "tau", "prior", "horizon", "min_windows", "trend"}
 
 
 class DoGraphConfig(MixerConfig):
@@ -57,6 +57,13 @@ class DoGraphConfig(MixerConfig):
     horizon: int = Field(5, ge=2, description="updates over which each node's relative loss change is averaged")
     min_windows: int = Field(3, ge=2, description="changes needed before the noise can be estimated (beta is the prior before)")
     shrink: bool = Field(True, description="shrink the progress contrast towards the prior by its noise (James-Stein)")
+    trend: Literal["slope", "mean_change"] = Field(
+        "slope", description="a node's lag from losses of the training windows: the least-squares slope of its log loss "
+                             "over the last horizon + 1 updates, against a common curve, with its standard error "
+                             "from the residuals (each window's sampling noise counted once), or the mean of "
+                             "consecutive relative changes with se = sd / sqrt(n) (the ablation: consecutive "
+                             "changes share a window, so it overstates the noise about horizon-fold). Losses of a "
+                             "fixed probe are paired changes and always use the mean change")
     tau: float = Field(1.0, gt=0, description="temperature of beta = prior * exp(u / tau) / Z")
     prior: Literal["base", "uniform"] = Field(
         "base", description="nodes: model: beta without a progress signal is the clusters' frequency under the base "

@@ -32,7 +32,7 @@ class NodeSet:
     def __init__(self, k: int, dim: int, cfg: Any):
         self.k = k
         self.means = gr.NodeMeans(k, dim, cfg.ema, cfg.min_node_samples)
-        self.progress = Progress(k, cfg.horizon, cfg.min_windows, cfg.shrink)
+        self.progress = Progress(k, cfg.horizon, cfg.min_windows, cfg.shrink, cfg.trend)
         self.alpha = np.full(k, 1.0 / k)
         self.history: list[tuple[int, list[float]]] = [(0, self.alpha.tolist())]
         self.fresh = np.zeros(k, dtype=bool)
