@@ -475,9 +475,32 @@ def log_final_model(p: Params, tracker: Any, out: Path) -> None:
         return
     log_model = getattr(tracker, "log_model", None)
     if log_model is not None:
-        log_model(out / "final", "model", p.tracking.registered_model)
+        log_model(out / "final", "model", p.tracking.registered_model, card=model_card(out))
     else:
         tracker.log_artifact(out / "final", "model")
+
+
+def model_card(out: Path) -> str:
+    """The logged model's card: what was trained, on what mixture, and how it evaluated (``summary.json``)."""
+    s = read_json(out / "summary.json") if (out / "summary.json").exists() else {}
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [dograph, gpt2]", "---",
+             f"# {s.get('method', out.name)} at {s.get('scale', '?')}", "",
+             "A GPT-2 initialised from scratch and trained by dograph on a domain mixture chosen by the method "
+             f"`{s.get('method', '?')}` (mixer `{s.get('mixer', '?')}`). It is a research artefact of a mixture "
+             "comparison, not a general-purpose model.", ""]
+    facts = [("parameters", "params"), ("steps", "steps"), ("tokens", "tokens"), ("device", "device"),
+             ("mean validation loss", "val_loss_mean"), ("worst validation loss", "val_loss_worst"),
+             ("worst domain", "val_worst_domain"), ("held-out domain loss", "heldout_val_loss")]
+    lines += [f"- {label}: {_fmt(s[key], 4)}" for label, key in facts if s.get(key) is not None]
+    if s.get("final_weights"):
+        lines += ["", f"Final domain weights: {_fmt(s['final_weights'], 3)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any, digits: int) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x, digits)}" for k, x in v.items())
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
 def end_tracker(tracker: Any, status: str) -> None:

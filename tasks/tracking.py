@@ -283,16 +283,22 @@ class MLflowTracker:
 
         self._guard("log the dataset", send)
 
-    def log_model(self, model_dir: str | Path, name: str = "model", registered_model_name: Optional[str] = None) -> Optional[str]:
+    def log_model(self, model_dir: str | Path, name: str = "model", registered_model_name: Optional[str] = None,
+                  card: Optional[str] = None) -> Optional[str]:
         """A Hugging Face model folder (``final/``) as an ``mlflow.transformers`` model of this run
         (text-generation; a LoggedModel in MLflow 3, loadable with ``mlflow.transformers.load_model``),
-        registered under ``registered_model_name`` when given. Returns the model URI."""
+        registered under ``registered_model_name`` when given. Returns the model URI.
+
+        ``card`` is the model card's markdown (``model_card.md`` of the logged model). The card is always
+        given: without one MLflow looks the local folder up on the Hugging Face Hub as a repository id,
+        which fails (offline, or because no such repository exists) and warns at every model logged."""
 
         def send() -> str:
             import mlflow
             import mlflow.transformers
             import torch
             import transformers
+            from huggingface_hub import ModelCard
             from mlflow.tracking._tracking_service.utils import _use_tracking_uri
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -304,7 +310,8 @@ class MLflowTracker:
                 try:
                     info = mlflow.transformers.log_model(
                         {"model": model, "tokenizer": tok}, name=name, task="text-generation",
-                        registered_model_name=registered_model_name, pip_requirements=reqs)
+                        registered_model_name=registered_model_name, pip_requirements=reqs,
+                        model_card=ModelCard(card or f"# {Path(model_dir).name}\n\nA GPT-2 trained by dograph.\n"))
                 finally:
                     mlflow.end_run("RUNNING")  # leave the run's status to end()
             return info.model_uri

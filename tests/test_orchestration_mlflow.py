@@ -123,7 +123,8 @@ def test_per_domain_losses_and_weights_over_time_in_every_pipeline_run(study):
         assert len({m.value for m in client.get_metric_history(kids["uniform@nano"].info.run_id, "weight/code")}) == 1
 
 
-def test_the_experiment_opens_as_model_training_with_dataset_source_and_model(study):
+def test_the_experiment_opens_as_model_training_with_dataset_source_and_model(study, tmp_path):
+    import mlflow.artifacts
     import mlflow.transformers
 
     client, (_, second, _) = study["client"], study["parents"]
@@ -148,9 +149,13 @@ def test_the_experiment_opens_as_model_training_with_dataset_source_and_model(st
 
     with _use_tracking_uri(study["server"]):
         pipe = mlflow.transformers.load_model(f"models:/{models[0].model_id}")
+        local = Path(mlflow.artifacts.download_artifacts(f"models:/{models[0].model_id}", dst_path=str(tmp_path)))
     assert pipe.task == "text-generation" and pipe.model.config.vocab_size > 256
     out = pipe("def", max_new_tokens=3, do_sample=False)
     assert isinstance(out[0]["generated_text"], str)
+    # its card says what it is (never looked up on the Hub under the local folder's name)
+    card = (local / "model_card.md").read_text()
+    assert "# odm at nano" in card and f"mean validation loss: {run.data.metrics['val_loss_mean']:.4f}" in card
 
 
 def test_torchrun_metrics_stream_while_training_and_the_model_is_registered(server, tmp_path):
