@@ -181,6 +181,25 @@ def test_model_nodes_take_over_at_their_prior(corpus):
     assert m.mnodes.history[-1] == (5, m.alpha.tolist())   # the time average counts the prior from this step
 
 
+def test_model_nodes_take_over_at_their_prior_inside_the_caps(corpus):
+    """A cap below the largest cluster's frequency: the take-over weights are the prior projected onto the
+    capped simplex (KL), the capped cluster at the cap, the others in the prior's proportions."""
+    torch.manual_seed(0)
+    free = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "apply": "sample"}, ctx_for(corpus))
+    run(free, nano_model(seq_len=T), 5)
+    prior = free.alpha.copy()
+    cap = float(prior.max()) - 0.03
+    torch.manual_seed(0)
+    m = build_mixer("dograph", {**SMALL, "nodes": "model", "min_ari": 0.0, "apply": "sample", "cap": cap},
+                    ctx_for(corpus))
+    run(m, nano_model(seq_len=T), 5)
+    assert m.in_force and m.updates["model"] == 0
+    top = int(prior.argmax())
+    assert m.alpha[top] == pytest.approx(cap) and m.alpha.max() <= cap + 1e-9
+    rest = np.arange(len(prior)) != top
+    assert np.allclose(m.alpha[rest], prior[rest] * (1 - cap) / prior[rest].sum(), atol=1e-9)
+
+
 def test_unstable_clustering_falls_back_to_human_nodes(corpus, caplog, monkeypatch, tmp_path):
     from dograph_core import clustering
 
