@@ -181,3 +181,19 @@ def test_a_node_back_from_starvation_is_not_scored_as_the_fastest_learner():
     r01 = (3.6 - 3.7) / 3.7
     assert abs(last[2] - (r2 - np.mean([r01, r01, r2]))) < 1e-6
     assert np.isnan(ns.progress.changes[-2][2])          # the window it came back in has no score (not fresh twice)
+
+
+def test_the_mixer_setting_chooses_the_estimator():
+    """`trend` reaches each node set's progress: the same window losses give the slope's signal with
+    `trend: slope` and the (noise-overstating) mean change by default."""
+    from dograph_core.mixers.dograph_config import DoGraphConfig
+    from dograph_core.mixers.dograph_nodes import NodeSet
+
+    x = _noisy_levels(np.random.default_rng(3), lag=0.02, k=3)
+    got = {}
+    for trend in ("slope", None):
+        ns = NodeSet(3, 2, DoGraphConfig(**({"trend": trend} if trend else {})))
+        feed(ns.progress, x)
+        got[trend] = ns.progress.targets(1.0)[2]
+    assert DoGraphConfig().trend == "mean_change"
+    assert got["slope"] > 0.5 and got[None] < got["slope"]

@@ -58,12 +58,13 @@ class DoGraphConfig(MixerConfig):
     min_windows: int = Field(3, ge=2, description="changes needed before the noise can be estimated (beta is the prior before)")
     shrink: bool = Field(True, description="shrink the progress contrast towards the prior by its noise (James-Stein)")
     trend: Literal["slope", "mean_change"] = Field(
-        "slope", description="a node's lag from losses of the training windows: the least-squares slope of its log loss "
-                             "over the last horizon + 1 updates, against a common curve, with its standard error "
-                             "from the residuals (each window's sampling noise counted once), or the mean of "
-                             "consecutive relative changes with se = sd / sqrt(n) (the ablation: consecutive "
-                             "changes share a window, so it overstates the noise about horizon-fold). Losses of a "
-                             "fixed probe are paired changes and always use the mean change")
+        "mean_change", description="a node's lag from loss levels (the training windows, the human nodes' probe): the mean "
+                                   "of consecutive relative changes with se = sd / sqrt(n), which overstates the noise "
+                                   "about horizon-fold (consecutive changes share a window), so the lag target acts in "
+                                   "about 1 solve in 10; or the least-squares slope of the log loss over the last "
+                                   "horizon + 1 updates, against a common curve, with its se from the residuals (the "
+                                   "noise counted once: the target acts in about 6 in 10 and cost the mean loss at nano "
+                                   "1x and 4x, docs/method.md section 4). The model nodes' probe always uses paired changes")
     tau: float = Field(1.0, gt=0, description="temperature of beta = prior * exp(u / tau) / Z")
     prior: Literal["base", "uniform"] = Field(
         "base", description="nodes: model: beta without a progress signal is the clusters' frequency under the base "
