@@ -5,9 +5,9 @@ enough sequences in this window). A node without data gets no score and ends up 
 (``u = 0``), never the largest, which a frozen loss (no change while every learning node falls) would
 give it. Two ways to turn losses into each node's lag ``dbar_j`` with a standard error ``se_j``:
 
-* **Levels** (``trend: slope``; the training windows' losses, or the human nodes' fixed probe): each update's loss is a *level*, with noise of its own (a window's sampling, the model's
-  fluctuation from one update to the next). The log
-  losses of the last ``horizon + 1`` updates are fitted by least squares as
+* **Levels** (``trend: slope``; the training windows' losses, or the human nodes' fixed probe): each
+  update's loss is a *level*, with noise of its own (a window's sampling, the model's fluctuation from
+  one update to the next). The log losses of the last ``horizon + 1`` updates are fitted by least squares as
   ``log L_j(t) = a_j + c(t) + b_j t`` over the (node, update) pairs that were fresh: ``c(t)`` is the
   schedule's common curve (it cancels in the contrast), ``b_j`` the node's own relative change per
   update, and the lag ``dbar_j = b_j - mean_i b_i``. Its standard error comes from the node's residuals,
@@ -18,7 +18,7 @@ give it. Two ways to turn losses into each node's lag ``dbar_j`` with a standard
   ``d_j(t) = r_j(t) - mean_i r_i(t)``, ``dbar_j`` its mean over the last ``horizon`` updates and
   ``se_j = sd_t(d_j) / sqrt(n_j)``. The model nodes' probe regroups its sequences by their current
   clusters at every update, so only the change of the current members is defined there. On window
-  losses (the ablation) consecutive changes share a window with opposite signs: their mean telescopes
+  losses (the default) consecutive changes share a window with opposite signs: their mean telescopes
   to ``(noise_T - noise_{T-h}) / h`` while ``sd / sqrt(h)`` counts every window's noise twice, so
   ``se^2`` overstates the noise about ``h``-fold and the contrast is shrunk to nothing almost always
   (the lag target, let act by the slope, cost the mean loss in our runs: hence the default).
