@@ -654,13 +654,10 @@ class DoGraphMixer(Mixer):
         if stable and not was and cfg.rule == "dograph":
             # model nodes take over with no progress signal of their own yet: they start at their prior (the
             # sources keep their base weights), not at the 1/K they were built with
-            # (inside the node bounds: a cap below a cluster's frequency takes the KL projection)
+            # (inside the node bounds, as every solve's weights: a cap below a cluster's frequency projects)
             prior = self._prior(self.mnodes)
             a0 = np.full(cfg.k, 1.0 / cfg.k) if prior is None else prior
-            ns = self.mnodes
-            if np.any(a0 < ns.lo - 1e-12) or np.any(a0 > ns.hi + 1e-12):
-                a0 = opt.project_kl(np.log(np.maximum(a0, 1e-300)), ns.lo, ns.hi)
-            ns.set_alpha(a0, step)
+            self.mnodes.set_alpha(opt.smooth(a0, 0.0, self.mnodes.lo, self.mnodes.hi), step)
         if was != stable or not stable:
             what = "model-perceived domains in force" if stable else f"falling back to {cfg.fallback_nodes} nodes"
             why = reason if new is None else f"ARI across projections {new.ari:.3f} vs min_ari {cfg.min_ari}"
