@@ -488,7 +488,8 @@ def write_figure1(records: Iterable[Mapping[str, Any]], out: Path) -> Optional[P
     clusters with the human sources at each analysis probe (``mixer/plots/alignment.csv`` of every run
     in ``records``, which need ``scale``, ``method`` and ``dir``), as ``figure1.md`` (mean ± sd over
     seeds) and ``figure1.png`` under ``out``. Returns the markdown's path, None without any probe."""
-    cols = ("kmeans_ari", "kmeans_nmi", "labels_ari", "separation", "silhouette")
+    cols = ("kmeans_ari", "kmeans_nmi", "labels_ari", "separation", "silhouette", "self_ari", "null_self_ari",
+            "best_excess")
     groups: dict[tuple[str, str], dict[int, list[dict]]] = {}
     for r in records:
         f = Path(r.get("dir") or "") / "mixer" / "plots" / "alignment.csv"
@@ -503,20 +504,23 @@ def write_figure1(records: Iterable[Mapping[str, Any]], out: Path) -> Optional[P
              "Per analysis probe (the same 256 training windows, stratified over the sources, at step 0 = the "
              "model at initialisation and at each quarter of the run): k-means of the centred, unit-normalised "
              "gradient features against the sources (ARI, NMI), the run's own live clusters against the sources "
-             "(model nodes), the within-minus-between-source mean cosine and the silhouette by source. Mean ± sd "
-             "over seeds.", ""]
+             "(model nodes), the within-minus-between-source mean cosine, the silhouette by source, and whether "
+             "the features hold clusters at all (k-means' agreement with itself at the run's K, the same on "
+             "structureless clouds of the features' spread, and the largest excess over that null at any K "
+             "from 2 to the run's; below 0.3 is within what clouds without clusters give; "
+             "`mixer/plots/alignment.md` of each run says more). Mean ± sd over seeds.", ""]
     plt = pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.4), squeeze=False)
     for ax, ((scale, method), by_step) in zip(axes[0], sorted(groups.items())):
         lines += [f"## {scale} / {method}", "", "| step | seeds | " + " | ".join(cols) + " |",
                   "|---:|---:|" + "---:|" * len(cols)]
         steps = sorted(by_step)
-        stats = {c: [mean_std(float(r[c]) if r[c] not in ("", "nan") else math.nan for r in by_step[s]) for s in steps]
-                 for c in cols}
+        stats = {c: [mean_std(float(r[c]) if r.get(c, "") not in ("", "nan") else math.nan for r in by_step[s])
+                     for s in steps] for c in cols}
         for i, s in enumerate(steps):
             lines.append(f"| {s} | {len(by_step[s])} | " + " | ".join(fmt_pm(stats[c][i]) for c in cols) + " |")
         lines.append("")
-        for c in ("kmeans_ari", "kmeans_nmi", "labels_ari", "separation"):
+        for c in ("kmeans_ari", "kmeans_nmi", "labels_ari", "separation", "best_excess"):
             ys = [x["mean"] for x in stats[c]]
             ax.plot(steps, ys, marker="o", label=c)
         ax.set_title(f"{scale} / {method}", fontsize=10)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dograph_core.analysis import (ALIGNMENT_COLUMNS, alignment_from_dir, alignment_row, alignment_table,
-                                   render, source_cosines, write_alignment)
+                                   centred_unit, cluster_structure, render, source_cosines, write_alignment)
 
 DOMAINS = np.asarray(["web", "code", "books", "news"])
 
@@ -43,6 +43,31 @@ def test_no_source_structure_gives_chance_agreement():
     assert abs(r["kmeans_ari"]) < 0.05
     assert abs(r["separation"]) < 0.02
     assert abs(r["silhouette"]) < 0.05
+
+
+def test_planted_clusters_are_structure_at_their_own_count():
+    r = alignment_row(probe(0, spread=4.0), k=8)  # four sources, four clusters; the run asks for up to 8
+    assert r["best_k"] == 4 and r["best_excess"] > 0.4  # beyond what any structureless cloud gave (below 0.4)
+    s = cluster_structure(centred_unit(probe(0, spread=4.0)["z"]), k=8)
+    assert sorted(s) == [2, 3, 4, 6, 8]
+    assert s[4][0] > 0.95  # k-means finds the same four groups from every start
+
+
+def test_an_elongated_cloud_without_clusters_is_no_structure():
+    # one Gaussian cloud, far wider along a few axes: k-means cuts it the same way from any start (high
+    # self-agreement at K = 2), but so it cuts a cloud of the same spread, so the excess stays small at
+    # every K; four planted groups in the same cloud stand clear of it
+    def cloud(seed: int, spread: float) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        centres = rng.normal(size=(4, 64)) * spread
+        return centres[np.repeat(np.arange(4), 64)] + rng.normal(size=(256, 64)) * np.r_[6.0, 2.5, 1.5, np.ones(61)]
+
+    none = [cluster_structure(centred_unit(cloud(s, 0.0)), k=8, seed=s) for s in range(6)]
+    assert min(st[2][0] for st in none) > 0.5  # reproducible cuts ...
+    excess = [max(a - b for a, b in st.values()) for st in none]
+    assert np.median(excess) < 0.2 and max(excess) < 0.4, excess  # ... that the null reproduces as well
+    planted = [cluster_structure(centred_unit(cloud(s, 3.0)), k=8, seed=s) for s in range(3)]
+    assert min(max(a - b for a, b in st.values()) for st in planted) > 0.5
 
 
 def test_probe_labels_are_scored_against_the_sources():
