@@ -65,9 +65,17 @@ def pca_2d(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u[:, :2] * s[:2], var[:2]
 
 
-def load_probes(probe_dir: Path, max_panels: Optional[int] = 6) -> list[dict[str, Any]]:
-    """The probe files in ``probe_dir`` in step order; at most ``max_panels`` of them (``None``: all)."""
-    files = sorted(Path(probe_dir).glob("step_*.npz"))
+PROBE_KINDS = {"analysis": "step_*.npz", "cluster": "cluster_*.npz"}
+
+
+def load_probes(probe_dir: Path, max_panels: Optional[int] = 6, kind: str = "analysis") -> list[dict[str, Any]]:
+    """The probe files in ``probe_dir`` in step order; at most ``max_panels`` of them (``None``: all).
+
+    ``kind``: ``analysis`` (``step_*.npz``, the same windows at each checkpoint) or ``cluster`` (``cluster_*.npz``,
+    the rows each re-clustering of model nodes was computed from, first projection)."""
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"probe kind {kind!r}: expected one of {sorted(PROBE_KINDS)}")
+    files = sorted(Path(probe_dir).glob(PROBE_KINDS[kind]))
     if max_panels is not None and len(files) > max_panels:  # keep first, last and evenly spaced ones
         idx = np.unique(np.linspace(0, len(files) - 1, max_panels).round().astype(int))
         files = [files[i] for i in idx]
@@ -385,11 +393,12 @@ def plot_alignment(rows: list[dict[str, Any]], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _probe_dir(run_dir: Path) -> Path:
+def _probe_dir(run_dir: Path, kind: str = "analysis") -> Path:
+    pattern = PROBE_KINDS[kind]
     for p in (run_dir / "probes", run_dir / "mixer" / "probes", run_dir):
-        if any(p.glob("step_*.npz")):
+        if any(p.glob(pattern)):
             return p
-    raise FileNotFoundError(f"no probe files (probes/step_*.npz) under {run_dir}")
+    raise FileNotFoundError(f"no probe files (probes/{pattern}) under {run_dir}")
 
 
 def _default_k(run_dir: Path, probes: list[dict[str, Any]]) -> int:
@@ -407,15 +416,18 @@ def _default_k(run_dir: Path, probes: list[dict[str, Any]]) -> int:
 
 
 def alignment_from_dir(run_dir: str | Path, k: Optional[int] = None, seed: int = 0,
-                       out_dir: str | Path | None = None) -> list[dict[str, Any]]:
+                       out_dir: str | Path | None = None, kind: str = "analysis") -> list[dict[str, Any]]:
     """The alignment table of a finished run directory (the run's root, its ``mixer/`` or ``probes/`` folder).
 
     ``k`` defaults to the run's cluster count for model nodes (its ``weights.json``), else the number of
-    domains. With ``out_dir`` the three ``alignment.*`` files are written there as well.
+    domains. ``kind``: which probes (:func:`load_probes`). With ``out_dir`` the three ``alignment.*`` files
+    are written there as well.
     """
     run_dir = Path(run_dir)
-    pdir = _probe_dir(run_dir)
-    probes = load_probes(pdir, max_panels=None)
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"probe kind {kind!r}: expected one of {sorted(PROBE_KINDS)}")
+    pdir = _probe_dir(run_dir, kind)
+    probes = load_probes(pdir, max_panels=None, kind=kind)
     if k is None:
         k = _default_k(run_dir if pdir != run_dir else run_dir.parent, probes)
     rows = alignment_table(probes, k, seed)
@@ -466,16 +478,20 @@ def render(out_dir: str | Path, doc: dict[str, Any]) -> list[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m dograph_core.analysis RUN_DIR [--k K] [--out DIR]``: print (and write) the alignment table."""
+    """``python -m dograph_core.analysis RUN_DIR [--k K] [--probes analysis|cluster] [--out DIR]``: print (and
+    write) the alignment table."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("run_dir")
     ap.add_argument("--k", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--probes", choices=sorted(PROBE_KINDS), default="analysis",
+                    help="analysis: the same windows at each checkpoint (step_*.npz); cluster: the rows of each "
+                         "re-clustering of model nodes (cluster_*.npz)")
     ap.add_argument("--out", default=None, help="write alignment.{csv,md,png} here")
     a = ap.parse_args(argv)
-    rows = alignment_from_dir(a.run_dir, a.k, a.seed, a.out)
+    rows = alignment_from_dir(a.run_dir, a.k, a.seed, a.out, a.probes)
     print(" ".join(ALIGNMENT_COLUMNS))
     for r in rows:
         print(" ".join(_cell(r[c], 3) or "nan" for c in ALIGNMENT_COLUMNS))

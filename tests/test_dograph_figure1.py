@@ -146,6 +146,15 @@ def test_render_writes_alignment_files_over_every_probe(tmp_path):
     rows = alignment_from_dir(run)
     assert len(rows) == 8 and {r["k"] for r in rows} == {4}
     assert {r["k"] for r in alignment_from_dir(run / "mixer" / "probes", k=2)} == {2}
+    # the re-clusterings' own rows are a separate series, asked for by name
+    with pytest.raises(FileNotFoundError, match=r"cluster_\*\.npz"):
+        alignment_from_dir(run, kind="cluster")
+    p = probe(20, spread=3.0, n_per=15, d=8)
+    np.savez_compressed(run / "mixer" / "probes" / "cluster_0000020.npz", **p)
+    assert [r["step"] for r in alignment_from_dir(run, kind="cluster")] == [20]
+    assert len(alignment_from_dir(run)) == 8  # the analysis series is unchanged
+    with pytest.raises(ValueError, match="probe kind 'clusters'"):
+        alignment_from_dir(run, kind="clusters")
 
 
 def test_render_logs_and_keeps_other_plots_when_alignment_fails(tmp_path, caplog):
