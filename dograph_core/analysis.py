@@ -68,14 +68,18 @@ def pca_2d(z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 PROBE_KINDS = {"analysis": "step_*.npz", "cluster": "cluster_*.npz"}
 
 
+def _probe_pattern(kind: str) -> str:
+    if kind not in PROBE_KINDS:
+        raise ValueError(f"probe kind {kind!r}: expected one of {sorted(PROBE_KINDS)}")
+    return PROBE_KINDS[kind]
+
+
 def load_probes(probe_dir: Path, max_panels: Optional[int] = 6, kind: str = "analysis") -> list[dict[str, Any]]:
     """The probe files in ``probe_dir`` in step order; at most ``max_panels`` of them (``None``: all).
 
     ``kind``: ``analysis`` (``step_*.npz``, the same windows at each checkpoint) or ``cluster`` (``cluster_*.npz``,
     the rows each re-clustering of model nodes was computed from, first projection)."""
-    if kind not in PROBE_KINDS:
-        raise ValueError(f"probe kind {kind!r}: expected one of {sorted(PROBE_KINDS)}")
-    files = sorted(Path(probe_dir).glob(PROBE_KINDS[kind]))
+    files = sorted(Path(probe_dir).glob(_probe_pattern(kind)))
     if max_panels is not None and len(files) > max_panels:  # keep first, last and evenly spaced ones
         idx = np.unique(np.linspace(0, len(files) - 1, max_panels).round().astype(int))
         files = [files[i] for i in idx]
@@ -240,6 +244,25 @@ def _k_grid(k: int, n: int) -> list[int]:
     return sorted(x for x in grid | {k} if 2 <= x <= min(k, n - 1))
 
 
+def _unit_cloud(g: np.ndarray, var: np.ndarray, rounds: int = 30) -> np.ndarray:
+    """Rows of the Gaussian draw ``g`` [N, r], each axis scaled and every row then scaled to unit length, so
+    that the axes' shares of the rows' variance are ``var``'s shares: a cloud without clusters with the
+    spread of unit rows whose principal-component variances are ``var``. Normalising rows shrinks the
+    widest axes' shares, so the scales are found by a fixed point (multiplicative steps, each clipped
+    to a factor 2), not taken as ``sqrt(var)``."""
+    target = np.asarray(var, dtype=np.float64) / max(float(np.sum(var)), 1e-300)
+    live = target > 1e-12 * target.max()
+    a = np.where(live, np.sqrt(target), 0.0)
+    for _ in range(rounds):
+        y = g * a
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        got = y.var(0)
+        got /= max(float(got.sum()), 1e-300)
+        a[live] *= np.clip(np.sqrt(target[live] / np.maximum(got[live], 1e-300)), 0.5, 2.0)
+    y = g * a
+    return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+
+
 def cluster_structure(x: np.ndarray, k: int, seed: int = 0, starts: int = 8,
                       null_draws: int = 2) -> dict[int, tuple[float, float]]:
     """Whether rows ``x`` hold clusters: per K on a grid from 2 to ``k``, ``(self, null)``.
@@ -247,9 +270,9 @@ def cluster_structure(x: np.ndarray, k: int, seed: int = 0, starts: int = 8,
     ``self`` is the mean ARI over pairs of ``starts`` k-means runs (one k-means++ start each, seeds
     ``seed .. seed + starts - 1``): how far k-means agrees with itself. Partitions that reproduce from
     any start are structure; on a featureless cloud each start cuts it differently. But an elongated
-    cloud is cut the same way from any start too, so ``null`` is the same agreement on Gaussian clouds
-    of the same size and the same principal-component variances (rows unit-normalised as ``x``'s are;
-    the mean over ``null_draws`` clouds): what the spread of the features alone gives. Self-agreement
+    cloud is cut the same way from any start too, so ``null`` is the same agreement on clouds without
+    clusters of the same size and the same principal-component variances, unit rows as ``x``'s are
+    (:func:`_unit_cloud`; the mean over ``null_draws`` clouds): what the spread of the features alone gives. Self-agreement
     near the null at every K means there are no clusters to find. k-means runs on the rows'
     principal-component scores, which keep every distance between rows (the rows span at most ``N``
     dimensions), so a wide sketch costs no more.
@@ -263,8 +286,7 @@ def cluster_structure(x: np.ndarray, k: int, seed: int = 0, starts: int = 8,
     u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
     scores = u * s  # k-means is blind to the shift and to the rotation onto the rows' span
     rng = np.random.default_rng(seed)
-    nulls = [rng.standard_normal(scores.shape) * (s / np.sqrt(len(x))) for _ in range(null_draws)]
-    nulls = [c / np.maximum(np.linalg.norm(c, axis=1, keepdims=True), 1e-12) for c in nulls]
+    nulls = [_unit_cloud(rng.standard_normal(scores.shape), s**2) for _ in range(null_draws)]
 
     def agreement(rows: np.ndarray, kk: int) -> float:
         # hundreds of small fits and scores: sklearn's argument checks and thread start-ups would cost
@@ -278,6 +300,24 @@ def cluster_structure(x: np.ndarray, k: int, seed: int = 0, starts: int = 8,
 
     return {kk: (agreement(scores, kk), float(np.mean([agreement(c, kk) for c in nulls])))
             for kk in _k_grid(int(k), len(x))}
+
+
+def best_excess(structure: dict[int, tuple[float, float]]) -> tuple[int, float]:
+    """The K of a :func:`cluster_structure` result with the largest ``self - null``, and that excess."""
+    best = max(structure, key=lambda kk: structure[kk][0] - structure[kk][1])
+    return best, structure[best][0] - structure[best][1]
+
+
+def structure_noise(x: np.ndarray, k: int, draws: int = 10, seed: int = 0) -> np.ndarray:
+    """What ``best_excess`` reads on rows without clusters: :func:`cluster_structure` (and
+    :func:`best_excess`) of ``draws`` clouds with the spread of ``x`` (:func:`_unit_cloud`), each
+    treated as the data. The largest of several noisy K is taken, so it sits above 0; a probe's own
+    ``best_excess`` is structure only where it stands clear of these."""
+    x = np.asarray(x, dtype=np.float64)
+    u, s, _ = np.linalg.svd(x - x.mean(0), full_matrices=False)
+    rng = np.random.default_rng(seed + 7919)
+    return np.asarray([best_excess(cluster_structure(_unit_cloud(rng.standard_normal(u.shape), s**2), k, seed + i))[1]
+                       for i in range(draws)])
 
 
 def alignment_row(probe: dict[str, Any], k: int, seed: int = 0) -> dict[str, Any]:
@@ -327,11 +367,10 @@ def alignment_row(probe: dict[str, Any], k: int, seed: int = 0) -> dict[str, Any
         except ValueError:  # e.g. all-zero rows under the cosine metric
             pass
     row.update(self_ari=math.nan, null_self_ari=math.nan, best_k=math.nan, best_excess=math.nan)
-    structure = cluster_structure(x, k, seed) if k >= 2 else {}
+    structure = cluster_structure(x, k, seed)
     if structure:
-        best = max(structure, key=lambda kk: structure[kk][0] - structure[kk][1])
         row["self_ari"], row["null_self_ari"] = structure.get(k, (math.nan, math.nan))
-        row["best_k"], row["best_excess"] = best, structure[best][0] - structure[best][1]
+        row["best_k"], row["best_excess"] = best_excess(structure)
     return row
 
 
@@ -394,7 +433,7 @@ def plot_alignment(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def _probe_dir(run_dir: Path, kind: str = "analysis") -> Path:
-    pattern = PROBE_KINDS[kind]
+    pattern = _probe_pattern(kind)
     for p in (run_dir / "probes", run_dir / "mixer" / "probes", run_dir):
         if any(p.glob(pattern)):
             return p
@@ -424,8 +463,6 @@ def alignment_from_dir(run_dir: str | Path, k: Optional[int] = None, seed: int =
     are written there as well.
     """
     run_dir = Path(run_dir)
-    if kind not in PROBE_KINDS:
-        raise ValueError(f"probe kind {kind!r}: expected one of {sorted(PROBE_KINDS)}")
     pdir = _probe_dir(run_dir, kind)
     probes = load_probes(pdir, max_panels=None, kind=kind)
     if k is None:
@@ -478,8 +515,9 @@ def render(out_dir: str | Path, doc: dict[str, Any]) -> list[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m dograph_core.analysis RUN_DIR [--k K] [--probes analysis|cluster] [--out DIR]``: print (and
-    write) the alignment table."""
+    """``python -m dograph_core.analysis RUN_DIR [--k K] [--probes analysis|cluster] [--out DIR] [--calibrate N]``:
+    print (and write) the alignment table; with ``--calibrate`` also, per probe, what ``best_excess`` reads
+    on N clouds of that probe's spread without clusters (:func:`structure_noise`)."""
     import argparse
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -490,11 +528,22 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="analysis: the same windows at each checkpoint (step_*.npz); cluster: the rows of each "
                          "re-clustering of model nodes (cluster_*.npz)")
     ap.add_argument("--out", default=None, help="write alignment.{csv,md,png} here")
+    ap.add_argument("--calibrate", type=int, default=0, metavar="N",
+                    help="per probe, best_excess on N clouds of its spread without clusters (median, 90th "
+                         "percentile, max): the noise a probe's own best_excess is read against")
     a = ap.parse_args(argv)
+    if a.calibrate < 0:
+        ap.error(f"--calibrate must be 0 or more, got {a.calibrate}")
     rows = alignment_from_dir(a.run_dir, a.k, a.seed, a.out, a.probes)
     print(" ".join(ALIGNMENT_COLUMNS))
     for r in rows:
         print(" ".join(_cell(r[c], 3) or "nan" for c in ALIGNMENT_COLUMNS))
+    if a.calibrate:
+        probes = load_probes(_probe_dir(Path(a.run_dir), a.probes), max_panels=None, kind=a.probes)
+        print(f"best_excess without clusters ({a.calibrate} clouds per probe): step median p90 max")
+        for r, pr in zip(rows, sorted(probes, key=lambda p: int(np.asarray(p.get("step", -1))))):
+            e = structure_noise(centred_unit(pr["z"]), int(r["k"]), a.calibrate, a.seed)
+            print(f"{r['step']} {np.median(e):.3f} {np.percentile(e, 90):.3f} {e.max():.3f}")
     return 0
 
 

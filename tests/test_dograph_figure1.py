@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from dograph_core.analysis import (ALIGNMENT_COLUMNS, alignment_from_dir, alignment_row, alignment_table,
-                                   centred_unit, cluster_structure, render, source_cosines, write_alignment)
+                                   best_excess, centred_unit, cluster_structure, render, source_cosines,
+                                   structure_noise, write_alignment)
 
 DOMAINS = np.asarray(["web", "code", "books", "news"])
 
@@ -45,29 +46,42 @@ def test_no_source_structure_gives_chance_agreement():
     assert abs(r["silhouette"]) < 0.05
 
 
-def test_planted_clusters_are_structure_at_their_own_count():
+def test_planted_clusters_are_structure_near_their_own_count():
     r = alignment_row(probe(0, spread=4.0), k=8)  # four sources, four clusters; the run asks for up to 8
-    assert r["best_k"] == 4 and r["best_excess"] > 0.4  # beyond what any structureless cloud gave (below 0.4)
+    assert r["best_excess"] > 0.35  # beyond any cloud without clusters below (< 0.25)
+    # four groups span three wide axes, and a cloud of that spread is itself cut alike at K = 3 or 4, so
+    # the largest excess falls at 3 or 4, never at 2 or above 4
+    assert r["best_k"] in (3, 4)
     s = cluster_structure(centred_unit(probe(0, spread=4.0)["z"]), k=8)
     assert sorted(s) == [2, 3, 4, 6, 8]
     assert s[4][0] > 0.95  # k-means finds the same four groups from every start
 
 
-def test_an_elongated_cloud_without_clusters_is_no_structure():
-    # one Gaussian cloud, far wider along a few axes: k-means cuts it the same way from any start (high
-    # self-agreement at K = 2), but so it cuts a cloud of the same spread, so the excess stays small at
-    # every K; four planted groups in the same cloud stand clear of it
-    def cloud(seed: int, spread: float) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        centres = rng.normal(size=(4, 64)) * spread
-        return centres[np.repeat(np.arange(4), 64)] + rng.normal(size=(256, 64)) * np.r_[6.0, 2.5, 1.5, np.ones(61)]
+def _cloud(seed: int, spread: float) -> np.ndarray:
+    """One Gaussian cloud far wider along a few axes, with four groups ``spread`` apart (0: no groups)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(4, 64)) * spread
+    return centres[np.repeat(np.arange(4), 64)] + rng.normal(size=(256, 64)) * np.r_[6.0, 2.5, 1.5, np.ones(61)]
 
-    none = [cluster_structure(centred_unit(cloud(s, 0.0)), k=8, seed=s) for s in range(6)]
+
+def test_an_elongated_cloud_without_clusters_is_no_structure():
+    # k-means cuts an elongated cloud the same way from any start (high self-agreement at K = 2), but it
+    # cuts a cloud of the same spread so too: the excess is 0 on average at every K (a null built from
+    # the Gaussian's own scales without matching the unit rows' spread reads about 0.07 high here), and
+    # four planted groups in the same cloud stand clear of it
+    none = [cluster_structure(centred_unit(_cloud(s, 0.0)), k=8, seed=s) for s in range(6)]
     assert min(st[2][0] for st in none) > 0.5  # reproducible cuts ...
-    excess = [max(a - b for a, b in st.values()) for st in none]
-    assert np.median(excess) < 0.2 and max(excess) < 0.4, excess  # ... that the null reproduces as well
-    planted = [cluster_structure(centred_unit(cloud(s, 3.0)), k=8, seed=s) for s in range(3)]
-    assert min(max(a - b for a, b in st.values()) for st in planted) > 0.5
+    excess = np.asarray([[a - b for a, b in st.values()] for st in none])
+    assert abs(excess.mean()) < 0.04 and excess.max() < 0.25, excess  # ... that the null reproduces as well
+    planted = [best_excess(cluster_structure(centred_unit(_cloud(s, 3.0)), k=8, seed=s))[1] for s in range(3)]
+    assert min(planted) > 0.35 > excess.max()
+
+
+def test_structure_noise_is_what_a_probe_without_clusters_reads():
+    x = centred_unit(_cloud(1, 3.0))
+    noise = structure_noise(x, k=8, draws=3, seed=1)  # clouds with the planted cloud's spread, no groups
+    assert noise.shape == (3,) and noise.max() < 0.25
+    assert best_excess(cluster_structure(x, k=8, seed=1))[1] > noise.max() + 0.2
 
 
 def test_probe_labels_are_scored_against_the_sources():
