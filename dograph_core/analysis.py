@@ -188,12 +188,12 @@ ALIGNMENT_HEADER = (
     "The last four columns ask whether the features hold clusters at all, sources aside: `self_ari` is the "
     "agreement (mean ARI over pairs) of k-means with itself from 8 different starting points at `k`, "
     "`null_self_ari` the same on Gaussian clouds without clusters but with the features' own spread (the "
-    "same principal-component variances), and `best_k` the number of clusters, from 2 up to `k`, where "
-    "k-means agrees with itself most beyond that null, `best_excess` by how much. On elongated Gaussian "
-    "clouds of 256 rows without clusters `best_excess` came out at 0.13 (median) and 0.28 (90th percentile) "
-    "over 20 draws (the best of several K is taken, and k-means' agreement is noisy): read a value below "
-    "0.3 as no more structure than the features' spread gives, so no clusters to follow, whatever their "
-    "alignment with the sources."
+    "same principal-component variances), and `best_k` the number of clusters (2, 3, 4, 6, 8, 12, ... up to `k`) where "
+    "k-means agrees with itself most beyond that null, `best_excess` by how much. The best of several noisy K "
+    "is taken, so a cloud without clusters reads above 0 too: `python -m dograph_core.analysis RUN_DIR "
+    "--calibrate 10` prints, per probe, what `best_excess` reads on 10 clouds of that probe's spread without "
+    "clusters. A value within that range means no more structure than the features' spread gives: no "
+    "clusters to follow, whatever their alignment with the sources."
 )
 
 

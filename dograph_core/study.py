@@ -506,9 +506,9 @@ def write_figure1(records: Iterable[Mapping[str, Any]], out: Path) -> Optional[P
              "gradient features against the sources (ARI, NMI), the run's own live clusters against the sources "
              "(model nodes), the within-minus-between-source mean cosine, the silhouette by source, and whether "
              "the features hold clusters at all (k-means' agreement with itself at the run's K, the same on "
-             "structureless clouds of the features' spread, and the largest excess over that null at any K "
-             "from 2 to the run's; below 0.3 is within what clouds without clusters give; "
-             "`mixer/plots/alignment.md` of each run says more). Mean ± sd over seeds.", ""]
+             "clouds of the features' spread without clusters, and the largest excess over that null at any K "
+             "from 2 to the run's; `mixer/plots/alignment.md` of each run says how to read it). Mean ± sd "
+             "over seeds.", ""]
     plt = pyplot()
     fig, axes = plt.subplots(1, len(groups), figsize=(4.6 * len(groups), 3.4), squeeze=False)
     for ax, ((scale, method), by_step) in zip(axes[0], sorted(groups.items())):
