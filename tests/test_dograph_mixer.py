@@ -384,6 +384,27 @@ def test_state_survives_weights_only_checkpoint_and_resume_is_exact(corpus, node
     assert a.history == b.history
 
 
+@pytest.mark.parametrize("nodes", ["human", "model"])
+def test_a_checkpoint_inside_a_window_with_bad_features_resumes_exactly(corpus, nodes):
+    """Bad features at step 12 drop the statistics of the window 11-15; a checkpoint at step 13, inside
+    it, must remember that, or the resumed run updates at step 15 from steps 14-15 alone."""
+    params = {**SMALL, "nodes": nodes, "min_ari": 0.0}
+    torch.manual_seed(1)
+    model_a = nano_model(seq_len=T)
+    model_b = nano_model(seq_len=T)
+    a = run(build_mixer("dograph", params, ctx_for(corpus)), model_a, 13, poison=12)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = build_mixer("dograph", params, ctx_for(corpus))
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    b._model = model_b
+    model_b.load_state_dict(model_a.state_dict())
+    run(a, model_a, 7, start=14)
+    run(b, model_b, 7, start=14)
+    assert a.history == b.history and np.allclose(a.weights, b.weights, atol=1e-10)
+
+
 def test_bad_config_is_refused_with_the_key(corpus):
     with pytest.raises(MixerError, match="probe_size"):
         build_mixer("dograph", {"nodes": "model", "k": 16, "probe_size": 8}, ctx_for(corpus))

@@ -822,6 +822,7 @@ class DoGraphMixer(Mixer):
             "updates": dict(self.updates), "last_step": self.last_step,
             "analysis_done": sorted(self._analysis_done), "last_try": self._last_try,
             "subset_draws": self._subset_draws,
+            "bad_window": self.bad_window,   # a checkpoint inside a window with bad features must still drop it
             "rows": [None if not rows else {"step": torch.tensor([r[0] for r in rows]),
                                             "z": torch.stack([r[1] for r in rows]),
                                             "zc": torch.stack([r[2] for r in rows])} for rows in self._rows],
@@ -860,6 +861,7 @@ class DoGraphMixer(Mixer):
         self.last_step = int(state["last_step"])
         self._last_try = None if state.get("last_try") is None else int(state["last_try"])
         self._subset_draws = int(state.get("subset_draws", 0))
+        self.bad_window = state.get("bad_window")
         self._inbox.clear()
         self._pending = None
         # a checkpoint holds rank 0's rows: the other ranks start theirs again (a re-clustering before they
