@@ -149,7 +149,7 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0)
     dtype: Literal["fp32", "bf16", "auto"] = Field("fp32", description="auto = bf16 on CUDA, fp32 on CPU")
     compile: bool = False
-    device: str = "auto"
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N, mps or xpu[:N]")
     threads: Optional[Int] = Field(None, gt=0)
     eval_every: Int = Field(100, ge=0)
     eval_windows: Int = Field(32, gt=0, description="fixed validation windows per domain")
@@ -163,6 +163,14 @@ class TrainConfig(Section):
                                 "moves the loss (pipeline.reorder_seeds does that per seed)")
     progress: bool = True
     log_every: Int = Field(1, gt=0, description="log step metrics (tracker, metrics.jsonl) every this many steps")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        # checked here, not by torch when the first run starts: a typo must fail before any stage runs
+        if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda, cuda:N, mps or xpu[:N]")
+        return v
 
 
 class MethodConfig(Section):

@@ -50,6 +50,14 @@ def test_negative_size_names_key_value_and_bound(tmp_path):
     assert "prepare.total_mb" in msg and "-3" in msg and "greater than 0" in msg
 
 
+def test_a_misspelt_device_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_params(_params(tmp_path, train__device="gpu"))
+    assert "train.device" in str(e.value) and "'gpu' is not a device" in str(e.value)
+    for ok in ("auto", "cpu", "cuda", "cuda:3", "mps", "xpu:0"):
+        assert load_params(_params(tmp_path, train__device=ok)).train.device == ok
+
+
 def test_method_listed_but_not_defined(tmp_path):
     with pytest.raises(ConfigError, match=r"pipeline names methods \['doremix'\]"):
         load_params(_params(tmp_path, pipeline__methods=["uniform", "doremix"]))
