@@ -137,6 +137,13 @@ def test_run_id_cannot_leave_the_run_directory(tmp_path, capsys, run_id):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def test_skip_data_without_a_corpus_is_a_message_before_the_server_starts(tmp_path, capsys):
+    rc, err = _cli(capsys, "run", "--skip-data", "--no-track", "--quiet", "--set", "pipeline.methods=[uniform]",
+                   "--set", f"pipeline.out_dir={tmp_path / 'runs'}", "--set", f"tokenize.out_dir={tmp_path / 'none'}")
+    assert rc == 1 and "--skip-data: no tokenized corpus at" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.json"))  # no run was started
+
+
 def test_the_flow_checks_the_run_id_too(tmp_path):
     """Probe 81 via a Prefect deployment, whose parameters go straight to the flow function."""
     from flows.pipeline import pipeline
