@@ -271,14 +271,15 @@ def _tracker(p: Any, on: bool, name: str, tags: dict) -> Any:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from dograph_core.config import ConfigError
+
+    p = _params(a)  # bad params fail here, before torch and transformers are imported (seconds)
+    _check_scale(a.scale)
     from dograph_core.data.corpus import TokenCorpus
     from dograph_core.mixers import REGISTRY
     from dograph_core.train import train
     from tasks.params import check_params, method_spec
     from tasks.steps import end_tracker, log_final_model
 
-    p = _params(a)
-    _check_scale(a.scale)
     if a.method in p.methods:
         check_params(p, methods=[a.method])
         spec = method_spec(p, a.method)
