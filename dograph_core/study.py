@@ -219,10 +219,34 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
             d["steps_to_uniform"] = {"mean": mean_std(x for x in reach if x is not None)["mean"],
                                      "reached": sum(x is not None for x in reach), "n": len(reach)}
             diffs[m] = d
+        adjust_for_multiplicity(diffs)
         out[scale] = {"rows": rows, "best_baseline": best, "parents": {m: parents[m] for m in rows if m in parents}, "first_scale_best": first_best, "yardstick": {"delta": ystick, "seeds": [r["seed"] for r in yard]},
                       "data_order": noise,
                       "uniform_final_mean": target, "diffs": diffs}
     return out
+
+
+def adjust_for_multiplicity(diffs: Mapping[str, Mapping[str, Any]]) -> None:
+    """Add ``q`` to every paired comparison in ``diffs`` (method -> reference -> metric -> :func:`paired`):
+    its p-value adjusted by Benjamini-Hochberg (``scipy.stats.false_discovery_control``) over the family
+    of comparisons with the same reference on the same metric, one per method. A table of many methods
+    gives some p below 0.05 by chance; ``q`` bounds the expected share of such false findings among
+    those called significant at that level. NaN where ``p`` is."""
+    from scipy.stats import false_discovery_control
+
+    families: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for d in diffs.values():
+        for ref, per_metric in d.items():
+            if ref in ("uniform", "best", "first_best", "parent"):
+                for k, pr in per_metric.items():
+                    families.setdefault((ref, k), []).append(pr)
+    for members in families.values():
+        ok = [pr for pr in members if _ok(pr.get("p"))]
+        q = false_discovery_control([float(pr["p"]) for pr in ok]) if ok else []
+        for pr, v in zip(ok, q):
+            pr["q"] = float(v)
+        for pr in members:
+            pr.setdefault("q", math.nan)
 
 
 def data_order_noise(reordered: Mapping[int, float], uniform: Mapping[int, float]) -> dict[str, Any]:
@@ -271,7 +295,8 @@ def _diff(p: dict[str, Any]) -> str:
     sd = f" ± {p['std']:.3f}" if _ok(p["std"]) else ""
     lo, hi = p.get("ci") or (math.nan, math.nan)
     ci = f" [{lo:+.3f}, {hi:+.3f}]" if _ok(lo) and _ok(hi) else ""
-    return f"{p['mean']:+.3f}{sd}{ci} (p {fmt_p(p['p'])})"
+    q = f", q {fmt_p(p['q'])}" if _ok(p.get("q")) else ""
+    return f"{p['mean']:+.3f}{sd}{ci} (p {fmt_p(p['p'])}{q})"
 
 
 def markdown(agg: dict[str, Any]) -> str:
@@ -313,7 +338,10 @@ def markdown(agg: dict[str, Any]) -> str:
                   f"{_num(y['delta']['val_mean'], sign=True)}, worst {_num(y['delta']['val_worst'], sign=True)}, "
                   f"held-out {_num(y['delta']['heldout'], sign=True)}.", *_data_order_line(a.get("data_order")), "",
                   f"### {scale}: paired differences by seed (method − reference; negative = better loss; "
-                  "mean ± sd [95% CI] (paired t-test p))", "",
+                  "mean ± sd [95% CI] (paired t-test p, q))", "",
+                  "q is p adjusted for the number of methods compared with the same reference on the same column "
+                  "(Benjamini-Hochberg): with many rows some p fall below 0.05 by chance, and q < 0.05 bounds the "
+                  "expected share of such chance findings among the rows called significant.", "",
                   "| method | vs | Δ mean | Δ worst | Δ held-out | Δ last-word acc |",
                   "|---|---|---:|---:|---:|---:|"]
         for m, d in diffs.items():

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from dograph_core.stats import fmt_p
 from dograph_core.study import aggregate, markdown
 
 
@@ -119,3 +120,25 @@ def test_data_order_noise_by_hand_and_kept_out_of_the_method_rows():
     assert "**Data-order noise** (uniform again with another data order, seeds [0, 1]" in text
     assert "mean 0.035 (+0.030, -0.040)" in text
     assert "Data-order noise" not in markdown(aggregate(recs[:4]))   # not measured: not claimed
+
+
+def test_q_adjusts_each_reference_and_column_over_the_methods_by_benjamini_hochberg():
+    # three methods against uniform; worst-domain p-values by hand, then BH: sorted p_(i) * m / i, made
+    # monotone from the largest down
+    recs = [_rec("uniform", s, 5.0, 5.5, 6.0) for s in range(3)]
+    offsets = {"a": [-0.10, -0.11, -0.09], "b": [-0.02, 0.01, -0.05], "c": [0.03, -0.03, 0.001]}
+    for m, off in offsets.items():
+        recs += [_rec(m, s, 5.0, 5.5 + off[s], 6.0) for s in range(3)]
+    d = aggregate(recs)["nano"]["diffs"]
+    p = {m: d[m]["uniform"]["val_worst"]["p"] for m in offsets}
+    order = sorted(p, key=p.get)
+    raw = {m: p[m] * 3 / (i + 1) for i, m in enumerate(order)}
+    want = {order[2]: min(1.0, raw[order[2]])}
+    want[order[1]] = min(raw[order[1]], want[order[2]])
+    want[order[0]] = min(raw[order[0]], want[order[1]])
+    for m in offsets:
+        assert d[m]["uniform"]["val_worst"]["q"] == pytest.approx(want[m])
+        assert d[m]["uniform"]["val_worst"]["q"] >= p[m]  # never more significant than unadjusted
+    assert d["a"]["uniform"]["val_mean"]["q"] == pytest.approx(1.0)  # equal means: p 1 for all, q 1
+    text = markdown(aggregate(recs))
+    assert f"(p {fmt_p(p['a'])}, q {fmt_p(want['a'])})" in text and "Benjamini-Hochberg" in text
