@@ -368,7 +368,8 @@ def train_torchrun(p: Params, cfg: Any, method: str, method_params: dict, out: P
     The run's resolved params (this scale and seed, this method's mixer) go to a params file beside
     ``out`` that ``python -m dograph_core.train`` reads in every process. With MLflow, the launcher
     (:mod:`tasks.train_entry`) gives rank 0 a tracker attached to this unit's run, so metrics stream
-    while it trains; other trackers get the run's files afterwards.
+    while it trains; other trackers get the run's files afterwards. Every rank's output goes to
+    ``out/torchrun.log`` while it runs (appended to on a resume).
     """
     import json
     import os
@@ -393,10 +394,14 @@ def train_torchrun(p: Params, cfg: Any, method: str, method_params: dict, out: P
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={p.pipeline.nproc_per_node}",
            "-m", entry, "--params", str(pfile), "--method", method, "--data", p.tokenize.out_dir,
            "--out", str(out)] + (["--resume"] if resume else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path.cwd(), env=env)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "torchrun.log"  # every rank's output as it comes (`tail -f` it), kept after the run
+    with open(log_path, "ab") as logf:
+        proc = subprocess.run(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=Path.cwd(), env=env)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
-        raise RuntimeError(f"torchrun training of {method} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-25:])
+        raise RuntimeError(f"torchrun training of {method} failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                           f"(whole output: {log_path})\n{tail}")
     if not stream:
         _track_from_files(out, tracker)
     return read_json(out / "summary.json")

@@ -37,6 +37,7 @@ def test_training_under_torchrun_with_two_processes(tmp_path, corpus):
     res = pipeline(params=PARAMS, preset="nano", overrides=ov)
     unit = Path(res["run_dir"]) / "train" / "uniform__nano__s0"
     assert json.loads((unit / "summary.json").read_text())["world_size"] == 2
+    assert '"final_loss"' in (unit / "torchrun.log").read_text()  # the ranks' output, kept beside the run
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = next(r for r in client.search_runs([client.get_experiment_by_name("dograph").experiment_id])
                if r.info.run_name == "uniform@nano")
