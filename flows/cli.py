@@ -275,7 +275,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     p = _params(a)  # bad params fail here, before torch and transformers are imported (seconds)
     _check_scale(a.scale)
     from dograph_core.data.corpus import TokenCorpus
-    from dograph_core.mixers import REGISTRY
+    from dograph_core.mixers import registry
     from dograph_core.train import train
     from tasks.params import check_params, method_spec
     from tasks.steps import end_tracker, log_final_model
@@ -283,11 +283,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     if a.method in p.methods:
         check_params(p, methods=[a.method])
         spec = method_spec(p, a.method)
-    elif a.method in REGISTRY:
+    elif a.method in registry():
         spec = {"type": a.method, "params": {}}
     else:
         raise ConfigError(f"--method {a.method!r}: not under 'methods' in {a.params} ({sorted(p.methods)}) "
-                          f"and not a mixer type ({sorted(REGISTRY)})")
+                          f"and not a mixer type ({sorted(registry())})")
     mtype, mparams = spec["type"], spec["params"]
     if a.weights:
         mtype, mparams = "static", {"path": a.weights, "use_schedule": a.schedule}

@@ -13,7 +13,7 @@ from dograph_core.config import ConfigError, Params
 
 def check_params(p: Params, methods: list[str] | None = None) -> None:
     """Raise :class:`ConfigError` for an unknown scale, mixer type or mixer parameter."""
-    from dograph_core.mixers import REGISTRY, MixerError, validate_mixer_config
+    from dograph_core.mixers import MixerError, registry, validate_mixer_config
     from dograph_core.model import SCALES
 
     errors = []
@@ -31,8 +31,9 @@ def check_params(p: Params, methods: list[str] | None = None) -> None:
             errors.append(f"  method {name!r}: not defined under 'methods' (defined: {sorted(p.methods)})")
             continue
         spec = method_spec(p, name)
-        if spec["type"] not in REGISTRY:
-            errors.append(f"  methods.{name}.type = {spec['type']!r}: unknown mixer type; expected one of {sorted(REGISTRY)}")
+        known = registry()
+        if spec["type"] not in known:
+            errors.append(f"  methods.{name}.type = {spec['type']!r}: unknown mixer type; expected one of {sorted(known)}")
             continue
         try:
             validate_mixer_config(spec["type"], spec["params"])

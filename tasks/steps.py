@@ -49,6 +49,15 @@ def _code(data: Mapping[str, Any]) -> str:
     return str(data.get("code") or code_version("dograph_core"))
 
 
+def _plugin(mixer_type: str) -> dict[str, str]:
+    """A plug-in mixer's source hash for a unit's key (its code is outside ``dograph_core``); nothing for a
+    built-in one, so the keys of built-in methods are what they were."""
+    from dograph_core.mixers import plugin_source_hash
+
+    h = plugin_source_hash(mixer_type)
+    return {"plugin": h} if h else {}
+
+
 def is_offline(mixer_type: str) -> bool:
     """Offline methods find a mixture on a proxy and hand it to other scales as a weights file."""
     try:
@@ -201,7 +210,7 @@ def search_step(p: Params, method: str, data: Mapping[str, Any], run_dir: str | 
     out = Path(run_dir) / "search" / method
     part = partition_for(p, spec, data)
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "data": data["data_version"],
-                       "code": _code(data), **({"partition": part["key"]} if part else {})})
+                       "code": _code(data), **_plugin(spec["type"]), **({"partition": part["key"]} if part else {})})
     weights = out / "weights.json"
     if is_done(out, key) and weights.exists():
         info = read_json(out.with_name(out.name + ".done.json"))["info"]
@@ -258,9 +267,9 @@ def search_function(mixer_type: str):
     """A method's own search (e.g. ``search_doremi``: reference model, then proxy), if it has one."""
     import importlib
 
-    from dograph_core.mixers import REGISTRY
+    from dograph_core.mixers import registry
 
-    module = REGISTRY.get(mixer_type, "").split(":")[0]
+    module = registry().get(mixer_type, "").split(":")[0]
     if not module:
         return None
     return getattr(importlib.import_module(module), f"search_{mixer_type}", None)
@@ -321,7 +330,8 @@ def train_step(p: Params, method: str, scale: str, seed: int, data: Mapping[str,
     if part:  # the mixture (searched or online) is over the partition's nodes
         mparams = {**mparams, "partition": part}
     key = stable_hash({"train": cfg.model_dump(), "method": spec, "mixer": mtype, "weights": weights_key,
-                       "data": data["data_version"], "code": _code(data), **({"partition": part["key"]} if part else {})})
+                       "data": data["data_version"], "code": _code(data), **_plugin(mtype),
+                       **({"partition": part["key"]} if part else {})})
     unit = {"method": label, "scale": scale, "seed": seed, "dir": str(out), "key": key,
             "role": ROLES.get(label, "main"), "search_time_s": (search or {}).get("time_s")}
     run_name = f"{label}@{scale}" + (f"/s{seed}" if seed else "")

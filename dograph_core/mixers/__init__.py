@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from dograph_core.mixers.base import Mixer, MixerConfig, MixerContext, MixerError
+
+log = logging.getLogger(__name__)
 
 # type name -> "module:Class"; modules are imported lazily so a broken optional method
 # never stops the others from running.
@@ -20,11 +23,45 @@ REGISTRY: dict[str, str] = {
 }
 
 
+ENTRY_POINT_GROUP = "dograph.mixers"
+
+
+def registry() -> dict[str, str]:
+    """Every mixer type: the built-in ones, then those installed packages declare under the entry-point
+    group ``dograph.mixers`` (``name = "module:Class"``, a subclass of :class:`Mixer`; its ``Config``
+    validates its params). A plug-in cannot take a built-in name; it is skipped with a warning."""
+    from importlib.metadata import entry_points
+
+    reg = dict(REGISTRY)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in REGISTRY:
+            log.warning("mixer plug-in %s = %s ignored: %r is a built-in mixer type", ep.name, ep.value, ep.name)
+            continue
+        reg.setdefault(ep.name, ep.value)
+    return reg
+
+
 def mixer_class(type_name: str) -> type[Mixer]:
-    if type_name not in REGISTRY:
-        raise MixerError(f"unknown mixer type {type_name!r}; known: {sorted(REGISTRY)}")
-    module, cls = REGISTRY[type_name].split(":")
+    reg = registry()
+    if type_name not in reg:
+        raise MixerError(f"unknown mixer type {type_name!r}; known: {sorted(reg)}")
+    module, cls = reg[type_name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def plugin_source_hash(type_name: str) -> str | None:
+    """For a plug-in mixer, a hash of its module's source (the core's own code is keyed elsewhere), so a
+    changed plug-in re-runs what it trained; None for a built-in type."""
+    if type_name in REGISTRY or type_name not in registry():
+        return None
+    import hashlib
+    import inspect
+
+    module = importlib.import_module(registry()[type_name].split(":")[0])
+    try:
+        return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
+    except (OSError, TypeError):  # no source (a compiled module): its version stands in
+        return str(getattr(module, "__version__", "unknown"))
 
 
 def validate_mixer_config(type_name: str, params: dict[str, Any]) -> MixerConfig:
@@ -44,4 +81,5 @@ def build_mixer(type_name: str, params: dict[str, Any], ctx: MixerContext) -> Mi
     return cls(validate_mixer_config(type_name, params), ctx)
 
 
-__all__ = ["Mixer", "MixerConfig", "MixerContext", "MixerError", "REGISTRY", "build_mixer", "mixer_class"]
+__all__ = ["Mixer", "MixerConfig", "MixerContext", "MixerError", "REGISTRY", "build_mixer", "mixer_class",
+           "plugin_source_hash", "registry"]
