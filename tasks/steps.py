@@ -39,9 +39,28 @@ log = logging.getLogger(__name__)
 
 
 def code_version(*packages: str) -> str:
-    """Hash of the core's source files under ``packages`` (so a code change re-runs the unit)."""
+    """Hash of the core's code under ``packages`` (so a code change re-runs the unit; an edit of a comment
+    or a docstring does not, see :func:`code_fingerprint`)."""
     files = sorted(f for pkg in packages for f in (_ROOT / pkg).rglob("*.py") if f.relative_to(_ROOT).as_posix() not in NOT_IN_KEY)
-    return stable_hash({str(f.relative_to(_ROOT)): file_hash(f) for f in files})
+    return stable_hash({str(f.relative_to(_ROOT)): code_fingerprint(f) for f in files})
+
+
+def code_fingerprint(path: Path) -> str:
+    """A hash of a Python file's syntax tree without its docstrings: what it does, not how it is written
+    up (comments are not in the tree; layout neither). A file that does not parse is hashed as bytes."""
+    import ast
+
+    try:
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+    except (SyntaxError, ValueError):
+        return file_hash(path)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return stable_hash(ast.dump(tree, annotate_fields=False))
 
 
 def _code(data: Mapping[str, Any]) -> str:

@@ -280,3 +280,13 @@ def test_the_code_version_follows_the_training_code_not_the_report_or_the_config
         (core / name).write_text("x = 2\n")
         assert steps.code_version("dograph_core") != version, name
         version = steps.code_version("dograph_core")
+    # what the code does, not how it is written up: a docstring, a comment or the layout changes nothing
+    (core / "train.py").write_text('"""The loop."""\n\n\ndef f(a):\n    """Add one."""\n    return a + 1\n')
+    version = steps.code_version("dograph_core")
+    (core / "train.py").write_text('"""The training loop, described better."""\n\n\ndef f(a):  # one more\n'
+                                   '    """Add one to a."""\n\n    return (a + 1)\n')
+    assert steps.code_version("dograph_core") == version
+    (core / "train.py").write_text('"""The loop."""\n\n\ndef f(a):\n    """Add one."""\n    return a + 2\n')
+    assert steps.code_version("dograph_core") != version
+    (core / "train.py").write_text("def f(a):\n    return 'a string is code when it is not a docstring'\n")
+    assert steps.code_version("dograph_core") != version
