@@ -272,8 +272,8 @@ def cluster_structure(x: np.ndarray, k: int, seed: int = 0, starts: int = 8,
     any start are structure; on a featureless cloud each start cuts it differently. But an elongated
     cloud is cut the same way from any start too, so ``null`` is the same agreement on clouds without
     clusters of the same size and the same principal-component variances, unit rows as ``x``'s are
-    (:func:`_unit_cloud`; the mean over ``null_draws`` clouds): what the spread of the features alone gives. Self-agreement
-    near the null at every K means there are no clusters to find. k-means runs on the rows'
+    (:func:`_unit_cloud`; the mean over ``null_draws`` clouds): what the spread of the features alone
+    gives. Self-agreement near the null at every K means there are no clusters to find. k-means runs on the rows'
     principal-component scores, which keep every distance between rows (the rows span at most ``N``
     dimensions), so a wide sketch costs no more.
     """

@@ -179,3 +179,19 @@ def test_render_logs_and_keeps_other_plots_when_alignment_fails(tmp_path, caplog
     names = {p.name for p in written}
     assert "pca_by_source.png" in names and "alignment.png" not in names
     assert "alignment table failed" in caplog.text
+
+
+def test_the_cli_prints_the_table_and_each_probes_noise_range(tmp_path, capsys):
+    from dograph_core.analysis import main
+
+    save(tmp_path / "probes", probe(0, spread=3.0, n_per=10, d=8))
+    save(tmp_path / "probes", probe(40, spread=0.0, n_per=10, d=8, seed=1))
+    assert main([str(tmp_path), "--k", "4", "--calibrate", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == list(ALIGNMENT_COLUMNS) and [line.split()[0] for line in out[1:3]] == ["0", "40"]
+    head = out.index("best_excess without clusters (3 clouds per probe): step median p90 max")
+    noise = [line.split() for line in out[head + 1:]]
+    assert [r[0] for r in noise] == ["0", "40"] and all(len(r) == 4 for r in noise)
+    assert all(float(r[1]) <= float(r[2]) <= float(r[3]) for r in noise)  # median <= p90 <= max
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--calibrate", "-1"])
