@@ -78,3 +78,26 @@ def test_partition_prints_the_quality_skips_what_is_stored_and_names_bad_input(t
     out = _cli("partition", "nosuch", "--params", str(params))
     assert out.returncode == 2 and "'nosuch'" in out.stderr and "defined: ['tiny', 'words']" in out.stderr
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "parts").iterdir()) == ["words"]  # nothing half-written
+
+
+def test_log_level_shows_dographs_own_messages_only(capsys):
+    import logging
+
+    from flows.cli import main
+
+    names = ("dograph_core", "tasks", "flows")
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
+             for n in names}
+    try:
+        assert main(["--log-level", "INFO", "scales"]) == 0
+        logging.getLogger("dograph_core.mixers.dograph").info("model-perceived domains in force")
+        logging.getLogger("dograph_core.train").debug("below the level")
+        logging.getLogger("mlflow.store").info("another library's chatter")
+        err = capsys.readouterr().err
+        assert "INFO dograph_core.mixers.dograph: model-perceived domains in force" in err
+        assert "below the level" not in err and "chatter" not in err
+    finally:
+        for n, (level, handlers, propagate) in saved.items():
+            lg = logging.getLogger(n)
+            lg.setLevel(level), setattr(lg, "propagate", propagate)
+            lg.handlers[:] = handlers
