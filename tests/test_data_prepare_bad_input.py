@@ -77,6 +77,31 @@ def test_jsonl_line_without_text_field_names_file_and_line(tmp_path):
     assert m["train_domains"] == ["alpha", "beta"]
 
 
+@pytest.mark.parametrize("gz", [False, True])
+def test_jsonl_is_read_line_by_line_and_a_line_not_utf8_is_skipped_alone(tmp_path, gz):
+    import gzip
+
+    path = jsonl_file(tmp_path / "src" / "d.jsonl", SIZES)
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines.insert(3, b'{"text": "caf\xe9 latin-1", "domain": "alpha"}\r\n')  # one Latin-1 line, CRLF
+    data = b"\xef\xbb\xbf" + b"".join(lines)  # a byte-order mark before the first record
+    if gz:
+        path = path.rename(path.with_name("d.jsonl.gz"))
+        path.write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+    with pytest.warns(DataWarning) as rec:
+        m = prepare(_cfg(tmp_path, doc_chars=5000), progress=False)
+    msgs = [str(w.message) for w in rec]
+    assert [x for x in msgs if "UTF-8" in x] and all(f"{path}:4" in x for x in msgs if "UTF-8" in x)
+    assert not [x for x in msgs if f"{path}:1" in x]  # the byte-order mark is not an error
+    assert m["train_domains"] == ["alpha", "beta"]
+    clean = jsonl_file(tmp_path / "clean" / "src" / "d.jsonl", SIZES)  # the same records, no bad line
+    assert path.read_bytes() != clean.read_bytes()
+    m_clean = prepare(_cfg(tmp_path / "clean", doc_chars=5000), progress=False)
+    assert {d: v["docs"] for d, v in m["domains"].items()} == {d: v["docs"] for d, v in m_clean["domains"].items()}
+
+
 def test_parquet_without_text_column_is_an_error(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

@@ -147,22 +147,31 @@ def _record(rec: Any, where: str, key: str, fields: _Fields, issues: Issues) -> 
 
 
 def _iter_jsonl(f: Path, rel: str, fields: _Fields, issues: Issues) -> Iterator[RawDoc]:
-    data = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
-    content = decode(data, str(f), issues)
-    if content is None:
-        return
-    for lineno, line in enumerate(content.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{f}:{lineno}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            issues.skip(f"not valid JSON ({e.msg} at column {e.colno})", file=where)
-            continue
-        doc = _record(rec, where, f"{rel}:{lineno}", fields, issues)
-        if doc is not None:
-            yield doc
+    """One record per line, read line by line (a corpus file of any size never sits in memory whole).
+    A binary file is skipped; a line that is not UTF-8 is skipped with its file and line."""
+    with (gzip.open(f, "rb") if f.name.endswith(".gz") else open(f, "rb")) as fh:
+        if b"\x00" in fh.read(8192):
+            issues.skip("binary file (contains NUL bytes)", file=str(f))
+            return
+        fh.seek(0)
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{f}:{lineno}"
+            try:
+                line = normalise(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                issues.skip(f"not valid UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 1]!r}); "
+                            f"convert the file with e.g. `iconv -f latin1 -t utf-8`", file=where)
+                continue
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                issues.skip(f"not valid JSON ({e.msg} at column {e.colno})", file=where)
+                continue
+            doc = _record(rec, where, f"{rel}:{lineno}", fields, issues)
+            if doc is not None:
+                yield doc
 
 
 def _iter_parquet(f: Path, rel: str, fields: _Fields, issues: Issues) -> Iterator[RawDoc]:
