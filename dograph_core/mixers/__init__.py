@@ -1,6 +1,7 @@
 """Mixing methods behind one protocol (see base.py). ``build_mixer`` validates each method's config."""
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 from typing import Any
@@ -30,15 +31,22 @@ def registry() -> dict[str, str]:
     """Every mixer type: the built-in ones, then those installed packages declare under the entry-point
     group ``dograph.mixers`` (``name = "module:Class"``, a subclass of :class:`Mixer`; its ``Config``
     validates its params). A plug-in cannot take a built-in name; it is skipped with a warning."""
+    return {**plugins(), **REGISTRY}
+
+
+@functools.lru_cache(maxsize=1)
+def plugins() -> dict[str, str]:
+    """The installed plug-in mixers (read once per process: scanning the installed packages costs tens of
+    milliseconds, and every unit asks; ``plugins.cache_clear()`` reads them again)."""
     from importlib.metadata import entry_points
 
-    reg = dict(REGISTRY)
+    found: dict[str, str] = {}
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in REGISTRY:
             log.warning("mixer plug-in %s = %s ignored: %r is a built-in mixer type", ep.name, ep.value, ep.name)
             continue
-        reg.setdefault(ep.name, ep.value)
-    return reg
+        found.setdefault(ep.name, ep.value)
+    return found
 
 
 def mixer_class(type_name: str) -> type[Mixer]:
@@ -52,12 +60,12 @@ def mixer_class(type_name: str) -> type[Mixer]:
 def plugin_source_hash(type_name: str) -> str | None:
     """For a plug-in mixer, a hash of its module's source (the core's own code is keyed elsewhere), so a
     changed plug-in re-runs what it trained; None for a built-in type."""
-    if type_name in REGISTRY or type_name not in registry():
+    if type_name not in plugins():
         return None
     import hashlib
     import inspect
 
-    module = importlib.import_module(registry()[type_name].split(":")[0])
+    module = importlib.import_module(plugins()[type_name].split(":")[0])
     try:
         return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
     except (OSError, TypeError):  # no source (a compiled module): its version stands in
@@ -82,4 +90,4 @@ def build_mixer(type_name: str, params: dict[str, Any], ctx: MixerContext) -> Mi
 
 
 __all__ = ["Mixer", "MixerConfig", "MixerContext", "MixerError", "REGISTRY", "build_mixer", "mixer_class",
-           "plugin_source_hash", "registry"]
+           "plugin_source_hash", "plugins", "registry"]
