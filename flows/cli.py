@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     from dograph_core import __version__
 
     ap.add_argument("--version", action="version", version=f"dograph {__version__}")
-    ap.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None,
+    ap.add_argument("--log-level", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"], default=None,
                     help="show dograph's own log messages from this level on (INFO: e.g. when DoGraph's model "
                          "nodes come into force or fall back, and why); default: warnings only")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -575,24 +575,12 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _show_logs(level: str) -> None:
-    """dograph's own loggers (the core, the tasks, the flow) to stderr from ``level`` on; other libraries'
-    loggers keep their own settings (a root handler at INFO would print MLflow's and alembic's too)."""
-    import logging
-
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("dograph_core", "tasks", "flows"):
-        lg = logging.getLogger(name)
-        lg.setLevel(level)
-        lg.addHandler(handler)
-        lg.propagate = False
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.log_level:
-        _show_logs(args.log_level)
+        from tasks.logs import show_logs
+
+        show_logs(args.log_level)
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -117,8 +117,12 @@ def forward_core_logs() -> Callable[[], None]:
 
 
 def process_worker_init() -> None:
-    """Initializer of the process-pool workers: the core's logs go to the run's logs there too."""
+    """Initializer of the process-pool workers: the core's logs go to the run's logs there too, and to
+    stderr from the CLI's ``--log-level`` on."""
+    from tasks.logs import show_logs_from_env
+
     forward_core_logs()
+    show_logs_from_env()
 
 
 # -- the tasks ------------------------------------------------------------------------------------

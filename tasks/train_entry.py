@@ -16,6 +16,9 @@ from typing import Optional
 def main(argv: Optional[list[str]] = None) -> int:
     from dograph_core.train import main as train_main
     from dograph_core.tracking import NullTracker
+    from tasks.logs import show_logs_from_env
+
+    show_logs_from_env()  # every rank: the CLI's --log-level
 
     tracker = NullTracker()
     spec = os.environ.get("DOGRAPH_MLFLOW_RUN")

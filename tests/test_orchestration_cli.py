@@ -80,24 +80,36 @@ def test_partition_prints_the_quality_skips_what_is_stored_and_names_bad_input(t
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "parts").iterdir()) == ["words"]  # nothing half-written
 
 
-def test_log_level_shows_dographs_own_messages_only(capsys):
+def test_log_level_shows_dographs_own_messages_only_here_and_in_started_processes(capsys, monkeypatch):
     import logging
 
     from flows.cli import main
+    from tasks.logs import LOG_LEVEL_ENV, LOGGERS, show_logs_from_env
 
-    names = ("dograph_core", "tasks", "flows")
     saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
-             for n in names}
-    try:
-        assert main(["--log-level", "INFO", "scales"]) == 0
-        logging.getLogger("dograph_core.mixers.dograph").info("model-perceived domains in force")
-        logging.getLogger("dograph_core.train").debug("below the level")
-        logging.getLogger("mlflow.store").info("another library's chatter")
-        err = capsys.readouterr().err
-        assert "INFO dograph_core.mixers.dograph: model-perceived domains in force" in err
-        assert "below the level" not in err and "chatter" not in err
-    finally:
+             for n in LOGGERS}
+    monkeypatch.setenv(LOG_LEVEL_ENV, "")  # recorded, so the level main() sets is undone after the test
+
+    def reset() -> None:
         for n, (level, handlers, propagate) in saved.items():
             lg = logging.getLogger(n)
             lg.setLevel(level), setattr(lg, "propagate", propagate)
             lg.handlers[:] = handlers
+
+    try:
+        assert main(["--log-level", "info", "scales"]) == 0
+        logging.getLogger("dograph_core.mixers.dograph").info("model-perceived domains in force")
+        logging.getLogger("dograph_core.train").debug("below the level")
+        logging.getLogger("mlflow.store").info("another library's chatter")
+        err = capsys.readouterr().err
+        assert err.count("INFO dograph_core.mixers.dograph: model-perceived domains in force") == 1
+        assert "below the level" not in err and "chatter" not in err
+        # a process the CLI starts (a process-pool worker, a torchrun rank) reads the level it was given
+        assert __import__("os").environ[LOG_LEVEL_ENV] == "INFO"
+        reset()
+        show_logs_from_env()
+        show_logs_from_env()  # a second call replaces its handler, it does not print twice
+        logging.getLogger("tasks.steps").info("a unit started")
+        assert capsys.readouterr().err.count("INFO tasks.steps: a unit started") == 1
+    finally:
+        reset()
