@@ -23,6 +23,7 @@ files (``name: json``, ``data_files: [...]``) goes through the same code.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple, Optional
@@ -147,31 +148,41 @@ def _record(rec: Any, where: str, key: str, fields: _Fields, issues: Issues) -> 
 
 
 def _iter_jsonl(f: Path, rel: str, fields: _Fields, issues: Issues) -> Iterator[RawDoc]:
-    """One record per line, read line by line (a corpus file of any size never sits in memory whole).
-    A binary file is skipped; a line that is not UTF-8 is skipped with its file and line."""
-    with (gzip.open(f, "rb") if f.name.endswith(".gz") else open(f, "rb")) as fh:
+    """One record per line, streamed (a corpus file of any size never sits in memory whole). The file is
+    read twice: first to check it is UTF-8 text (a file that is not is skipped whole, as a text file is,
+    never half-read), then for its records. Any line end (LF, CRLF, CR) ends a line."""
+    def raw() -> Any:
+        return gzip.open(f, "rb") if f.name.endswith(".gz") else open(f, "rb")
+
+    def lines() -> Iterator[str]:
+        with io.TextIOWrapper(raw(), encoding="utf-8", newline=None) as fh:
+            yield from fh
+
+    with raw() as fh:
         if b"\x00" in fh.read(8192):
             issues.skip("binary file (contains NUL bytes)", file=str(f))
             return
-        fh.seek(0)
-        for lineno, raw in enumerate(fh, start=1):
-            where = f"{f}:{lineno}"
-            try:
-                line = normalise(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                issues.skip(f"not valid UTF-8 (byte {e.start} of the line: {raw[e.start:e.start + 1]!r}); "
-                            f"convert the file with e.g. `iconv -f latin1 -t utf-8`", file=where)
-                continue
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                issues.skip(f"not valid JSON ({e.msg} at column {e.colno})", file=where)
-                continue
-            doc = _record(rec, where, f"{rel}:{lineno}", fields, issues)
-            if doc is not None:
-                yield doc
+    lineno = 0
+    try:
+        for lineno, _ in enumerate(lines(), start=1):
+            pass
+    except UnicodeDecodeError as e:
+        issues.skip(f"not valid UTF-8 (near line {lineno + 1}: {e.object[e.start:e.start + 1]!r}); convert it with e.g. "
+                    f"`iconv -f latin1 -t utf-8`", file=str(f))
+        return
+    for lineno, line in enumerate(lines(), start=1):
+        line = normalise(line)
+        if not line.strip():
+            continue
+        where = f"{f}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            issues.skip(f"not valid JSON ({e.msg} at column {e.colno})", file=where)
+            continue
+        doc = _record(rec, where, f"{rel}:{lineno}", fields, issues)
+        if doc is not None:
+            yield doc
 
 
 def _iter_parquet(f: Path, rel: str, fields: _Fields, issues: Issues) -> Iterator[RawDoc]:
