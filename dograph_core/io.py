@@ -162,3 +162,23 @@ def _jsonable(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def code_fingerprint(path: str | Path) -> str:
+    """A hash of a Python file's syntax tree without its docstrings: what it does, not how it is written
+    up (comments are not in the tree; layout neither). A file that does not parse is hashed as bytes."""
+    import ast
+    import hashlib
+
+    data = Path(path).read_bytes()
+    try:
+        tree = ast.parse(data, filename=str(path))
+    except (SyntaxError, ValueError):
+        return hashlib.sha256(data).hexdigest()[:16]
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                    and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()[:16]

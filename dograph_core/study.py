@@ -229,7 +229,8 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
 def adjust_for_multiplicity(diffs: Mapping[str, Mapping[str, Any]]) -> None:
     """Add ``q`` to every paired comparison in ``diffs`` (method -> reference -> metric -> :func:`paired`):
     its p-value adjusted by Benjamini-Hochberg (``scipy.stats.false_discovery_control``) over the family
-    of comparisons with the same reference on the same metric, one per method. A table of many methods
+    of comparisons with the same reference on the same metric, one per method (for ``parent``: every
+    ablation against its own parent, one family). A table of many methods
     gives some p below 0.05 by chance; ``q`` bounds the expected share of such false findings among
     those called significant at that level. NaN where ``p`` is."""
     from scipy.stats import false_discovery_control

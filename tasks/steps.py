@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from dograph_core.config import REORDER, REORDER_OFFSET, ROLES, YARDSTICK, ConfigError, Params
-from dograph_core.io import read_json, write_json
+from dograph_core.io import code_fingerprint, read_json, write_json
 from dograph_core.partition import open_partition
 from tasks.cache import clear_done, file_hash, is_done, mark_done, stable_hash
 from tasks.params import method_spec
@@ -43,24 +43,6 @@ def code_version(*packages: str) -> str:
     or a docstring does not, see :func:`code_fingerprint`)."""
     files = sorted(f for pkg in packages for f in (_ROOT / pkg).rglob("*.py") if f.relative_to(_ROOT).as_posix() not in NOT_IN_KEY)
     return stable_hash({str(f.relative_to(_ROOT)): code_fingerprint(f) for f in files})
-
-
-def code_fingerprint(path: Path) -> str:
-    """A hash of a Python file's syntax tree without its docstrings: what it does, not how it is written
-    up (comments are not in the tree; layout neither). A file that does not parse is hashed as bytes."""
-    import ast
-
-    try:
-        tree = ast.parse(path.read_bytes(), filename=str(path))
-    except (SyntaxError, ValueError):
-        return file_hash(path)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            body = node.body
-            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
-                    and isinstance(body[0].value.value, str):
-                node.body = body[1:] or [ast.Pass()]
-    return stable_hash(ast.dump(tree, annotate_fields=False))
 
 
 def _code(data: Mapping[str, Any]) -> str:

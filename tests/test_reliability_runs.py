@@ -288,5 +288,7 @@ def test_the_code_version_follows_the_training_code_not_the_report_or_the_config
     assert steps.code_version("dograph_core") == version
     (core / "train.py").write_text('"""The loop."""\n\n\ndef f(a):\n    """Add one."""\n    return a + 2\n')
     assert steps.code_version("dograph_core") != version
-    (core / "train.py").write_text("def f(a):\n    return 'a string is code when it is not a docstring'\n")
+    (core / "train.py").write_text('x = 1\n"a string after the first statement is code"\n')
+    version = steps.code_version("dograph_core")
+    (core / "train.py").write_text('x = 1\n"another string"\n')
     assert steps.code_version("dograph_core") != version

@@ -53,23 +53,28 @@ def mixer_class(type_name: str) -> type[Mixer]:
     reg = registry()
     if type_name not in reg:
         raise MixerError(f"unknown mixer type {type_name!r}; known: {sorted(reg)}")
-    module, cls = reg[type_name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    module, _, attr = reg[type_name].partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):  # "module:Class" or, from an entry point, "module:Outer.Class"
+        obj = getattr(obj, part)
+    return obj
 
 
 def plugin_source_hash(type_name: str) -> str | None:
-    """For a plug-in mixer, a hash of its module's source (the core's own code is keyed elsewhere), so a
-    changed plug-in re-runs what it trained; None for a built-in type."""
-    if type_name not in plugins():
+    """For a plug-in mixer, the code of the module its entry point names (as the core's own code is keyed:
+    :func:`~dograph_core.io.code_fingerprint`, so a comment does not count), so a changed plug-in re-runs
+    what it trained; None for a built-in type."""
+    found = plugins()
+    if type_name not in found:
         return None
-    import hashlib
     import inspect
 
-    module = importlib.import_module(plugins()[type_name].split(":")[0])
-    try:
-        return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:16]
-    except (OSError, TypeError):  # no source (a compiled module): its version stands in
-        return str(getattr(module, "__version__", "unknown"))
+    from dograph_core.io import code_fingerprint
+
+    module = importlib.import_module(found[type_name].partition(":")[0])
+    source = inspect.getsourcefile(module)
+    # no source file (a compiled module): its version stands in
+    return code_fingerprint(source) if source else str(getattr(module, "__version__", "unknown"))
 
 
 def validate_mixer_config(type_name: str, params: dict[str, Any]) -> MixerConfig:
