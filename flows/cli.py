@@ -480,11 +480,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         check_name(a.run_id, "--run-id")  # a directory under pipeline.out_dir, never a path out of it
     check_params(p)  # bad params and an unwritable output fail here, before a Prefect server starts
     writable_dir(p.pipeline.out_dir)
-    if a.skip_data and not (Path(p.tokenize.out_dir) / "corpus.json").is_file():
-        from dograph_core.data.corpus import CorpusError
+    if a.skip_data:
+        from tasks.steps import require_corpus
 
-        raise CorpusError(f"--skip-data: no tokenized corpus at {p.tokenize.out_dir} (no corpus.json); run without "
-                          f"--skip-data once, or `dograph prepare` and `dograph tokenize`, to build it")
+        require_corpus(p)
     from rich.console import Console
 
     from dograph_core.report import rich_table

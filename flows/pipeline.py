@@ -32,7 +32,7 @@ from tasks.cache import DataLock, RunLock, stable_hash
 from tasks.params import check_params, method_spec
 from tasks.prefect_tasks import (forward_core_logs, partition_task, prepare_task, process_worker_init, report_task,
                                  search_task, tokenize_task, train_task)
-from tasks.steps import code_version, data_up_to_date, data_version, is_offline
+from tasks.steps import code_version, data_up_to_date, data_version, is_offline, require_corpus
 from tasks.study import best_baseline, best_candidates, needs_best
 
 
@@ -167,6 +167,8 @@ def _pipeline(log: Any, params: str, preset: Optional[str], overrides: Optional[
               skip_data: bool, track: bool, publish: Optional[str]) -> dict[str, Any]:
     p = load_params(params, preset, overrides)
     check_params(p)
+    if skip_data:
+        require_corpus(p)  # before the run directory is made
     run_id = run_id or default_run_id(p, preset)
     run_dir = Path(p.pipeline.out_dir) / run_id
     t0 = time.time()

@@ -17,6 +17,7 @@ def check_params(p: Params, methods: list[str] | None = None) -> None:
     from dograph_core.model import SCALES
 
     errors = []
+    known = registry()
     scales = [("train.scale", p.train.scale), ("pipeline.proxy_scale", p.pipeline.proxy_scale)]
     scales += [(f"pipeline.target_scales[{i}]", s) for i, s in enumerate(p.pipeline.target_scales)]
     scales += [(f"pipeline.scale_methods.{s}", s) for s in p.pipeline.scale_methods]
@@ -31,7 +32,6 @@ def check_params(p: Params, methods: list[str] | None = None) -> None:
             errors.append(f"  method {name!r}: not defined under 'methods' (defined: {sorted(p.methods)})")
             continue
         spec = method_spec(p, name)
-        known = registry()
         if spec["type"] not in known:
             errors.append(f"  methods.{name}.type = {spec['type']!r}: unknown mixer type; expected one of {sorted(known)}")
             continue

@@ -123,6 +123,15 @@ def tokenize_step(p: Params, prepared: Mapping[str, Any], progress: bool = True,
     return {"out_dir": str(out), "key": key, "cached": cached, "data_version": data_version(out)}
 
 
+def require_corpus(p: Params) -> None:
+    """With the data stages skipped (``--skip-data``), the tokenized corpus must already be there."""
+    if not (Path(p.tokenize.out_dir) / "corpus.json").is_file():
+        from dograph_core.data.corpus import CorpusError
+
+        raise CorpusError(f"--skip-data: no tokenized corpus at {p.tokenize.out_dir} (no corpus.json); run without "
+                          f"--skip-data once, or `dograph prepare` and `dograph tokenize`, to build it")
+
+
 def data_version(tokenized_dir: str | Path) -> str:
     """A short hash of the tokenized corpus (tokenizer and per-domain token counts)."""
     meta = read_json(Path(tokenized_dir) / "corpus.json")
@@ -268,9 +277,9 @@ def search_function(mixer_type: str):
     """A method's own search (e.g. ``search_doremi``: reference model, then proxy), if it has one."""
     import importlib
 
-    from dograph_core.mixers import registry
+    from dograph_core.mixers import mixer_module
 
-    module = registry().get(mixer_type, "").split(":")[0]
+    module = mixer_module(mixer_type)
     if not module:
         return None
     return getattr(importlib.import_module(module), f"search_{mixer_type}", None)

@@ -49,6 +49,11 @@ def plugins() -> dict[str, str]:
     return found
 
 
+def mixer_module(type_name: str) -> str:
+    """The module a mixer type lives in (``""`` for an unknown type)."""
+    return registry().get(type_name, "").partition(":")[0]
+
+
 def mixer_class(type_name: str) -> type[Mixer]:
     reg = registry()
     if type_name not in reg:
@@ -64,14 +69,13 @@ def plugin_source_hash(type_name: str) -> str | None:
     """For a plug-in mixer, the code of the module its entry point names (as the core's own code is keyed:
     :func:`~dograph_core.io.code_fingerprint`, so a comment does not count), so a changed plug-in re-runs
     what it trained; None for a built-in type."""
-    found = plugins()
-    if type_name not in found:
+    if type_name not in plugins():
         return None
     import inspect
 
     from dograph_core.io import code_fingerprint
 
-    module = importlib.import_module(found[type_name].partition(":")[0])
+    module = importlib.import_module(mixer_module(type_name))
     source = inspect.getsourcefile(module)
     # no source file (a compiled module): its version stands in
     return code_fingerprint(source) if source else str(getattr(module, "__version__", "unknown"))
@@ -95,4 +99,4 @@ def build_mixer(type_name: str, params: dict[str, Any], ctx: MixerContext) -> Mi
 
 
 __all__ = ["Mixer", "MixerConfig", "MixerContext", "MixerError", "REGISTRY", "build_mixer", "mixer_class",
-           "plugin_source_hash", "plugins", "registry"]
+           "mixer_module", "plugin_source_hash", "plugins", "registry"]
