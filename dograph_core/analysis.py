@@ -454,19 +454,22 @@ def _default_k(run_dir: Path, probes: list[dict[str, Any]]) -> int:
     return len(probes[-1]["domains"])
 
 
-def alignment_from_dir(run_dir: str | Path, k: Optional[int] = None, seed: int = 0,
-                       out_dir: str | Path | None = None, kind: str = "analysis") -> list[dict[str, Any]]:
-    """The alignment table of a finished run directory (the run's root, its ``mixer/`` or ``probes/`` folder).
-
-    ``k`` defaults to the run's cluster count for model nodes (its ``weights.json``), else the number of
-    domains. ``kind``: which probes (:func:`load_probes`). With ``out_dir`` the three ``alignment.*`` files
-    are written there as well.
-    """
+def probes_from_dir(run_dir: str | Path, k: Optional[int] = None,
+                    kind: str = "analysis") -> tuple[list[dict[str, Any]], int]:
+    """Every probe of ``kind`` (:func:`load_probes`) in a finished run directory (the run's root, its
+    ``mixer/`` or ``probes/`` folder), in step order, and ``k``: as given, else the run's cluster count
+    for model nodes (its ``weights.json``), else the number of domains."""
     run_dir = Path(run_dir)
     pdir = _probe_dir(run_dir, kind)
     probes = load_probes(pdir, max_panels=None, kind=kind)
-    if k is None:
-        k = _default_k(run_dir if pdir != run_dir else run_dir.parent, probes)
+    return probes, k if k is not None else _default_k(run_dir if pdir != run_dir else run_dir.parent, probes)
+
+
+def alignment_from_dir(run_dir: str | Path, k: Optional[int] = None, seed: int = 0,
+                       out_dir: str | Path | None = None, kind: str = "analysis") -> list[dict[str, Any]]:
+    """The alignment table of a finished run directory's probes (:func:`probes_from_dir`). With
+    ``out_dir`` the three ``alignment.*`` files are written there as well."""
+    probes, k = probes_from_dir(run_dir, k, kind)
     rows = alignment_table(probes, k, seed)
     if out_dir is not None:
         write_alignment(rows, out_dir)
@@ -534,15 +537,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     a = ap.parse_args(argv)
     if a.calibrate < 0:
         ap.error(f"--calibrate must be 0 or more, got {a.calibrate}")
-    rows = alignment_from_dir(a.run_dir, a.k, a.seed, a.out, a.probes)
+    probes, k = probes_from_dir(a.run_dir, a.k, a.probes)
+    rows = alignment_table(probes, k, a.seed)
+    if a.out is not None:
+        write_alignment(rows, a.out)
     print(" ".join(ALIGNMENT_COLUMNS))
     for r in rows:
         print(" ".join(_cell(r[c], 3) or "nan" for c in ALIGNMENT_COLUMNS))
     if a.calibrate:
-        probes = load_probes(_probe_dir(Path(a.run_dir), a.probes), max_panels=None, kind=a.probes)
         print(f"best_excess without clusters ({a.calibrate} clouds per probe): step median p90 max")
-        for r, pr in zip(rows, sorted(probes, key=lambda p: int(np.asarray(p.get("step", -1))))):
-            e = structure_noise(centred_unit(pr["z"]), int(r["k"]), a.calibrate, a.seed)
+        for r, pr in zip(rows, probes):  # both in step order
+            e = structure_noise(centred_unit(pr["z"]), k, a.calibrate, a.seed)
             print(f"{r['step']} {np.median(e):.3f} {np.percentile(e, 90):.3f} {e.max():.3f}")
     return 0
 
