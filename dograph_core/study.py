@@ -226,6 +226,10 @@ def aggregate(records: list[dict[str, Any]], parents: Optional[Mapping[str, str]
     return out
 
 
+# what a method's paired differences are taken against, in the order the report lists them
+REFERENCES = ("uniform", "best", "first_best", "parent")
+
+
 def adjust_for_multiplicity(diffs: Mapping[str, Mapping[str, Any]]) -> None:
     """Add ``q`` to every paired comparison in ``diffs`` (method -> reference -> metric -> :func:`paired`):
     its p-value adjusted by Benjamini-Hochberg (``scipy.stats.false_discovery_control``) over the family
@@ -238,7 +242,7 @@ def adjust_for_multiplicity(diffs: Mapping[str, Mapping[str, Any]]) -> None:
     families: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for d in diffs.values():
         for ref, per_metric in d.items():
-            if ref in ("uniform", "best", "first_best", "parent"):
+            if ref in REFERENCES:
                 for k, pr in per_metric.items():
                     families.setdefault((ref, k), []).append(pr)
     for members in families.values():
@@ -346,7 +350,7 @@ def markdown(agg: dict[str, Any]) -> str:
                   "| method | vs | Δ mean | Δ worst | Δ held-out | Δ last-word acc |",
                   "|---|---|---:|---:|---:|---:|"]
         for m, d in diffs.items():
-            for ref in ("uniform", "best", "first_best", "parent"):
+            for ref in REFERENCES:
                 if ref in d:
                     name = {"uniform": "uniform", "best": f"best ({a['best_baseline']})",
                             "first_best": f"{next(iter(agg))}'s carried best ({a['first_scale_best']})",
